@@ -1,0 +1,13 @@
+"""dynconv: dynamic (content-adaptive) convolution for PyTorch.
+
+Ops live in :mod:`dynconv.functional` and are re-exported here; layers live in :mod:`dynconv.nn`.
+"""
+
+from dynconv import ops  # noqa: F401  (registers the dynconv:: custom ops)
+from dynconv.backends import BackendError, choose_backend
+from dynconv.functional import local_filter2d
+from dynconv.nn import DynamicLocalFilter2d, FilterGeneratingNetwork
+
+__version__ = "0.1.0"
+
+__all__ = ["BackendError", "DynamicLocalFilter2d", "FilterGeneratingNetwork", "choose_backend", "local_filter2d"]

@@ -1,0 +1,3 @@
+from dynconv.cli import main
+
+raise SystemExit(main())

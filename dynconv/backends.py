@@ -1,0 +1,101 @@
+"""Choosing the implementation of an op: ``reference``, ``torch`` or ``triton``.
+
+The rule (see DESIGN.md): an explicit ``backend=`` argument wins and, if it cannot run, the error says
+why; then the ``DYNCONV_BACKEND`` environment variable; then ``triton`` for CUDA tensors when Triton is
+importable and the op has a Triton kernel for the dtype; otherwise ``torch``. ``reference`` always runs.
+
+Every reason an implementation can refuse lives in one ``can_run_<backend>`` function, which either
+returns ``False`` (logging the reason at debug level) or raises it, as NATTEN's backend checks do.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("reference", "torch", "triton")
+
+# Which backends each op implements, and which dtypes its Triton kernels take. An op family adds its
+# Triton kernels by adding its name here (``dynconv/ops/<family>.py`` does so when it registers them).
+TRITON_OPS: dict[str, tuple[torch.dtype, ...]] = {}
+
+
+class BackendError(RuntimeError):
+    """Raised when a requested backend cannot run the given inputs."""
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether ``import triton`` would succeed (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpret() -> bool:
+    """Whether Triton kernels run in the interpreter (``TRITON_INTERPRET=1``), which takes CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _refuse(reason: str, raise_error: bool) -> bool:
+    if raise_error:
+        raise BackendError(reason)
+    if not torch.compiler.is_compiling():  # dynamo does not trace logging calls
+        logger.debug("%s", reason)
+    return False
+
+
+def can_run_reference(op: str, *tensors: torch.Tensor, raise_error: bool = False) -> bool:
+    return True
+
+
+def can_run_torch(op: str, *tensors: torch.Tensor, raise_error: bool = False) -> bool:
+    return True
+
+
+def can_run_triton(op: str, *tensors: torch.Tensor, raise_error: bool = False) -> bool:
+    if op not in TRITON_OPS:
+        return _refuse(f"{op}: the triton backend has no kernel for this op", raise_error)
+    if not triton_available():
+        return _refuse(
+            f"{op}: the triton backend needs the 'triton' package (pip install 'dynconv[triton]')", raise_error
+        )
+    devices = {t.device.type for t in tensors}
+    if devices != {"cuda"} and not (devices == {"cpu"} and triton_interpret()):
+        return _refuse(
+            f"{op}: the triton backend needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), "
+            f"got tensors on {sorted(devices)}",
+            raise_error,
+        )
+    dtypes = {t.dtype for t in tensors}
+    unsupported = sorted(str(d) for d in dtypes if d not in TRITON_OPS[op])
+    if unsupported:
+        return _refuse(
+            f"{op}: the triton backend supports dtypes {[str(d) for d in TRITON_OPS[op]]}, got {unsupported}",
+            raise_error,
+        )
+    return True
+
+
+_CHECKS = {"reference": can_run_reference, "torch": can_run_torch, "triton": can_run_triton}
+
+
+def choose_backend(op: str, *tensors: torch.Tensor, backend: str | None = None) -> str:
+    """Return the backend that runs ``op`` on ``tensors`` under the dispatch rule in the module docstring."""
+    if backend is None:
+        backend = os.environ.get("DYNCONV_BACKEND") or None
+        source = "DYNCONV_BACKEND"
+    else:
+        source = "backend"
+    if backend is not None:
+        if backend not in _CHECKS:
+            raise ValueError(f"{source} must be one of {BACKENDS}, got {backend!r}")
+        _CHECKS[backend](op, *tensors, raise_error=True)
+        return backend
+    if can_run_triton(op, *tensors) and all(t.device.type == "cuda" for t in tensors):
+        return "triton"
+    return "torch"

@@ -1,0 +1,139 @@
+"""Timing and peak-memory measurement shared by the benchmarks.
+
+Times are medians over repeated runs after warm-up (these machines are shared and noisy, so a ratio is
+only meaningful between numbers measured in the same run). Peak memory is the growth over the memory in
+use before the call: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the process's peak resident set
+(``VmHWM``), reset before each measurement through ``/proc/self/clear_refs`` (Linux only; elsewhere the
+memory column reads ``nan``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Measurement:
+    median_s: float
+    peak_extra_bytes: float
+
+    @property
+    def median_ms(self) -> float:
+        return self.median_s * 1e3
+
+    @property
+    def peak_extra_mb(self) -> float:
+        return self.peak_extra_bytes / 2**20
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_status(field: str) -> float:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+@functools.cache
+def _glibc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def _reset_cpu_peak() -> bool:
+    # While memory is measured, large blocks are mmapped and returned on free; otherwise freed memory stays
+    # in glibc's heap and a later allocation does not show in the resident set. Timing runs outside this
+    # window, with glibc's usual (heap-reusing) behaviour.
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+        libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
+        libc.malloc_trim(0)
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _restore_glibc() -> None:
+    libc = _glibc()
+    if libc is not None:  # the values glibc's dynamic threshold grows to on 64-bit
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 64 * 2**20)
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> float:
+    """Bytes of memory ``fn`` needs above what was in use before it ran (its outputs are freed after)."""
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        return float(torch.cuda.max_memory_allocated(device) - before)
+    if not _reset_cpu_peak():
+        return float("nan")
+    try:
+        before = _rss_status("VmRSS")
+        fn()
+        return max(0.0, _rss_status("VmHWM") - before)
+    finally:
+        _restore_glibc()
+
+
+def measure(
+    fn: Callable[[], object],
+    device: torch.device | str,
+    *,
+    repeats: int = 10,
+    warmup: int = 2,
+    max_seconds: float = 20.0,
+) -> Measurement:
+    """Median wall time of ``fn`` over ``repeats`` runs (fewer if they pass ``max_seconds``) and its peak memory."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times: list[float] = []
+    start = time.perf_counter()
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() - start > max_seconds and len(times) >= 3:
+            break
+    return Measurement(statistics.median(times), peak_memory(fn, device))
+
+
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    def fmt(v: object) -> str:
+        if isinstance(v, float):
+            return "nan" if v != v else (f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}")
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,80 @@
+"""The ``dynconv`` command.
+
+    dynconv bench NAME [options]            operator benchmarks (NAME: see ``dynconv bench --help``)
+    dynconv train|eval|predict TASK [...]   recipes (TASK: see ``dynconv train --help``)
+    dynconv demo [--out DIR]                the short demonstration that ``make demo`` runs
+
+Recipes own their options: everything after ``TASK`` is handed to the recipe's
+``main(command, argv)``, so ``dynconv train TASK --help`` lists them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from dynconv.bench import BENCHMARKS
+
+RECIPES = {
+    "video-prediction": "dynconv.recipes.video_prediction",
+    "classification": "dynconv.recipes.classification",
+    "dff": "dynconv.recipes.dff",
+}
+
+
+def _import(table: dict[str, str], name: str, what: str):
+    try:
+        return importlib.import_module(table[name])
+    except ModuleNotFoundError as exc:
+        if exc.name == table[name]:
+            raise SystemExit(f"dynconv: the {what} {name!r} is not implemented yet") from None
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="dynconv", description="dynamic convolution: benchmarks and recipes")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    bench = sub.add_parser("bench", help="operator benchmarks")
+    bench_sub = bench.add_subparsers(dest="name", required=True)
+    for name in BENCHMARKS:
+        p = bench_sub.add_parser(name, help=f"benchmark {name}")
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--repeats", type=int, default=10, help="timed runs per measurement (median)")
+        p.add_argument("--output", help="also write the markdown table to this file")
+        p.set_defaults(_bench=name)
+
+    for command in ("train", "eval", "predict"):
+        p = sub.add_parser(command, help=f"{command} a recipe", add_help=False)
+        p.add_argument("task", choices=sorted(RECIPES))
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+
+    demo = sub.add_parser("demo", help="the demonstration that 'make demo' runs")
+    demo.add_argument("--out", default="demo_out")
+
+    # Benchmarks add their own options; parse in two passes so 'dynconv bench NAME --help' shows them.
+    if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHMARKS:
+        module = _import(BENCHMARKS, argv[1], "benchmark")
+        module.add_arguments(bench_sub.choices[argv[1]])
+    args = parser.parse_args(argv)
+
+    if args.command == "bench":
+        table = _import(BENCHMARKS, args.name, "benchmark").run(args)
+        print(table)
+        if args.output:
+            with open(args.output, "w") as fh:
+                fh.write(table + "\n")
+        return 0
+    if args.command in ("train", "eval", "predict"):
+        return _import(RECIPES, args.task, "recipe").main(args.command, args.rest) or 0
+    if args.command == "demo":
+        from dynconv import demo as demo_module
+
+        return demo_module.main(args.out) or 0
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

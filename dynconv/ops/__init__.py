@@ -1,0 +1,6 @@
+"""``torch.library`` custom ops and their autograd, one file per op family.
+
+Importing this package registers every op under the ``dynconv::`` namespace.
+"""
+
+from dynconv.ops import local_filter  # noqa: F401  (registers dynconv::local_filter2d)

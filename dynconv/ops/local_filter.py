@@ -1,0 +1,166 @@
+"""``dynconv::local_filter2d``: the custom op behind :func:`dynconv.local_filter2d`, with its autograd.
+
+The op takes normalised arguments (5-D filters, pairs for every size) and a backend name, and runs the
+``torch`` shift-and-accumulate implementation below or a Triton kernel. It is registered with
+``torch.library`` together with a fake (meta) implementation, so ``torch.compile(fullgraph=True)``
+traces through it without a graph break, and with a hand-written backward (itself a custom op).
+
+Why shift-and-accumulate with a hand-written backward: the unfold formulation materialises a
+``[B, C*k*k, H*W]`` tensor (k*k times the input), and autograd through a Python loop of taps keeps one
+intermediate per tap. Looping over the k*k taps with an in-place ``addcmul_`` into one fp32 buffer
+keeps memory at inputs + outputs, and the backward below is the same loop run the other way: grad of
+``x`` accumulates ``grad_y * f_k`` into the shifted window of a padded buffer (a strided view, so no
+atomics and deterministic), grad of the filters is ``sum_c grad_y * x_k`` per tap. Measured in
+``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["local_filter2d_op"]
+
+_ACC = torch.float32
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    # fp16/bf16 accumulate in fp32; fp64 stays fp64 so gradcheck sees full precision.
+    return torch.float64 if dtype == torch.float64 else _ACC
+
+
+def _padded(x: torch.Tensor, padding: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """``x`` zero-padded by ``padding`` as a contiguous NCHW tensor of ``dtype`` (one copy, also the layout change)."""
+    B, C, H, W = x.shape
+    ph, pw = padding
+    if ph == 0 and pw == 0 and x.dtype == dtype and x.is_contiguous():
+        return x
+    xp = x.new_zeros((B, C, H + 2 * ph, W + 2 * pw), dtype=dtype)
+    xp[:, :, ph : ph + H, pw : pw + W] = x
+    return xp
+
+
+def _tap_window(
+    xp: torch.Tensor, i: int, j: int, out_hw: tuple[int, int], stride: list[int], dilation: list[int]
+) -> torch.Tensor:
+    """The strided view of the padded input that tap ``(i, j)`` reads for every output pixel."""
+    Ho, Wo = out_hw
+    h0, w0 = i * dilation[0], j * dilation[1]
+    return xp[:, :, h0 : h0 + stride[0] * (Ho - 1) + 1 : stride[0], w0 : w0 + stride[1] * (Wo - 1) + 1 : stride[1]]
+
+
+def _torch_forward(x, filters, kernel_size, stride, padding, dilation):
+    B, C = x.shape[:2]
+    _, G, K, Ho, Wo = filters.shape
+    acc = _acc_dtype(x.dtype)
+    # Reading x in a low precision and accumulating in fp32 would mix dtypes in every addcmul_; one upcast
+    # of x (fused with the padding copy) is cheaper than k*k upcasts of its windows.
+    xp = _padded(x, padding, acc)
+    f = filters.to(acc)
+    out = torch.zeros((B, G, C // G, Ho, Wo), dtype=acc, device=x.device)
+    kh, kw = kernel_size
+    for i in range(kh):
+        for j in range(kw):
+            win = _tap_window(xp, i, j, (Ho, Wo), stride, dilation).unflatten(1, (G, C // G))
+            out.addcmul_(win, f[:, :, i * kw + j].unsqueeze(2))
+    return out.view(B, C, Ho, Wo).to(x.dtype)
+
+
+def _torch_backward(grad_out, x, filters, kernel_size, stride, padding, dilation, need_x, need_f):
+    B, C, H, W = x.shape
+    _, G, K, Ho, Wo = filters.shape
+    acc = _acc_dtype(x.dtype)
+    gy = grad_out.to(acc).contiguous().view(B, G, C // G, Ho, Wo)
+    f = filters.to(acc)
+    kh, kw = kernel_size
+    ph, pw = padding
+    grad_xp = x.new_zeros((B, C, H + 2 * ph, W + 2 * pw), dtype=acc) if need_x else None
+    grad_f = torch.empty((B, G, K, Ho, Wo), dtype=acc, device=x.device) if need_f else None
+    xp = _padded(x, padding, acc) if need_f else None
+    # One product buffer reused by every tap: a fresh [B, C, H_out, W_out] temporary per tap costs a page
+    # fault storm whenever the allocator returns it to the OS (measured 2.6x slower backward).
+    prod = torch.empty_like(gy) if need_f else None
+    for i in range(kh):
+        for j in range(kw):
+            k = i * kw + j
+            if need_x:
+                win = _tap_window(grad_xp, i, j, (Ho, Wo), stride, dilation).unflatten(1, (G, C // G))
+                win.addcmul_(gy, f[:, :, k].unsqueeze(2))
+            if need_f:
+                win = _tap_window(xp, i, j, (Ho, Wo), stride, dilation).unflatten(1, (G, C // G))
+                torch.mul(gy, win, out=prod)
+                torch.sum(prod, dim=2, out=grad_f[:, :, k])
+    # The fake kernel promises contiguous gradients (inductor checks the strides), so crop with a copy.
+    grad_x = grad_xp[:, :, ph : ph + H, pw : pw + W].to(x.dtype).contiguous() if need_x else x.new_empty(0)
+    grad_f = grad_f.to(filters.dtype) if need_f else filters.new_empty(0)
+    return grad_x, grad_f
+
+
+@torch.library.custom_op("dynconv::local_filter2d", mutates_args=())
+def local_filter2d_op(
+    x: torch.Tensor,
+    filters: torch.Tensor,
+    kernel_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    backend: str,
+) -> torch.Tensor:
+    """Forward of dynamic local filtering on validated arguments (see :func:`dynconv.local_filter2d`)."""
+    if backend == "triton":
+        from dynconv.kernels import local_filter as kernels
+
+        return kernels.forward(x, filters, kernel_size, stride, padding, dilation)
+    return _torch_forward(x, filters, kernel_size, stride, padding, dilation)
+
+
+@local_filter2d_op.register_fake
+def _(x, filters, kernel_size, stride, padding, dilation, backend):
+    B, C = x.shape[:2]
+    Ho, Wo = filters.shape[-2:]
+    return x.new_empty((B, C, Ho, Wo))
+
+
+@torch.library.custom_op("dynconv::local_filter2d_backward", mutates_args=())
+def local_filter2d_backward_op(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    filters: torch.Tensor,
+    kernel_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    backend: str,
+    need_x: bool,
+    need_filters: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``local_filter2d`` wrt ``x`` and ``filters``; a gradient not needed comes back empty."""
+    if backend == "triton":
+        from dynconv.kernels import local_filter as kernels
+
+        return kernels.backward(grad_out, x, filters, kernel_size, stride, padding, dilation, need_x, need_filters)
+    return _torch_backward(grad_out, x, filters, kernel_size, stride, padding, dilation, need_x, need_filters)
+
+
+@local_filter2d_backward_op.register_fake
+def _(grad_out, x, filters, kernel_size, stride, padding, dilation, backend, need_x, need_filters):
+    gx = x.new_empty(x.shape) if need_x else x.new_empty(0)
+    gf = filters.new_empty(filters.shape) if need_filters else filters.new_empty(0)
+    return gx, gf
+
+
+def _setup_context(ctx, inputs, output):
+    x, filters, kernel_size, stride, padding, dilation, backend = inputs
+    ctx.save_for_backward(x, filters)
+    ctx.args = (kernel_size, stride, padding, dilation, backend)
+
+
+def _backward(ctx, grad_out):
+    x, filters = ctx.saved_tensors
+    need_x, need_f = ctx.needs_input_grad[:2]
+    if not (need_x or need_f):
+        return (None,) * 7
+    grad_x, grad_f = local_filter2d_backward_op(grad_out, x, filters, *ctx.args, need_x, need_f)
+    return (grad_x if need_x else None, grad_f if need_f else None) + (None,) * 5
+
+
+local_filter2d_op.register_autograd(_backward, setup_context=_setup_context)

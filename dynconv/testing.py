@@ -1,0 +1,63 @@
+"""Comparison helpers for tests of fast paths against :mod:`dynconv.reference`.
+
+* :func:`assert_close` uses one tolerance table by dtype and, on failure, reports how many elements
+  mismatch and the first few indices (Liger-Kernel style), not only the largest difference.
+* :func:`assert_close_lowp` is the fp16/bf16 rule of flash-attention's tests: compare the fast path in
+  low precision with the reference upcast to fp32, allowing twice the error the reference itself makes in
+  that low precision, ``|fast - ref32| <= 2 * |ref_lowp - ref32| + atol``. It adapts to the op and the
+  shape instead of a loose fixed bound.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# (rtol, atol) for results of the same computation in a different order of summation.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (2e-2, 2e-2),
+}
+
+
+def _report(bad: torch.Tensor, actual: torch.Tensor, expected: torch.Tensor, what: str) -> str:
+    idx = bad.nonzero()[:5].tolist()
+    diff = (actual.double() - expected.double()).abs()
+    lines = [f"{what}: {int(bad.sum())} of {bad.numel()} elements mismatch; max abs diff {diff.max().item():.3g}"]
+    for i in idx:
+        t = tuple(i)
+        lines.append(f"  at {t}: got {actual[t].item():.6g}, expected {expected[t].item():.6g}")
+    return "\n".join(lines)
+
+
+def assert_close(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    *,
+    rtol: float | None = None,
+    atol: float | None = None,
+    what: str = "tensor",
+) -> None:
+    """Assert ``|actual - expected| <= atol + rtol * |expected|`` elementwise, with the dtype's tolerance."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    d_rtol, d_atol = TOLERANCES.get(actual.dtype, (1e-5, 1e-5))
+    rtol = d_rtol if rtol is None else rtol
+    atol = d_atol if atol is None else atol
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    bad = ~((a - e).abs() <= atol + rtol * e.abs())
+    bad |= a.isnan() != e.isnan()
+    if bad.any():
+        raise AssertionError(_report(bad, a, e, what))
+
+
+def assert_close_lowp(
+    fast: torch.Tensor, ref_lowp: torch.Tensor, ref32: torch.Tensor, *, atol: float = 1e-3, what: str = "tensor"
+) -> None:
+    """Assert ``|fast - ref32| <= 2 * |ref_lowp - ref32| + atol`` elementwise (``fast`` in fp16/bf16)."""
+    assert fast.dtype == ref_lowp.dtype, f"{what}: dtype {fast.dtype} != {ref_lowp.dtype}"
+    f, lo, r = (t.detach().double().cpu() for t in (fast, ref_lowp, ref32))
+    bad = ~((f - r).abs() <= 2 * (lo - r).abs() + atol)
+    if bad.any():
+        raise AssertionError(_report(bad, f, r, what + " (vs fp32 reference)"))

@@ -1,0 +1,334 @@
+"""dynamic local filtering: the torch backend and the custom op against the unfold reference."""
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dynconv
+from dynconv import reference
+from dynconv.testing import assert_close, assert_close_lowp
+
+
+def naive_local_filter(x, filters, k, stride, padding, dilation):
+    """A loop over output pixels and taps, straight from the definition in the issue (float64)."""
+    B, C, H, W = x.shape
+    _, G, K, Ho, Wo = filters.shape
+    out = torch.zeros(B, C, Ho, Wo, dtype=torch.float64)
+    for c in range(C):
+        g = c // (C // G)
+        for i in range(k):
+            for j in range(k):
+                for ho in range(Ho):
+                    for wo in range(Wo):
+                        h, w = ho * stride - padding + i * dilation, wo * stride - padding + j * dilation
+                        if 0 <= h < H and 0 <= w < W:
+                            out[:, c, ho, wo] += filters[:, g, i * k + j, ho, wo].double() * x[:, c, h, w].double()
+    return out
+
+
+def make_case(seed):
+    """A random configuration: odd sizes, k in {1,3,5,9}, stride 1-2, dilation 1-2, groups 1..C, padding."""
+    rng = random.Random(seed)
+    k = rng.choice([1, 3, 5, 9])
+    stride, dilation = rng.choice([(1, 1), (2, 1), (1, 2), (2, 2), ((1, 2), 1), (1, (2, 1))])
+    C = rng.choice([1, 3, 4, 6])
+    G = rng.choice([g for g in range(1, C + 1) if C % g == 0])
+    B = rng.choice([1, 2])
+    padding = rng.choice([None, 0, 1, (2, 0), (0, 3)])
+    dh, dw = (dilation, dilation) if isinstance(dilation, int) else dilation
+    ph, pw = (
+        ((k - 1) // 2 * dh, (k - 1) // 2 * dw)
+        if padding is None
+        else ((padding, padding) if isinstance(padding, int) else padding)
+    )
+    H = max(rng.choice([5, 7, 11, 13]), dh * (k - 1) + 1 - 2 * ph)
+    W = max(rng.choice([6, 9, 12, 15]), dw * (k - 1) + 1 - 2 * pw)
+    layout = rng.choice(["contiguous", "channels_last", "strided"])
+    return dict(B=B, C=C, H=H, W=W, k=k, G=G, stride=stride, padding=padding, dilation=dilation, layout=layout)
+
+
+CASES = [make_case(s) for s in range(40)]
+
+
+def _out_size(size, k, s, p, d):
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def make_inputs(case, dtype, requires_grad=True):
+    B, C, H, W, k, G = (case[n] for n in "B C H W k G".split())
+    sh, sw = (case["stride"],) * 2 if isinstance(case["stride"], int) else case["stride"]
+    dh, dw = (case["dilation"],) * 2 if isinstance(case["dilation"], int) else case["dilation"]
+    p = case["padding"]
+    ph, pw = ((k - 1) // 2 * dh, (k - 1) // 2 * dw) if p is None else ((p, p) if isinstance(p, int) else p)
+    Ho, Wo = _out_size(H, k, sh, ph, dh), _out_size(W, k, sw, pw, dw)
+    x = torch.randn(B, C, H, W, dtype=torch.float64)
+    f = torch.randn(B, G, k * k, Ho, Wo, dtype=torch.float64)
+    if case["layout"] == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif case["layout"] == "strided":  # a non-contiguous view: every other column of a wider tensor
+        x = torch.randn(B, C, H, 2 * W, dtype=torch.float64)[..., ::2]
+        f = torch.randn(B, G, k * k, Ho, 2 * Wo, dtype=torch.float64)[..., 1::2]
+    x, f = x.to(dtype), f.to(dtype)
+    return x.requires_grad_(requires_grad), f.requires_grad_(requires_grad)
+
+
+def call(x, f, case, backend):
+    return dynconv.local_filter2d(x, f, case["k"], case["stride"], case["padding"], case["dilation"], backend=backend)
+
+
+def test_reference_matches_definition():
+    """The oracle itself against a pixel loop written from the issue's definition."""
+    for case in CASES[:6]:
+        x, f = make_inputs(case, torch.float64, requires_grad=False)
+        if not isinstance(case["stride"], int) or not isinstance(case["dilation"], int):
+            continue
+        if case["padding"] is not None and not isinstance(case["padding"], int):
+            continue
+        p = (case["k"] - 1) // 2 * case["dilation"] if case["padding"] is None else case["padding"]
+        expected = naive_local_filter(x, f, case["k"], case["stride"], p, case["dilation"])
+        assert_close(call(x, f, case, "reference"), expected, what=str(case))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[str(i) for i in range(len(CASES))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_torch_matches_reference_forward_backward(case, dtype):
+    x, f = make_inputs(case, dtype)
+    out = call(x, f, case, "torch")
+    gy = torch.randn_like(out)
+    gx, gf = torch.autograd.grad(out, (x, f), gy)
+    xr, fr = x.detach().clone().requires_grad_(), f.detach().clone().requires_grad_()
+    ref = call(xr, fr, case, "reference")
+    gxr, gfr = torch.autograd.grad(ref, (xr, fr), gy)
+    assert_close(out, ref, what=f"output {case}")
+    assert_close(gx, gxr, what=f"grad x {case}")
+    assert_close(gf, gfr, what=f"grad filters {case}")
+
+
+@pytest.mark.parametrize("case", CASES[:12], ids=[str(i) for i in range(12)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_torch_low_precision(case, dtype):
+    """fp16/bf16 (fp32 accumulation) within twice the error the reference makes in that dtype, + 1e-3."""
+    x, f = make_inputs(case, dtype)
+    out = call(x, f, case, "torch")
+    assert out.dtype == dtype
+    gy = torch.randn_like(out)
+    gx, gf = torch.autograd.grad(out, (x, f), gy)
+    x32, f32 = x.detach().float().requires_grad_(), f.detach().float().requires_grad_()
+    ref32 = call(x32, f32, case, "reference")
+    gx32, gf32 = torch.autograd.grad(ref32, (x32, f32), gy.float())
+    xl, fl = x.detach().clone().requires_grad_(), f.detach().clone().requires_grad_()
+    ref_lowp = call(xl, fl, case, "reference")
+    gxl, gfl = torch.autograd.grad(ref_lowp, (xl, fl), gy)
+    assert_close_lowp(out, ref_lowp, ref32, what="output")
+    assert_close_lowp(gx, gxl, gx32, what="grad x")
+    assert_close_lowp(gf, gfl, gf32, what="grad filters")
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("case", [CASES[i] for i in (0, 1, 2, 3, 5, 8)], ids=lambda c: f"k{c['k']}")
+def test_gradcheck(case, backend):
+    x, f = make_inputs(case, torch.float64)
+    assert torch.autograd.gradcheck(lambda x, f: call(x, f, case, backend), (x, f))
+
+
+def test_gradient_of_one_input_only():
+    x, f = make_inputs(CASES[1], torch.float64)
+    (gx,) = torch.autograd.grad(call(x, f.detach(), CASES[1], "torch").sum(), (x,))
+    (gxr,) = torch.autograd.grad(call(x, f.detach(), CASES[1], "reference").sum(), (x,))
+    assert_close(gx, gxr)
+    (gf,) = torch.autograd.grad(call(x.detach(), f, CASES[1], "torch").sum(), (f,))
+    (gfr,) = torch.autograd.grad(call(x.detach(), f, CASES[1], "reference").sum(), (f,))
+    assert_close(gf, gfr)
+
+
+def test_flat_filter_layout_is_accepted():
+    x = torch.randn(2, 6, 9, 9)
+    f = torch.randn(2, 3, 9, 9, 9)
+    assert_close(dynconv.local_filter2d(x, f.flatten(1, 2), 3), dynconv.local_filter2d(x, f, 3))
+
+
+def test_one_hot_filter_is_a_shift():
+    """A filter with all weight on tap (i, j) shifts the image by (i - 1, j - 1): checked with torch.roll."""
+    x = torch.randn(1, 2, 8, 10)
+    f = torch.zeros(1, 1, 9, 8, 10)
+    f[:, :, 2 * 3 + 1] = 1.0  # tap (2, 1): reads x[h + 1, w]
+    out = dynconv.local_filter2d(x, f, 3, backend="torch")
+    assert_close(out[..., :-1, :], x[..., 1:, :])
+    assert torch.equal(out[..., -1, :], torch.zeros_like(out[..., -1, :]))  # zero padding past the border
+
+
+def test_opcheck():
+    case = CASES[3]
+    x, f = make_inputs(case, torch.float64)
+    args = (
+        x,
+        f,
+        [case["k"]] * 2,
+        list(torch.nn.modules.utils._pair(case["stride"])),
+        [0, 0],
+        list(torch.nn.modules.utils._pair(case["dilation"])),
+        "torch",
+    )
+    if case["padding"] is None:
+        args = args[:4] + ([(case["k"] - 1) // 2 * d for d in args[5]],) + args[5:]
+    else:
+        args = args[:4] + (list(torch.nn.modules.utils._pair(case["padding"])),) + args[5:]
+    torch.library.opcheck(torch.ops.dynconv.local_filter2d.default, args)
+
+
+class _FilterNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gen = dynconv.FilterGeneratingNetwork(3, 5, groups=1, hidden_channels=(8,))
+        self.filt = dynconv.DynamicLocalFilter2d(5, normalize="softmax")
+
+    def forward(self, x):
+        return self.filt(x, self.gen(x))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_matches_eager(compile_backend):
+    torch._dynamo.reset()
+    model = _FilterNet()
+    x = torch.randn(2, 3, 12, 12, requires_grad=True)
+    eager = model(x)
+    (g_eager,) = torch.autograd.grad(eager.sum(), (x,))
+    compiled = torch.compile(model, fullgraph=True, backend=compile_backend)
+    out = compiled(x)
+    (g_comp,) = torch.autograd.grad(out.sum(), (x,))
+    assert_close(out, eager)
+    assert_close(g_comp, g_eager)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def _x():
+    return torch.randn(2, 4, 8, 8)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(x=torch.randn(4, 8, 8)), ValueError, r"x must be a 4-D tensor .*got shape \(4, 8, 8\)"),
+        (dict(filters=torch.randn(2, 9, 8)), ValueError, r"filters must be a 4-D or 5-D tensor"),
+        (dict(x=[1.0]), TypeError, r"x must be a torch.Tensor, got list"),
+        (dict(x=torch.zeros(2, 4, 8, 8, dtype=torch.int64)), TypeError, r"x must have a floating dtype"),
+        (
+            dict(filters=torch.randn(2, 1, 9, 8, 8, dtype=torch.float64)),
+            TypeError,
+            r"filters must have the dtype of x \(torch.float32\), got torch.float64",
+        ),
+        (dict(filters=torch.randn(2, 3, 9, 8, 8)), ValueError, r"x channels \(4\) must be divisible .* G \(3\)"),
+        (
+            dict(filters=torch.randn(2, 1, 9, 7, 8)),
+            ValueError,
+            r"filters must have shape \[B, G, kh\*kw, H_out, W_out\] = \[2, 1, 9, 8, 8\].*got \[2, 1, 9, 7, 8\]",
+        ),
+        (dict(filters=torch.randn(2, 1, 8, 8, 8)), ValueError, r"filters must have shape .* = \[2, 1, 9, 8, 8\]"),
+        (dict(filters=torch.randn(2, 10, 8, 8)), ValueError, r"divisible by kh\*kw = 9"),
+        (dict(filters=torch.randn(3, 1, 9, 8, 8)), ValueError, r"filters must have shape \[B, G, kh\*kw"),
+        (dict(kernel_size=0), ValueError, r"kernel_size must be >= 1, got 0"),
+        (dict(stride=-1), ValueError, r"stride must be >= 1, got -1"),
+        (dict(dilation=(1, 0)), ValueError, r"dilation must be >= 1"),
+        (dict(padding=-1), ValueError, r"padding must be >= 0, got -1"),
+        (dict(kernel_size=2.5), TypeError, r"kernel_size must be an int or a pair of ints, got 2.5"),
+        (dict(x=torch.randn(0, 4, 8, 8), filters=torch.randn(0, 1, 9, 8, 8)), ValueError, r"positive sizes"),
+        (
+            dict(x=torch.randn(2, 4, 2, 2), filters=torch.randn(2, 1, 81, 1, 1), kernel_size=9, padding=0),
+            ValueError,
+            r"too small for kernel_size",
+        ),
+        (dict(backend="cuda"), ValueError, r"backend must be one of \('reference', 'torch', 'triton'\)"),
+    ],
+)
+def test_bad_input_raises_named_error(kwargs, exc, match):
+    args = dict(x=_x(), filters=torch.randn(2, 1, 9, 8, 8), kernel_size=3)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        dynconv.local_filter2d(**args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to put tensors on two devices")
+def test_device_mismatch_raises():
+    with pytest.raises(ValueError, match="filters must be on the device of x"):
+        dynconv.local_filter2d(_x(), torch.randn(2, 1, 9, 8, 8, device="cuda"), 3)
+
+
+def test_device_mismatch_raises_on_meta():
+    # Without a GPU, the meta device stands in for a second device.
+    with pytest.raises(ValueError, match=r"filters must be on the device of x \(cpu\), got meta"):
+        dynconv.local_filter2d(_x(), torch.randn(2, 1, 9, 8, 8, device="meta"), 3)
+
+
+# ---------------------------------------------------------------------------------------------- dispatch
+
+
+def test_dispatch_rules(monkeypatch):
+    x, f = _x(), torch.randn(2, 1, 9, 8, 8)
+    assert dynconv.choose_backend("local_filter2d", x, f) == "torch"
+    monkeypatch.setenv("DYNCONV_BACKEND", "reference")
+    assert dynconv.choose_backend("local_filter2d", x, f) == "reference"
+    assert dynconv.choose_backend("local_filter2d", x, f, backend="torch") == "torch"  # explicit wins
+    monkeypatch.setenv("DYNCONV_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="DYNCONV_BACKEND must be one of"):
+        dynconv.choose_backend("local_filter2d", x, f)
+
+
+def test_explicit_triton_backend_on_cpu_says_why(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(dynconv.BackendError, match="triton"):
+        dynconv.local_filter2d(_x(), torch.randn(2, 1, 9, 8, 8), 3, backend="triton")
+
+
+# ---------------------------------------------------------------------------------------------- modules
+
+
+def test_softmax_filters_preserve_constant_image_inside():
+    layer = dynconv.DynamicLocalFilter2d(5, normalize="softmax")
+    x = torch.full((2, 3, 16, 16), 2.5)
+    out = layer(x, torch.randn(2, 1, 25, 16, 16))
+    assert_close(out[..., 2:-2, 2:-2], x[..., 2:-2, 2:-2])
+    assert (out[..., 0, 0] < 2.5).all()  # the zero padding is part of the average at the border
+    assert_close(layer(x, torch.randn(2, 25, 16, 16))[..., 2:-2, 2:-2], x[..., 2:-2, 2:-2])
+
+
+def test_softmax_layer_matches_explicit_softmax():
+    layer = dynconv.DynamicLocalFilter2d(3, stride=2, normalize="softmax")
+    x, raw = torch.randn(1, 4, 9, 9), torch.randn(1, 2, 9, 5, 5)
+    assert_close(layer(x, raw), reference.local_filter2d(x, raw.softmax(2), (3, 3), (2, 2), (1, 1), (1, 1)))
+    assert "normalize='softmax'" in repr(layer) and "stride=(2, 2)" in repr(layer)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_filter_generating_network_shapes_and_identity_init(stride):
+    gen = dynconv.FilterGeneratingNetwork(3, 3, groups=2, hidden_channels=(8, 8), stride=stride, identity_init=True)
+    cond = torch.randn(2, 3, 11, 11)
+    filters = gen(cond)
+    Ho = (11 + 2 - 3) // stride + 1
+    assert filters.shape == (2, 2, 9, Ho, Ho)
+    layer = dynconv.DynamicLocalFilter2d(3, stride=stride)
+    x = torch.randn(2, 4, 11, 11)
+    assert_close(layer(x, filters), x[..., ::stride, ::stride])
+    gen.identity_init = False
+    gen.reset_parameters()
+    assert gen.head.weight.abs().sum() > 0
+
+
+def test_module_trains():
+    torch.manual_seed(0)
+    model = _FilterNet()
+    x = torch.randn(4, 3, 16, 16)
+    target = F.avg_pool2d(x, 3, 1, 1)
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    losses = []
+    for _ in range(30):
+        loss = F.mse_loss(model(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
