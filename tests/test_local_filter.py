@@ -332,3 +332,23 @@ def test_module_trains():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_involution_matches_its_definition(stride):
+    layer = dynconv.Involution2d(32, kernel_size=5, stride=stride, group_channels=8).eval()
+    x = torch.randn(2, 32, 11, 11)
+    pooled = F.avg_pool2d(x, stride, stride, ceil_mode=True) if stride > 1 else x
+    weight = layer.span.weight.flatten(1)
+    hidden = F.relu(layer.reduce[1](F.conv2d(pooled, layer.reduce[0].weight)))
+    filters = torch.einsum("oh,bhxy->boxy", weight, hidden) + layer.span.bias[:, None, None]
+    filters = filters.unflatten(1, (4, 25))
+    expected = reference.local_filter2d(x, filters, (5, 5), (stride, stride), (2, 2), (1, 1))
+    assert layer(x).shape == (2, 32, 11 // stride + (11 % stride > 0), 11 // stride + (11 % stride > 0))
+    assert_close(layer(x), expected, rtol=1e-4, atol=1e-5)
+    assert "group_channels=8" in repr(layer)
+
+
+def test_involution_rejects_bad_groups():
+    with pytest.raises(ValueError, match=r"channels \(30\) must be a positive multiple of group_channels \(16\)"):
+        dynconv.Involution2d(30)

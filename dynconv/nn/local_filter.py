@@ -10,7 +10,7 @@ from torch import nn
 from dynconv._checks import pair
 from dynconv.functional import local_filter2d
 
-__all__ = ["DynamicLocalFilter2d", "FilterGeneratingNetwork"]
+__all__ = ["DynamicLocalFilter2d", "FilterGeneratingNetwork", "Involution2d"]
 
 _NORMALIZE = (None, "softmax")
 
@@ -151,3 +151,69 @@ class FilterGeneratingNetwork(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, groups={self.groups}"
+
+
+class Involution2d(nn.Module):
+    """Involution (Li et al., "Involution: Inverting the Inherence of Convolution for Visual Recognition",
+    CVPR 2021): a ``k x k`` filter generated at every pixel from that pixel's own feature vector and shared
+    by the channels of a group, applied with :func:`dynconv.local_filter2d`.
+
+    Kernel generation as in the paper: (average pool by ``stride`` when ``stride > 1``) -> 1x1 conv
+    ``C -> C / reduction_ratio`` -> BatchNorm -> ReLU -> 1x1 conv to ``G * k * k`` with
+    ``G = C / group_channels``.
+
+    Args:
+        channels (int): input and output channels ``C``.
+        kernel_size (int): ``k``. Default 7 (the paper's choice in RedNet).
+        stride (int): output stride. Default 1.
+        group_channels (int): channels sharing one filter. Default 16.
+        reduction_ratio (int): channel reduction of the kernel-generating bottleneck. Default 4.
+        backend (str or None): forced backend for the filtering, see :mod:`dynconv.backends`.
+
+    Shape:
+        - x: ``[B, C, H, W]``
+        - output: ``[B, C, ceil(H / stride), ceil(W / stride)]`` (for odd ``k``)
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int = 7,
+        stride: int = 1,
+        group_channels: int = 16,
+        reduction_ratio: int = 4,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        if channels < 1 or group_channels < 1 or channels % group_channels != 0:
+            raise ValueError(f"channels ({channels}) must be a positive multiple of group_channels ({group_channels})")
+        if reduction_ratio < 1:
+            raise ValueError(f"reduction_ratio must be >= 1, got {reduction_ratio}")
+        self.channels, self.kernel_size, self.stride = channels, kernel_size, stride
+        self.group_channels, self.reduction_ratio = group_channels, reduction_ratio
+        self.groups = channels // group_channels
+        hidden = max(1, channels // reduction_ratio)
+        # ceil_mode so odd sizes give the output size of the strided filtering (the paper assumes even sizes)
+        self.pool = nn.AvgPool2d(stride, stride, ceil_mode=True) if stride > 1 else nn.Identity()
+        self.reduce = nn.Sequential(nn.Conv2d(channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU())
+        self.span = nn.Conv2d(hidden, self.groups * kernel_size * kernel_size, 1)
+        self.backend = backend
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
+                m.reset_parameters()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        filters = self.span(self.reduce(self.pool(x)))
+        return local_filter2d(
+            x, filters, self.kernel_size, self.stride, (self.kernel_size - 1) // 2, backend=self.backend
+        )
+
+    def extra_repr(self) -> str:
+        s = f"{self.channels}, kernel_size={self.kernel_size}, group_channels={self.group_channels}"
+        if self.stride != 1:
+            s += f", stride={self.stride}"
+        if self.reduction_ratio != 4:
+            s += f", reduction_ratio={self.reduction_ratio}"
+        return s
