@@ -5,6 +5,8 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 import dynconv
 from dynconv import reference
@@ -352,3 +354,34 @@ def test_involution_matches_its_definition(stride):
 def test_involution_rejects_bad_groups():
     with pytest.raises(ValueError, match=r"channels \(30\) must be a positive multiple of group_channels \(16\)"):
         dynconv.Involution2d(30)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    B=st.integers(1, 2),
+    G=st.integers(1, 3),
+    cg=st.integers(1, 2),
+    H=st.integers(1, 10),
+    W=st.integers(1, 10),
+    kh=st.integers(1, 4),
+    kw=st.integers(1, 4),
+    sh=st.integers(1, 3),
+    sw=st.integers(1, 3),
+    dh=st.integers(1, 2),
+    dw=st.integers(1, 2),
+    ph=st.integers(0, 3),
+    pw=st.integers(0, 3),
+)
+def test_torch_matches_reference_property(B, G, cg, H, W, kh, kw, sh, sw, dh, dw, ph, pw):
+    """Any geometry that gives a non-empty output, including even and rectangular kernels."""
+    Ho, Wo = _out_size(H, kh, sh, ph, dh), _out_size(W, kw, sw, pw, dw)
+    assume(Ho >= 1 and Wo >= 1)
+    x = torch.randn(B, G * cg, H, W, dtype=torch.float64, requires_grad=True)
+    f = torch.randn(B, G, kh * kw, Ho, Wo, dtype=torch.float64, requires_grad=True)
+    args = ((kh, kw), (sh, sw), (ph, pw), (dh, dw))
+    out = dynconv.local_filter2d(x, f, *args, backend="torch")
+    ref = dynconv.local_filter2d(x, f, *args, backend="reference")
+    assert_close(out, ref)
+    gy = torch.randn_like(out)
+    for g, gr in zip(torch.autograd.grad(out, (x, f), gy), torch.autograd.grad(ref, (x, f), gy)):
+        assert_close(g, gr)
