@@ -31,6 +31,8 @@ of the ``triton`` backend.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -372,6 +374,11 @@ def _check_launchable(*tensors: torch.Tensor) -> None:
         )
 
 
+def _on_device(t: torch.Tensor):
+    # Triton launches on the current CUDA device; tensors on another GPU need it switched for the launch.
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _geometry(kernel_size, stride, padding, dilation) -> dict:
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
     return dict(KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw)
@@ -416,7 +423,8 @@ def forward(
         tile = _interpreter_tile(Ho, Wo)
         _forward_kernel[grid(tile)](*args, **meta, **tile)
     else:
-        _forward_tuned[grid](*args, **meta)
+        with _on_device(x):
+            _forward_tuned[grid](*args, **meta)
     return y.to(x.dtype)
 
 
@@ -470,7 +478,8 @@ def backward(
             tile = _interpreter_tile(triton.cdiv(H, sh), triton.cdiv(W, sw))
             _grad_x_kernel[grid_x(tile)](*args, **meta, **tile)
         else:
-            _grad_x_tuned[grid_x](*args, **meta)
+            with _on_device(x):
+                _grad_x_tuned[grid_x](*args, **meta)
         grad_x = grad_x.to(x.dtype)
     if need_filters:
         grad_f = _output(filters.shape, filters)
@@ -491,6 +500,7 @@ def backward(
             tile = _interpreter_tile(Ho, Wo)
             _grad_filters_kernel[grid_f(tile)](*args, **meta, **tile)
         else:
-            _grad_filters_tuned[grid_f](*args, **meta)
+            with _on_device(x):
+                _grad_filters_tuned[grid_f](*args, **meta)
         grad_f = grad_f.to(filters.dtype)
     return grad_x, grad_f
