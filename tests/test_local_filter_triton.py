@@ -172,6 +172,20 @@ def test_triton_opcheck():
     torch.library.opcheck(torch.ops.dynconv.local_filter2d.default, (x, f) + args[2:])
 
 
+def test_triton_backend_under_torch_compile_fullgraph():
+    """The custom op (fake kernel + autograd) traces with the triton backend: no graph break, same values."""
+    torch._dynamo.reset()
+    case = CASES[5]
+    x, f = make_inputs(case, torch.float32)
+    out = torch.compile(lambda x, f: call(x, f, case, "triton"), fullgraph=True, backend="aot_eager")(x, f)
+    gx, gf = torch.autograd.grad(out.square().sum(), (x, f))
+    ref = call(x, f, case, "reference")
+    gxr, gfr = torch.autograd.grad(ref.square().sum(), (x, f))
+    assert_close(out, ref)
+    assert_close(gx, gxr)
+    assert_close(gf, gfr)
+
+
 def test_triton_dispatch_rule():
     x, f = make_inputs(CASES[0], torch.float32, requires_grad=False)
     assert can_run_triton("local_filter2d", x, f)
