@@ -165,6 +165,28 @@ def test_triton_int64_offsets(monkeypatch):
     check_fp32(dict(CASES[1], stride=2))
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the autotuned path is what every other test runs")
+def test_autotuned_launch_path(monkeypatch):
+    """The GPU launch path (autotuner, config pruning, grids from the chosen tile) under the interpreter: a stub
+    timer replaces CUDA events and makes the last config tried win, so a tile other than the fixed one runs."""
+    monkeypatch.setattr(kernels, "AUTOTUNE", True)
+    tried = []
+
+    def stub_bench(kernel_call, quantiles):
+        kernel_call()
+        tried.append(1)
+        return [1.0 / len(tried)] * len(quantiles)
+
+    for tuner in (kernels._forward_tuned, kernels._grad_x_tuned, kernels._grad_filters_tuned):
+        monkeypatch.delitem(tuner.__dict__, "do_bench", raising=False)  # a cached_property over _do_bench
+        monkeypatch.setattr(tuner, "_do_bench", stub_bench)
+        monkeypatch.setattr(tuner, "cache", {})
+    case = dict(B=1, C=3, H=5, W=7, k=3, G=1, stride=(2, 1), padding=None, dilation=1, layout="channels_last")
+    check_fp32(case)
+    assert len(tried) >= 6  # each kernel tried at least two configs (the rest pruned: WO = 7 needs no 64-wide tile)
+    assert all(len(tuner.cache) == 1 for tuner in (kernels._forward_tuned, kernels._grad_x_tuned))
+
+
 def test_triton_opcheck():
     x, f = make_inputs(CASES[0], torch.float32)
     args = (x, f, [CASES[0]["k"]] * 2, [1, 1], [0, 0], [1, 1], "triton")

@@ -44,6 +44,10 @@ __all__ = ["forward", "backward"]
 # Whether the kernels below were created by the interpreter (decided when this module was imported).
 INTERPRETED = triton_interpret()
 
+# Autotune the tile on GPU; under the interpreter use one fixed tile (tests switch autotuning on, with a
+# stub timer, to run the GPU launch path on CPU).
+AUTOTUNE = not INTERPRETED
+
 # Tests set this to run the int64 offset path on small tensors.
 FORCE_INT64 = False
 
@@ -419,7 +423,7 @@ def forward(
     def grid(m):
         return (triton.cdiv(cpg, block_c) * triton.cdiv(Ho, m["BLOCK_H"]) * triton.cdiv(Wo, m["BLOCK_W"]) * B * G,)
 
-    if INTERPRETED:
+    if not AUTOTUNE:
         tile = _interpreter_tile(Ho, Wo)
         _forward_kernel[grid(tile)](*args, **meta, **tile)
     else:
@@ -474,7 +478,7 @@ def backward(
             tiles = triton.cdiv(triton.cdiv(H, sh), m["BLOCK_H"]) * triton.cdiv(triton.cdiv(W, sw), m["BLOCK_W"])
             return (triton.cdiv(cpg, block_c) * tiles * sh * sw * B * G,)
 
-        if INTERPRETED:
+        if not AUTOTUNE:
             tile = _interpreter_tile(triton.cdiv(H, sh), triton.cdiv(W, sw))
             _grad_x_kernel[grid_x(tile)](*args, **meta, **tile)
         else:
@@ -496,7 +500,7 @@ def backward(
         def grid_f(m):
             return (triton.cdiv(Ho, m["BLOCK_H"]) * triton.cdiv(Wo, m["BLOCK_W"]) * B * G,)
 
-        if INTERPRETED:
+        if not AUTOTUNE:
             tile = _interpreter_tile(Ho, Wo)
             _grad_filters_kernel[grid_f(tile)](*args, **meta, **tile)
         else:
