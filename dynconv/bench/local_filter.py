@@ -98,10 +98,12 @@ def _parse_shapes(text: str, device: torch.device) -> list[tuple[int, ...]]:
     return [tuple(int(v) for v in item.split(",")) for item in text.split(";") if item]
 
 
-def _fwd_bwd(fn, x, f):
+def _fwd_bwd(fn, x, f, grad_y):
+    # A materialised grad_y (not the stride-0 one of .sum().backward()), so the backward reads it from memory
+    # as in training and the bandwidth column counts bytes that were moved.
     def step():
         x.grad = f.grad = None
-        fn(x, f).sum().backward()
+        fn(x, f).backward(grad_y)
 
     return step
 
@@ -117,6 +119,7 @@ def run(args: argparse.Namespace) -> str:
             gen = torch.Generator(device="cpu").manual_seed(0)
             x = torch.randn(B, C, H, W, generator=gen).to(device, dtype).requires_grad_()
             f = torch.randn(B, G, k * k, H, W, generator=gen).to(device, dtype).requires_grad_()
+            grad_y = torch.randn(B, C, H, W, generator=gen).to(device, dtype)
             # x, filters and y once (y has the size of x here: stride 1, "same" padding).
             fwd_bytes = (2 * x.numel() + f.numel()) * x.element_size()
             candidates = {"unfold": lambda x, f: unfold_local_filter(x, f, k)}
@@ -129,7 +132,7 @@ def run(args: argparse.Namespace) -> str:
             for name, fn in candidates.items():
                 with torch.no_grad():
                     fwd = measure(lambda: fn(x, f), device, repeats=args.repeats)
-                both = measure(_fwd_bwd(fn, x, f), device, repeats=args.repeats)
+                both = measure(_fwd_bwd(fn, x, f, grad_y), device, repeats=args.repeats)
                 results[name] = (fwd, both)
             base_fwd, base_both = results["unfold"]
             torch_fwd, torch_both = results.get("torch", (None, None))
