@@ -319,3 +319,30 @@ def test_kernels_compile_for_sm90_without_a_gpu():
         pytest.skip(f"Triton's CUDA compiler is not usable here: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "compiled 3" in proc.stdout
+
+
+def test_bench_reports_bandwidth_and_ratios():
+    """`dynconv bench local_filter --backends torch,triton` runs and its derived columns follow from the times."""
+    import argparse
+
+    from dynconv.bench import local_filter as bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--shapes", "1,2,5,6,3,1", "--backends", "torch,triton", "--peak-gbs", "100"])
+    args.device, args.repeats = DEVICE, 1
+    text = bench.run(args)
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    header = [h.strip() for h in lines[0].strip("|").split("|")]
+    rows = {r[2]: r for r in ([v.strip() for v in line.strip("|").split("|")] for line in lines[2:])}
+    assert set(rows) == {"unfold", "torch", "triton"}
+    col = {name: header.index(name) for name in header}
+    for row in rows.values():
+        fwd_ms, fwd_gbs = float(row[col["fwd ms"]]), float(row[col["fwd GB/s"]])
+        # bytes of x, filters and y once: (2 * 60 + 270) fp32 values
+        assert fwd_gbs == pytest.approx(
+            (2 * 60 + 270) * 4 / (fwd_ms * 1e-3) / 1e9, rel=0.02
+        )  # the table rounds to 3 digits
+        assert float(row[col["fwd frac. of peak BW"]]) == pytest.approx(fwd_gbs / 100, rel=0.02)
+    assert float(rows["torch"][col["fwd+bwd speed-up vs torch"]]) == 1.0
+    assert float(rows["unfold"][col["fwd speed-up vs unfold"]]) == 1.0
