@@ -5,8 +5,8 @@ De Brabandere et al., NIPS 2016; the aggregation step of involution, Li et al., 
 
 Three kernels, each a gather (every program writes its own tile once: no atomics, deterministic):
 
-* ``forward``: one program per (channel block, output tile, b, g); a static loop over the taps loads the
-  tap's filter tile once and multiplies it into the shifted window of ``BLOCK_C`` channels.
+* ``forward``: one program per (channel block, output tile, b, g); a loop over the taps loads each tap's
+  filter tile once and multiplies it into the shifted window of ``BLOCK_C`` channels.
 * grad wrt ``x``: ``gx[b, c, h, w] = sum_{i, j} gy[b, c, ho, wo] * f[b, g, i*kw + j, ho, wo]`` over the taps
   whose window reaches ``(h, w)``: ``ho = (h + ph - i*dh) / sh`` must be an integer in ``[0, H_out)``. Input
   pixels are split into the ``sh * sw`` residue classes ``(h mod sh, w mod sw)``; inside one class a tap
@@ -20,6 +20,10 @@ read in place (no layout copy); outputs are contiguous NCHW (the op's fake kerne
 accumulate in fp32 (fp64 for fp64 inputs) and are stored in the input dtype. Offsets are computed in int32
 unless a tensor spans 2**30 elements or more (a factor-2 margin for the masked lanes past the edges), when
 the program ids, and with them every offset, are promoted to int64.
+
+Taps: a runtime loop over the kernel rows, the taps of a row unrolled. Unrolling all k*k taps took 18-51 s
+per kernel and config to compile for sm_90 at k=9 (this 2-core machine), the row loop 1.1-2.6 s; the
+autotuner compiles every config of every kernel at the first call of each shape.
 
 Block sizes: on GPU ``triton.autotune`` picks the tile (``BLOCK_H x BLOCK_W`` pixels, warps) per shape and
 geometry, with ``BLOCK_C`` from :func:`_block_c`; under ``TRITON_INTERPRET=1`` (where autotuning would
@@ -141,7 +145,7 @@ def _forward_kernel(
     hi0 = ho * SH - PH
     wi0 = wo * SW - PW
     acc = tl.zeros([BLOCK_C, BLOCK_H, BLOCK_W], dtype=acc_dtype)
-    for i in tl.static_range(KH):
+    for i in range(KH):
         hi = hi0 + i * DH
         h_ok = (hi >= 0) & (hi < H)
         for j in tl.static_range(KW):
@@ -221,7 +225,7 @@ def _grad_x_kernel(
     gy_base = gy_ptr + b * sgb + (g * C_PER_G + c) * sgc
     f_base = f_ptr + b * sfb + g * sfg
     acc = tl.zeros([BLOCK_C, BLOCK_H, BLOCK_W], dtype=acc_dtype)
-    for i in tl.static_range(KH):
+    for i in range(KH):
         for j in tl.static_range(KW):
             # Within the class, tap (i, j) reaches these pixels iff (h + PH - i*DH) is a multiple of SH (the
             # same for every h of the class), and likewise along w. For stride 1 the test folds to true.
@@ -303,7 +307,7 @@ def _grad_filters_kernel(
     if SINGLE_C_BLOCK:
         # The whole group fits in one block: load grad_y once and reuse it for every tap.
         gy = tl.load(gy_base + c0 * sgc, mask=(c0 < C_PER_G) & p_ok, other=0.0).to(acc_dtype)
-    for i in tl.static_range(KH):
+    for i in range(KH):
         hi = hi0 + i * DH
         h_ok = (hi >= 0) & (hi < H)
         for j in tl.static_range(KW):
