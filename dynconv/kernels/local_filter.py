@@ -23,7 +23,7 @@ the program ids, and with them every offset, are promoted to int64.
 
 Taps: a runtime loop over the kernel rows, the taps of a row unrolled. Unrolling all k*k taps took 18-51 s
 per kernel and config to compile for sm_90 at k=9 (this 2-core machine), the row loop 1.1-2.6 s; the
-autotuner compiles every config of every kernel at the first call of each shape.
+autotuner compiles every config of every kernel for each new geometry (and times them for each new shape).
 
 Block sizes: on GPU ``triton.autotune`` picks the tile (``BLOCK_H x BLOCK_W`` pixels, warps) per shape and
 geometry, with ``BLOCK_C`` from :func:`_block_c`; under ``TRITON_INTERPRET=1`` (where autotuning would
