@@ -3,7 +3,13 @@
 Shapes are the DFN / involution ones from the foundation issue, ``(B, C, H, W, k, G)``. For each shape and
 dtype it measures, in one run, forward and forward+backward of every available backend and of the
 baselines: ``unfold`` (unfold, multiply, sum: what most code copies) and, with ``--compile``,
-``torch.compile`` of the plain shift-and-accumulate loop.
+``torch.compile`` of the plain shift-and-accumulate loop (on CUDA, inductor generates Triton for it: the
+baseline a hand-written kernel has to beat).
+
+Besides times and peak memory it reports the achieved bandwidth: the forward counts the bytes of ``x``,
+``filters`` and ``y`` once, forward+backward also those of ``grad_y``, ``grad_x`` and ``grad_filters``
+(twice the forward's), a lower bound on the traffic of any implementation; on a GPU whose memory
+bandwidth is in :data:`PEAK_BANDWIDTH_GBS` (or given with ``--peak-gbs``) also its fraction of the peak.
 """
 
 from __future__ import annotations
@@ -18,6 +24,37 @@ from dynconv.functional import local_filter2d
 
 DEFAULT_SHAPES = [(8, 64, 64, 64, 5, 1), (4, 128, 56, 56, 7, 8), (16, 3, 64, 64, 9, 1)]
 SMALL_SHAPES = [(2, 16, 32, 32, 5, 1), (2, 32, 24, 24, 7, 4)]
+# The shapes of the Triton issue (issue 3); the default on CUDA.
+GPU_SHAPES = DEFAULT_SHAPES + [(32, 256, 28, 28, 7, 16)]
+
+# Peak memory bandwidth in GB/s by device name (vendor data sheets), matched as substrings in this order.
+PEAK_BANDWIDTH_GBS = [
+    ("H200", 4800.0),
+    ("H100 NVL", 3900.0),
+    ("H100 PCIe", 2000.0),
+    ("H100", 3350.0),  # SXM5, HBM3
+    ("GH200", 4000.0),
+    ("A100 80GB PCIe", 1935.0),
+    ("A100-SXM4-80GB", 2039.0),
+    ("A100", 1555.0),  # the 40 GB parts
+    ("L40S", 864.0),
+    ("L4", 300.0),
+    ("A10G", 600.0),
+    ("RTX 4090", 1008.0),
+    ("V100", 900.0),
+    ("T4", 320.0),
+]
+
+
+def peak_bandwidth_gbs(device: torch.device) -> float:
+    """The data-sheet memory bandwidth of ``device`` in GB/s, or ``nan`` when unknown (and on CPU)."""
+    if device.type != "cuda":
+        return float("nan")
+    name = torch.cuda.get_device_name(device)
+    for pattern, gbs in PEAK_BANDWIDTH_GBS:
+        if pattern in name:
+            return gbs
+    return float("nan")
 
 
 def unfold_local_filter(x: torch.Tensor, filters: torch.Tensor, k: int) -> torch.Tensor:
@@ -46,34 +83,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtypes", default="float32", help="comma-separated: float32,bfloat16,float16")
     parser.add_argument("--backends", default="torch", help="comma-separated dynconv backends to time")
     parser.add_argument("--compile", action="store_true", help="add torch.compile of the shift loop as a baseline")
+    parser.add_argument(
+        "--peak-gbs", type=float, default=None, help="the device's memory bandwidth in GB/s (default: known GPUs)"
+    )
 
 
-def _parse_shapes(text: str) -> list[tuple[int, ...]]:
+def _parse_shapes(text: str, device: torch.device) -> list[tuple[int, ...]]:
     if text == "default":
-        return DEFAULT_SHAPES
+        return GPU_SHAPES if device.type == "cuda" else DEFAULT_SHAPES
+    if text == "gpu":
+        return GPU_SHAPES
     if text == "small":
         return SMALL_SHAPES
     return [tuple(int(v) for v in item.split(",")) for item in text.split(";") if item]
 
 
-def _fwd_bwd(fn, x, f):
+def _fwd_bwd(fn, x, f, grad_y):
+    # A materialised grad_y (not the stride-0 one of .sum().backward()), so the backward reads it from memory
+    # as in training and the bandwidth column counts bytes that were moved.
     def step():
         x.grad = f.grad = None
-        fn(x, f).sum().backward()
+        fn(x, f).backward(grad_y)
 
     return step
 
 
 def run(args: argparse.Namespace) -> str:
     device = torch.device(args.device)
+    peak_gbs = args.peak_gbs if args.peak_gbs is not None else peak_bandwidth_gbs(device)
     rows = []
-    for shape in _parse_shapes(args.shapes):
+    for shape in _parse_shapes(args.shapes, device):
         B, C, H, W, k, G = shape
         for dtype_name in args.dtypes.split(","):
             dtype = getattr(torch, dtype_name)
             gen = torch.Generator(device="cpu").manual_seed(0)
             x = torch.randn(B, C, H, W, generator=gen).to(device, dtype).requires_grad_()
             f = torch.randn(B, G, k * k, H, W, generator=gen).to(device, dtype).requires_grad_()
+            grad_y = torch.randn(B, C, H, W, generator=gen).to(device, dtype)
+            # x, filters and y once (y has the size of x here: stride 1, "same" padding).
+            fwd_bytes = (2 * x.numel() + f.numel()) * x.element_size()
             candidates = {"unfold": lambda x, f: unfold_local_filter(x, f, k)}
             for name in args.backends.split(","):
                 candidates[name] = lambda x, f, name=name: local_filter2d(x, f, k, backend=name)
@@ -84,10 +132,13 @@ def run(args: argparse.Namespace) -> str:
             for name, fn in candidates.items():
                 with torch.no_grad():
                     fwd = measure(lambda: fn(x, f), device, repeats=args.repeats)
-                both = measure(_fwd_bwd(fn, x, f), device, repeats=args.repeats)
+                both = measure(_fwd_bwd(fn, x, f, grad_y), device, repeats=args.repeats)
                 results[name] = (fwd, both)
             base_fwd, base_both = results["unfold"]
+            torch_fwd, torch_both = results.get("torch", (None, None))
             for name, (fwd, both) in results.items():
+                fwd_gbs = fwd_bytes / fwd.median_s / 1e9
+                both_gbs = 2 * fwd_bytes / both.median_s / 1e9
                 rows.append(
                     [
                         str(shape),
@@ -95,8 +146,14 @@ def run(args: argparse.Namespace) -> str:
                         name,
                         fwd.median_ms,
                         both.median_ms,
+                        fwd_gbs,
+                        fwd_gbs / peak_gbs,
+                        both_gbs,
+                        both_gbs / peak_gbs,
                         base_fwd.median_s / fwd.median_s,
                         base_both.median_s / both.median_s,
+                        torch_fwd.median_s / fwd.median_s if torch_fwd else float("nan"),
+                        torch_both.median_s / both.median_s if torch_both else float("nan"),
                         fwd.peak_extra_mb,
                         both.peak_extra_mb,
                     ]
@@ -107,9 +164,17 @@ def run(args: argparse.Namespace) -> str:
         "impl",
         "fwd ms",
         "fwd+bwd ms",
+        "fwd GB/s",
+        "fwd frac. of peak BW",
+        "fwd+bwd GB/s",
+        "fwd+bwd frac. of peak BW",
         "fwd speed-up vs unfold",
         "fwd+bwd speed-up vs unfold",
+        "fwd speed-up vs torch",
+        "fwd+bwd speed-up vs torch",
         "fwd peak extra MB",
         "fwd+bwd peak extra MB",
     ]
-    return markdown_table(header, rows)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    note = f"device: {name}; peak bandwidth: {peak_gbs:.0f} GB/s" if peak_gbs == peak_gbs else f"device: {name}"
+    return note + "\n\n" + markdown_table(header, rows)

@@ -18,7 +18,13 @@ from __future__ import annotations
 
 import torch
 
+from dynconv.backends import TRITON_OPS
+
 __all__ = ["local_filter2d_op"]
+
+# The Triton kernels (dynconv/kernels/local_filter.py) accumulate in fp32, and in fp64 for fp64 inputs, which
+# lets gradcheck check them too.
+TRITON_OPS["local_filter2d"] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 _ACC = torch.float32
 

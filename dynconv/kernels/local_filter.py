@@ -1,0 +1,514 @@
+"""Triton kernels for dynamic local filtering (Dynamic Filter Networks' *dynamic local filtering layer*,
+De Brabandere et al., NIPS 2016; the aggregation step of involution, Li et al., CVPR 2021):
+
+    y[b, c, ho, wo] = sum_{i, j} f[b, g(c), i*kw + j, ho, wo] * x[b, c, ho*sh - ph + i*dh, wo*sw - pw + j*dw]
+
+Three kernels, each a gather (every program writes its own tile once: no atomics, deterministic):
+
+* ``forward``: one program per (channel block, output tile, b, g); a loop over the taps loads each tap's
+  filter tile once and multiplies it into the shifted window of ``BLOCK_C`` channels.
+* grad wrt ``x``: ``gx[b, c, h, w] = sum_{i, j} gy[b, c, ho, wo] * f[b, g, i*kw + j, ho, wo]`` over the taps
+  whose window reaches ``(h, w)``: ``ho = (h + ph - i*dh) / sh`` must be an integer in ``[0, H_out)``. Input
+  pixels are split into the ``sh * sw`` residue classes ``(h mod sh, w mod sw)``; inside one class a tap
+  either hits every pixel or none, so a program skips the taps of other classes with one scalar branch
+  instead of masking ``1 - 1/(sh*sw)`` of its loads. For stride 1 this is the transposed local filter.
+* grad wrt ``filters``: ``gf[b, g, k, ho, wo] = sum_{c in g} gy[b, c, ho, wo] * x[b, c, window_k(ho, wo)]``,
+  one program per (output tile, b, g) reducing over the group's channels in ``BLOCK_C`` blocks.
+
+Every tensor is addressed through its strides, so NCHW, channels-last and other non-contiguous inputs are
+read in place (no layout copy); outputs are contiguous NCHW (the op's fake kernels promise it). Products
+accumulate in fp32 (fp64 for fp64 inputs) and are stored in the input dtype. Offsets are computed in int32
+unless a tensor spans 2**30 elements or more (a factor-2 margin for the masked lanes past the edges), when
+the program ids, and with them every offset, are promoted to int64.
+
+Taps: a runtime loop over the kernel rows, the taps of a row unrolled. Unrolling all k*k taps took 18-51 s
+per kernel and config to compile for sm_90 at k=9 (this 2-core machine), the row loop 1.1-2.6 s; the
+autotuner compiles every config of every kernel for each new geometry (and times them for each new shape).
+
+Block sizes: on GPU ``triton.autotune`` picks the tile (``BLOCK_H x BLOCK_W`` pixels, warps) per shape and
+geometry, with ``BLOCK_C`` from :func:`_block_c`; under ``TRITON_INTERPRET=1`` (where autotuning would
+run every config through the slow interpreter) one fixed config covers a small image in a single tile.
+
+``TRITON_INTERPRET`` is read by ``triton.jit`` when this module is imported: set it before the first call
+of the ``triton`` backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from dynconv.backends import triton_interpret
+
+__all__ = ["forward", "backward"]
+
+# Whether the kernels below were created by the interpreter (decided when this module was imported).
+INTERPRETED = triton_interpret()
+
+# Autotune the tile on GPU; under the interpreter use one fixed tile (tests switch autotuning on, with a
+# stub timer, to run the GPU launch path on CPU).
+AUTOTUNE = not INTERPRETED
+
+# Tests set this to run the int64 offset path on small tensors.
+FORCE_INT64 = False
+
+_INT32_SAFE = 2**30
+
+# Output-tile configs for the GPU autotuner: (BLOCK_H, BLOCK_W, num_warps). Rows of 32-128 pixels keep
+# NCHW loads coalesced along W; taller tiles share more of the (k-1)-pixel halo between taps.
+_TILES = [
+    (1, 64, 2),
+    (2, 64, 4),
+    (4, 32, 4),
+    (4, 64, 4),
+    (8, 32, 4),
+    (2, 128, 4),
+    (8, 64, 8),
+    (16, 32, 8),
+]
+_CONFIGS = [triton.Config({"BLOCK_H": bh, "BLOCK_W": bw}, num_warps=nw) for bh, bw, nw in _TILES]
+_KEY = ["C_PER_G", "H", "W", "HO", "WO", "KH", "KW", "SH", "SW", "DH", "DW"]
+
+
+def _prune_tiles(configs, named_args, **kwargs):
+    # A tile more than twice as wide as the output row only adds masked lanes.
+    width = triton.next_power_of_2(named_args["WO"])
+    kept = [c for c in configs if c.kwargs["BLOCK_W"] <= max(32, width)]
+    return kept or configs[:1]
+
+
+@triton.jit
+def _forward_kernel(
+    x_ptr,  # [B, C, H, W], any strides
+    f_ptr,  # [B, G, KH*KW, HO, WO], any strides
+    y_ptr,  # [B, C, HO, WO], written
+    G,
+    C_PER_G,
+    H,
+    W,
+    HO,
+    WO,
+    sxb,
+    sxc,
+    sxh,
+    sxw,
+    sfb,
+    sfg,
+    sfk,
+    sfh,
+    sfw,
+    syb,
+    syc,
+    syh,
+    syw,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    SH: tl.constexpr,
+    SW: tl.constexpr,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    DH: tl.constexpr,
+    DW: tl.constexpr,
+    ACC_F64: tl.constexpr,
+    INT64: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
+    acc_dtype = tl.float64 if ACC_F64 else tl.float32
+    pid = tl.program_id(0)
+    if INT64:
+        pid = pid.to(tl.int64)
+    # Channel blocks vary fastest: programs that run together share the filter tile in L2.
+    n_cb = tl.cdiv(C_PER_G, BLOCK_C)
+    tiles_w = tl.cdiv(WO, BLOCK_W)
+    tiles_h = tl.cdiv(HO, BLOCK_H)
+    cb = pid % n_cb
+    rest = pid // n_cb
+    tw = rest % tiles_w
+    rest = rest // tiles_w
+    th = rest % tiles_h
+    bg = rest // tiles_h
+    b = bg // G
+    g = bg % G
+
+    c = (cb * BLOCK_C + tl.arange(0, BLOCK_C))[:, None, None]
+    ho = (th * BLOCK_H + tl.arange(0, BLOCK_H))[None, :, None]
+    wo = (tw * BLOCK_W + tl.arange(0, BLOCK_W))[None, None, :]
+    c_ok = c < C_PER_G
+    p_ok = (ho < HO) & (wo < WO)
+    x_base = x_ptr + b * sxb + (g * C_PER_G + c) * sxc
+    f_base = f_ptr + b * sfb + g * sfg + ho * sfh + wo * sfw
+    hi0 = ho * SH - PH
+    wi0 = wo * SW - PW
+    acc = tl.zeros([BLOCK_C, BLOCK_H, BLOCK_W], dtype=acc_dtype)
+    for i in range(KH):
+        hi = hi0 + i * DH
+        h_ok = (hi >= 0) & (hi < H)
+        for j in tl.static_range(KW):
+            wi = wi0 + j * DW
+            f_tap = tl.load(f_base + (i * KW + j) * sfk, mask=p_ok, other=0.0).to(acc_dtype)
+            x_ok = c_ok & p_ok & h_ok & (wi >= 0) & (wi < W)
+            x_tap = tl.load(x_base + hi * sxh + wi * sxw, mask=x_ok, other=0.0).to(acc_dtype)
+            acc += x_tap * f_tap
+    y_off = b * syb + (g * C_PER_G + c) * syc + ho * syh + wo * syw
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=c_ok & p_ok)
+
+
+@triton.jit
+def _grad_x_kernel(
+    gy_ptr,  # [B, C, HO, WO], any strides
+    f_ptr,  # [B, G, KH*KW, HO, WO], any strides
+    gx_ptr,  # [B, C, H, W], written
+    G,
+    C_PER_G,
+    H,
+    W,
+    HO,
+    WO,
+    sgb,
+    sgc,
+    sgh,
+    sgw,
+    sfb,
+    sfg,
+    sfk,
+    sfh,
+    sfw,
+    sxb,
+    sxc,
+    sxh,
+    sxw,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    SH: tl.constexpr,
+    SW: tl.constexpr,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    DH: tl.constexpr,
+    DW: tl.constexpr,
+    ACC_F64: tl.constexpr,
+    INT64: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
+    acc_dtype = tl.float64 if ACC_F64 else tl.float32
+    pid = tl.program_id(0)
+    if INT64:
+        pid = pid.to(tl.int64)
+    # A tile covers input pixels of one residue class (rh, rw): h = rh + SH * t.
+    n_cb = tl.cdiv(C_PER_G, BLOCK_C)
+    tiles_w = tl.cdiv(tl.cdiv(W, SW), BLOCK_W)
+    tiles_h = tl.cdiv(tl.cdiv(H, SH), BLOCK_H)
+    cb = pid % n_cb
+    rest = pid // n_cb
+    tw = rest % tiles_w
+    rest = rest // tiles_w
+    th = rest % tiles_h
+    rest = rest // tiles_h
+    rw = rest % SW
+    rest = rest // SW
+    rh = rest % SH
+    bg = rest // SH
+    b = bg // G
+    g = bg % G
+
+    c = (cb * BLOCK_C + tl.arange(0, BLOCK_C))[:, None, None]
+    h = rh + SH * (th * BLOCK_H + tl.arange(0, BLOCK_H))[None, :, None]
+    w = rw + SW * (tw * BLOCK_W + tl.arange(0, BLOCK_W))[None, None, :]
+    c_ok = c < C_PER_G
+    p_ok = (h < H) & (w < W)
+    gy_base = gy_ptr + b * sgb + (g * C_PER_G + c) * sgc
+    f_base = f_ptr + b * sfb + g * sfg
+    acc = tl.zeros([BLOCK_C, BLOCK_H, BLOCK_W], dtype=acc_dtype)
+    for i in range(KH):
+        for j in tl.static_range(KW):
+            # Within the class, tap (i, j) reaches these pixels iff (h + PH - i*DH) is a multiple of SH (the
+            # same for every h of the class), and likewise along w. For stride 1 the test folds to true.
+            if ((rh + PH - i * DH) % SH == 0) & ((rw + PW - j * DW) % SW == 0):
+                num_h = h + PH - i * DH
+                num_w = w + PW - j * DW
+                # num_h is an exact multiple of SH here, so // is exact whatever its rounding of negatives.
+                ho = num_h // SH
+                wo = num_w // SW
+                tap_ok = p_ok & (num_h >= 0) & (ho < HO) & (num_w >= 0) & (wo < WO)
+                f_tap = tl.load(f_base + (i * KW + j) * sfk + ho * sfh + wo * sfw, mask=tap_ok, other=0.0)
+                gy_tap = tl.load(gy_base + ho * sgh + wo * sgw, mask=tap_ok & c_ok, other=0.0)
+                acc += gy_tap.to(acc_dtype) * f_tap.to(acc_dtype)
+    gx_off = b * sxb + (g * C_PER_G + c) * sxc + h * sxh + w * sxw
+    tl.store(gx_ptr + gx_off, acc.to(gx_ptr.dtype.element_ty), mask=c_ok & p_ok)
+
+
+@triton.jit
+def _grad_filters_kernel(
+    gy_ptr,  # [B, C, HO, WO], any strides
+    x_ptr,  # [B, C, H, W], any strides
+    gf_ptr,  # [B, G, KH*KW, HO, WO], written
+    G,
+    C_PER_G,
+    H,
+    W,
+    HO,
+    WO,
+    sgb,
+    sgc,
+    sgh,
+    sgw,
+    sxb,
+    sxc,
+    sxh,
+    sxw,
+    sfb,
+    sfg,
+    sfk,
+    sfh,
+    sfw,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    SH: tl.constexpr,
+    SW: tl.constexpr,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    DH: tl.constexpr,
+    DW: tl.constexpr,
+    ACC_F64: tl.constexpr,
+    INT64: tl.constexpr,
+    SINGLE_C_BLOCK: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
+    acc_dtype = tl.float64 if ACC_F64 else tl.float32
+    pid = tl.program_id(0)
+    if INT64:
+        pid = pid.to(tl.int64)
+    tiles_w = tl.cdiv(WO, BLOCK_W)
+    tiles_h = tl.cdiv(HO, BLOCK_H)
+    tw = pid % tiles_w
+    rest = pid // tiles_w
+    th = rest % tiles_h
+    bg = rest // tiles_h
+    b = bg // G
+    g = bg % G
+
+    ho = (th * BLOCK_H + tl.arange(0, BLOCK_H))[None, :, None]
+    wo = (tw * BLOCK_W + tl.arange(0, BLOCK_W))[None, None, :]
+    p_ok = (ho < HO) & (wo < WO)
+    hi0 = ho * SH - PH
+    wi0 = wo * SW - PW
+    gy_base = gy_ptr + b * sgb + g * C_PER_G * sgc + ho * sgh + wo * sgw
+    x_base = x_ptr + b * sxb + g * C_PER_G * sxc
+    gf_base = gf_ptr + b * sfb + g * sfg + ho * sfh + wo * sfw
+    c0 = tl.arange(0, BLOCK_C)[:, None, None]
+    if SINGLE_C_BLOCK:
+        # The whole group fits in one block: load grad_y once and reuse it for every tap.
+        gy = tl.load(gy_base + c0 * sgc, mask=(c0 < C_PER_G) & p_ok, other=0.0).to(acc_dtype)
+    for i in range(KH):
+        hi = hi0 + i * DH
+        h_ok = (hi >= 0) & (hi < H)
+        for j in tl.static_range(KW):
+            wi = wi0 + j * DW
+            x_ok = p_ok & h_ok & (wi >= 0) & (wi < W)
+            x_off = hi * sxh + wi * sxw
+            if SINGLE_C_BLOCK:
+                x_tap = tl.load(x_base + c0 * sxc + x_off, mask=x_ok & (c0 < C_PER_G), other=0.0)
+                acc = tl.sum(gy * x_tap.to(acc_dtype), axis=0)
+            else:
+                acc = tl.zeros([BLOCK_H, BLOCK_W], dtype=acc_dtype)
+                for cs in range(0, C_PER_G, BLOCK_C):
+                    c = cs + c0
+                    c_ok = c < C_PER_G
+                    gy = tl.load(gy_base + c * sgc, mask=c_ok & p_ok, other=0.0)
+                    x_tap = tl.load(x_base + c * sxc + x_off, mask=x_ok & c_ok, other=0.0)
+                    acc += tl.sum(gy.to(acc_dtype) * x_tap.to(acc_dtype), axis=0)
+            gf_tap = gf_base + (i * KW + j) * sfk
+            tl.store(gf_tap, acc[None, :, :].to(gf_ptr.dtype.element_ty), mask=p_ok)
+
+
+_forward_tuned = triton.autotune(_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_tiles})(
+    _forward_kernel
+)
+_grad_x_tuned = triton.autotune(_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_tiles})(
+    _grad_x_kernel
+)
+_grad_filters_tuned = triton.autotune(_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_tiles})(
+    _grad_filters_kernel
+)
+
+
+def _block_c(channels_per_group: int, cap: int) -> int:
+    # Channels per program: all of a small group (the filter tile is then read once), at most ``cap``
+    # (register pressure: BLOCK_C * BLOCK_H * BLOCK_W fp32 accumulators per program).
+    return min(triton.next_power_of_2(channels_per_group), cap)
+
+
+def _interpreter_tile(rows: int, cols: int) -> dict:
+    # One program per (channel block, b, g) for the small images of the tests: the interpreter pays
+    # ~60-90 ms per program and little per element.
+    return {
+        "BLOCK_H": min(triton.next_power_of_2(rows), 16),
+        "BLOCK_W": min(triton.next_power_of_2(cols), 32),
+        "num_warps": 1,
+    }
+
+
+def _output(shape, like: torch.Tensor) -> torch.Tensor:
+    # Triton 3.9's interpreter truncates fp32 -> bf16 casts where the GPU rounds to nearest even (measured: 4 of
+    # 24 outputs one bf16 ulp off), so under the interpreter bf16 results are stored in fp32 and rounded by
+    # torch; the kernels themselves are the same on both paths.
+    dtype = torch.float32 if INTERPRETED and like.dtype == torch.bfloat16 else like.dtype
+    return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+def _needs_int64(*tensors: torch.Tensor) -> bool:
+    if FORCE_INT64:
+        return True
+    for t in tensors:
+        extent = 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()) if n > 0)
+        if extent >= _INT32_SAFE or t.numel() >= _INT32_SAFE:
+            return True
+    return False
+
+
+def _check_launchable(*tensors: torch.Tensor) -> None:
+    if tensors[0].device.type == "cpu" and not INTERPRETED:
+        raise RuntimeError(
+            "dynconv's Triton kernels got CPU tensors, but dynconv.kernels.local_filter was imported without "
+            "TRITON_INTERPRET=1 (triton.jit reads it at import): set it before the first triton-backend call"
+        )
+
+
+def _on_device(t: torch.Tensor):
+    # Triton launches on the current CUDA device; tensors on another GPU need it switched for the launch.
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _geometry(kernel_size, stride, padding, dilation) -> dict:
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    return dict(KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw)
+
+
+def forward(
+    x: torch.Tensor,
+    filters: torch.Tensor,
+    kernel_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+) -> torch.Tensor:
+    """Dynamic local filtering on validated arguments.
+
+    Args:
+        x (Tensor[B, C, H, W]): input, any strides.
+        filters (Tensor[B, G, kh*kw, H_out, W_out]): per-pixel filters, any strides, dtype of ``x``.
+        kernel_size, stride, padding, dilation (list[int] of length 2): the window geometry.
+
+    Returns:
+        Tensor[B, C, H_out, W_out]: contiguous, dtype of ``x``.
+    """
+    _check_launchable(x, filters)
+    B, C, H, W = x.shape
+    _, G, _, Ho, Wo = filters.shape
+    y = _output((B, C, Ho, Wo), x)
+    cpg = C // G
+    block_c = _block_c(cpg, 16)
+    args = (x, filters, y, G, cpg, H, W, Ho, Wo, *x.stride(), *filters.stride(), *y.stride())
+    meta = dict(
+        **_geometry(kernel_size, stride, padding, dilation),
+        ACC_F64=x.dtype == torch.float64,
+        INT64=_needs_int64(x, filters, y),
+        BLOCK_C=block_c,
+    )
+
+    def grid(m):
+        return (triton.cdiv(cpg, block_c) * triton.cdiv(Ho, m["BLOCK_H"]) * triton.cdiv(Wo, m["BLOCK_W"]) * B * G,)
+
+    if not AUTOTUNE:
+        tile = _interpreter_tile(Ho, Wo)
+        _forward_kernel[grid(tile)](*args, **meta, **tile)
+    else:
+        with _on_device(x):
+            _forward_tuned[grid](*args, **meta)
+    return y.to(x.dtype)
+
+
+def backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    filters: torch.Tensor,
+    kernel_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    need_x: bool,
+    need_filters: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`forward` wrt ``x`` and ``filters``.
+
+    Args:
+        grad_out (Tensor[B, C, H_out, W_out]): gradient of the loss wrt the output, any strides.
+        x, filters, kernel_size, stride, padding, dilation: as in :func:`forward`.
+        need_x, need_filters (bool): which gradients to compute.
+
+    Returns:
+        (Tensor[B, C, H, W], Tensor[B, G, kh*kw, H_out, W_out]): contiguous gradients in the input dtype;
+        a gradient not asked for is an empty tensor.
+    """
+    _check_launchable(x, filters, grad_out)
+    B, C, H, W = x.shape
+    _, G, _, Ho, Wo = filters.shape
+    cpg = C // G
+    geometry = _geometry(kernel_size, stride, padding, dilation)
+    sh, sw = stride
+    acc_f64 = x.dtype == torch.float64
+    grad_x, grad_f = x.new_empty(0), filters.new_empty(0)
+    if need_x:
+        grad_x = _output((B, C, H, W), x)
+        block_c = _block_c(cpg, 16)
+        args = (grad_out, filters, grad_x, G, cpg, H, W, Ho, Wo, *grad_out.stride(), *filters.stride())
+        args += tuple(grad_x.stride())
+        meta = dict(
+            **geometry,
+            ACC_F64=acc_f64,
+            INT64=_needs_int64(grad_out, filters, grad_x),
+            BLOCK_C=block_c,
+        )
+
+        def grid_x(m):
+            tiles = triton.cdiv(triton.cdiv(H, sh), m["BLOCK_H"]) * triton.cdiv(triton.cdiv(W, sw), m["BLOCK_W"])
+            return (triton.cdiv(cpg, block_c) * tiles * sh * sw * B * G,)
+
+        if not AUTOTUNE:
+            tile = _interpreter_tile(triton.cdiv(H, sh), triton.cdiv(W, sw))
+            _grad_x_kernel[grid_x(tile)](*args, **meta, **tile)
+        else:
+            with _on_device(x):
+                _grad_x_tuned[grid_x](*args, **meta)
+        grad_x = grad_x.to(x.dtype)
+    if need_filters:
+        grad_f = _output(filters.shape, filters)
+        block_c = _block_c(cpg, 32)
+        args = (grad_out, x, grad_f, G, cpg, H, W, Ho, Wo, *grad_out.stride(), *x.stride(), *grad_f.stride())
+        meta = dict(
+            **geometry,
+            ACC_F64=acc_f64,
+            INT64=_needs_int64(grad_out, x, grad_f),
+            SINGLE_C_BLOCK=cpg <= block_c,
+            BLOCK_C=block_c,
+        )
+
+        def grid_f(m):
+            return (triton.cdiv(Ho, m["BLOCK_H"]) * triton.cdiv(Wo, m["BLOCK_W"]) * B * G,)
+
+        if not AUTOTUNE:
+            tile = _interpreter_tile(Ho, Wo)
+            _grad_filters_kernel[grid_f(tile)](*args, **meta, **tile)
+        else:
+            with _on_device(x):
+                _grad_filters_tuned[grid_f](*args, **meta)
+        grad_f = grad_f.to(filters.dtype)
+    return grad_x, grad_f
