@@ -12,6 +12,16 @@ from dynconv.backends import BackendError
 from dynconv.testing import assert_close, assert_close_lowp
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Measured on the shared 2-core machine under load: a tiny conv costs ~65 ms with 2 OpenMP threads
+    # (threads wait on each other) and ~20 us with one. These tests use tiny shapes only.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_case(seed):
     """Random geometry: odd sizes, non-square kernels, stride, dilation, groups, padding, batch 1..3, layouts."""
     rng = random.Random(seed)
