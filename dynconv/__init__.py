@@ -19,6 +19,7 @@ from dynconv.nn import (
     ODConv2d,
     convert,
     set_temperature,
+    skip_stem_and_pointwise,
     temperature_schedule,
 )
 
@@ -41,5 +42,6 @@ __all__ = [
     "local_filter2d",
     "sample_conv2d",
     "set_temperature",
+    "skip_stem_and_pointwise",
     "temperature_schedule",
 ]
