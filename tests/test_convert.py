@@ -52,7 +52,9 @@ def test_convert_preserves_outputs(arch, kind):
     _assert_same_function(converted, model, torch.randn(2, 3, 32, 32))
 
 
-@pytest.mark.parametrize("arch, kind", [("resnet18", "condconv"), ("mobilenet_v2", "dynamic"), ("mobilenet_v2", "odconv")])
+@pytest.mark.parametrize(
+    "arch, kind", [("resnet18", "condconv"), ("mobilenet_v2", "dynamic"), ("mobilenet_v2", "odconv")]
+)
 def test_converted_model_trains(arch, kind):
     """Loss on a fixed small batch goes down with SGD, and the attention layers receive gradient."""
     torch.manual_seed(0)
