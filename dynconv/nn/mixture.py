@@ -26,11 +26,14 @@ Formulations (the ``formulation`` argument of the coefficient mixtures):
   whole batch as one convolution with ``K * C_out`` outputs, then the coefficient-weighted sum of the outputs.
   ``K`` times the convolution FLOPs, but dense (ungrouped) convolutions and no per-sample kernel.
 * ``"loop"``: mix per sample, then one ``F.conv2d`` per sample (the reference; for benchmarks).
-* ``"auto"`` (default): ``"experts"`` when ``B > 1`` and the per-sample kernel is larger than the ``K``
-  expert outputs of one sample, ``C_out * C_in/groups * kh * kw > K * C_out * H_out * W_out``, i.e.
-  ``C_in/groups * kh * kw > K * H_out * W_out`` (deep layers on small feature maps: ResNet-18's last stage at
-  32x32 input), else ``"grouped"``. The rule compares the memory each formulation writes beyond the
-  convolution itself; see the ``dynconv bench mixture`` table in ``docs/benchmarks.md`` for the measurement.
+* ``"auto"`` (default): ``"experts"`` when ``B > 1`` and ``C_in/groups * kh * kw > 2 * K * H_out * W_out``,
+  else ``"grouped"``. The left side is the per-sample kernel size over ``C_out`` (what the grouped
+  formulation writes and reads per sample), the right side twice the ``K`` expert outputs per output channel
+  (what the experts formulation writes): deep layers on small maps (ResNet-18's last stages, 1x1 convolutions
+  at 7x7) go to experts, depthwise layers and large maps stay grouped. Calibrated on one CPU thread with
+  ``DynamicConv2d(C, C, 3)`` (grouped / experts ms): ratio 9.0 (C=256, 8x8): B=8 36.9 / 15.9, B=64 398 / 158;
+  ratio 72 (C=512, 4x4, B=8) 122 / 45; ratio 1.1 (C=128, 16x16): B=8 5.0 / 14.4, B=64 107 / 221; ratio 0.14
+  (C=64, 32x32, B=64) 70 / 218. Whole-model figures: ``dynconv bench mixture`` in ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -251,7 +254,7 @@ class _CoefficientMixture(_KernelMixtureConv2d):
             return self.formulation
         Ho, Wo = self._output_size(x)
         per_sample_kernel = self.weight.shape[2] * self.kernel_size[0] * self.kernel_size[1]
-        if x.shape[0] > 1 and per_sample_kernel > self.num_experts * Ho * Wo:
+        if x.shape[0] > 1 and per_sample_kernel > 2 * self.num_experts * Ho * Wo:
             return "experts"
         return "grouped"
 
@@ -616,13 +619,14 @@ class ODConv2d(_KernelMixtureConv2d):
             # Nothing per-sample inside the kernel (ODConv 1x on a 1x1 layer): one static convolution.
             y = F.conv2d(x, self.weight[0], None, self.stride, self.padding, self.dilation, self.groups)
         else:
-            weight = self.weight.unsqueeze(0)  # [1, K, C_out, C_in/g, kh, kw]
-            if "spatial" in att:
-                weight = weight * att["spatial"].view(B, 1, 1, 1, *self.kernel_size)
+            # Mix over the experts first (one matmul, B x P), then scale the taps: the spatial attention does not
+            # depend on the expert, so this equals scaling every expert and mixing, without a B x K x P tensor.
             if "kernel" in att:
-                weight = (weight * att["kernel"].view(B, -1, 1, 1, 1, 1)).sum(1)
+                weight = (att["kernel"] @ self.weight.flatten(1)).view(B, *self.weight.shape[1:])
             else:
-                weight = weight[:, 0]
+                weight = self.weight[0].expand(B, *self.weight.shape[1:])
+            if "spatial" in att:
+                weight = weight * att["spatial"].view(B, 1, 1, *self.kernel_size)
             backend = "reference" if self.formulation == "loop" else "torch"
             y = sample_conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups, backend=backend)
         if "out_channel" in att:
