@@ -232,12 +232,16 @@ def test_auto_formulation_rule():
     assert layer.choose_formulation(x) == "experts"  # 512*9 = 4608 > 2 * 4 * 16
     assert layer.choose_formulation(x[:1]) == "grouped"  # one sample: the mixed kernel is a plain conv
     small = dynconv.DynamicConv2d(64, 64, 3, padding=1)
-    assert small.choose_formulation(torch.zeros(2, 64, 32, 32)) == "grouped"  # 576 < 2 * 4 * 1024
+    assert small.choose_formulation(torch.zeros(2, 64, 32, 32)) == "loop"  # 576 < 2 * 4 * 1024; CPU: loop
+    assert small.choose_formulation(torch.zeros(2, 64, 32, 32, device="meta")) == "grouped"  # not CPU
     mid = dynconv.DynamicConv2d(128, 128, 3, padding=1)
-    assert mid.choose_formulation(torch.zeros(2, 128, 16, 16)) == "grouped"  # 1152 < 2 * 4 * 256
+    assert mid.choose_formulation(torch.zeros(2, 128, 16, 16)) == "loop"  # 1152 < 2 * 4 * 256
     assert mid.choose_formulation(torch.zeros(2, 128, 8, 8)) == "experts"  # 1152 > 2 * 4 * 64
     forced = dynconv.DynamicConv2d(512, 512, 3, padding=1, formulation="grouped")
     assert forced.choose_formulation(x) == "grouped"
+    od = dynconv.ODConv2d(8, 8, 3)
+    assert od.choose_formulation(torch.zeros(2, 8, 5, 5)) == "loop"
+    assert od.choose_formulation(torch.zeros(1, 8, 5, 5)) == "grouped"
 
 
 @pytest.mark.parametrize("cls", LAYERS, ids=lambda c: c.__name__)

@@ -26,14 +26,16 @@ Formulations (the ``formulation`` argument of the coefficient mixtures):
   whole batch as one convolution with ``K * C_out`` outputs, then the coefficient-weighted sum of the outputs.
   ``K`` times the convolution FLOPs, but dense (ungrouped) convolutions and no per-sample kernel.
 * ``"loop"``: mix per sample, then one ``F.conv2d`` per sample (the reference; for benchmarks).
-* ``"auto"`` (default): ``"experts"`` when ``B > 1`` and ``C_in/groups * kh * kw > 2 * K * H_out * W_out``,
-  else ``"grouped"``. The left side is the per-sample kernel size over ``C_out`` (what the grouped
-  formulation writes and reads per sample), the right side twice the ``K`` expert outputs per output channel
-  (what the experts formulation writes): deep layers on small maps (ResNet-18's last stages, 1x1 convolutions
-  at 7x7) go to experts, depthwise layers and large maps stay grouped. Calibrated on one CPU thread with
-  ``DynamicConv2d(C, C, 3)`` (grouped / experts ms): ratio 9.0 (C=256, 8x8): B=8 36.9 / 15.9, B=64 398 / 158;
-  ratio 72 (C=512, 4x4, B=8) 122 / 45; ratio 1.1 (C=128, 16x16): B=8 5.0 / 14.4, B=64 107 / 221; ratio 0.14
-  (C=64, 32x32, B=64) 70 / 218. Whole-model figures: ``dynconv bench mixture`` in ``docs/benchmarks.md``.
+* ``"auto"`` (default): ``"experts"`` when ``B > 1`` and ``C_in/groups * kh * kw > 2 * K * H_out * W_out``;
+  otherwise ``"loop"`` for CPU tensors with ``B > 1`` and ``"grouped"`` else. The left side is the per-sample
+  kernel size over ``C_out`` (what the per-sample formulations write and read per sample), the right side
+  twice the ``K`` expert outputs per output channel (what the experts formulation writes): deep layers on
+  small maps (ResNet-18's last stages, 1x1 convolutions at 7x7) go to experts, depthwise layers and large
+  maps stay per-sample. Calibrated on one CPU thread with ``DynamicConv2d(C, C, 3)`` (grouped / experts ms):
+  ratio 9.0 (C=256, 8x8): B=8 36.9 / 15.9, B=64 398 / 158; ratio 72 (C=512, 4x4, B=8) 122 / 45; ratio 1.1
+  (C=128, 16x16): B=8 5.0 / 14.4, B=64 107 / 221; ratio 0.14 (C=64, 32x32, B=64) 70 / 218. On CPU the loop
+  of per-sample convolutions beat the grouped convolution at batch 64 on whole models (see
+  ``_grouped_or_loop``). Whole-model figures: ``dynconv bench mixture`` in ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -240,6 +242,14 @@ def _string_padding(conv: nn.Conv2d) -> tuple[int, int]:
     return (total[0] // 2, total[1] // 2)
 
 
+def _grouped_or_loop(x: torch.Tensor) -> str:
+    # On CPU (oneDNN, one thread) B separate convolutions beat one convolution with B*groups groups at batch 64:
+    # whole-model forward, grouped / loop ms: ResNet-18 224x224 9672 / 4741, MobileNetV2 224x224 4625 / 2257,
+    # MobileNetV2 32x32 945 / 690, ResNet-18 32x32 4862 / 5241 (docs/benchmarks.md). On CUDA the single
+    # grouped launch is the usual choice (not measured here: no GPU on the development machine).
+    return "loop" if x.device.type == "cpu" and x.shape[0] > 1 else "grouped"
+
+
 class _CoefficientMixture(_KernelMixtureConv2d):
     """Layers whose attention is one coefficient per sample and expert (``[B, K]``) or per sample, expert and
     output channel (``[B, K, C_out]``): CondConv, DY-CNN, DyNet."""
@@ -256,7 +266,7 @@ class _CoefficientMixture(_KernelMixtureConv2d):
         per_sample_kernel = self.weight.shape[2] * self.kernel_size[0] * self.kernel_size[1]
         if x.shape[0] > 1 and per_sample_kernel > 2 * self.num_experts * Ho * Wo:
             return "experts"
-        return "grouped"
+        return _grouped_or_loop(x)
 
     def mixed_kernel(self, coeff: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-sample kernels from coefficients.
@@ -519,8 +529,9 @@ class ODConv2d(_KernelMixtureConv2d):
         reduction (float): trunk width ratio. Default 1/16.
         min_channels (int): minimum trunk width. Default 16.
         temperature (float): attention temperature. Default 1.
-        formulation (str): ``"auto"``/``"grouped"`` (one grouped convolution) or ``"loop"``; the batched
-            experts formulation does not apply (the spatial attention changes every expert per sample).
+        formulation (str): ``"grouped"`` (one grouped convolution), ``"loop"`` or ``"auto"`` (loop on CPU
+            at batch > 1, grouped otherwise); the batched experts formulation does not apply (the spatial
+            attention changes every expert per sample).
 
     Shape:
         - x: ``[B, C_in, H, W]``; output: ``[B, C_out, H_out, W_out]``.
@@ -600,6 +611,10 @@ class ODConv2d(_KernelMixtureConv2d):
             out[name] = z.softmax(1) if name == "kernel" else torch.sigmoid(z)
         return out
 
+    def choose_formulation(self, x: torch.Tensor) -> str:
+        """``"grouped"`` or ``"loop"``: the forced one, else the device rule of the coefficient mixtures."""
+        return self.formulation if self.formulation != "auto" else _grouped_or_loop(x)
+
     def uniform_attention_gain(self) -> float:
         sigmoid_heads = sum(1 for name in self._heads() if name != "kernel")
         return 0.5**sigmoid_heads
@@ -627,7 +642,7 @@ class ODConv2d(_KernelMixtureConv2d):
                 weight = self.weight[0].expand(B, *self.weight.shape[1:])
             if "spatial" in att:
                 weight = weight * att["spatial"].view(B, 1, 1, *self.kernel_size)
-            backend = "reference" if self.formulation == "loop" else "torch"
+            backend = "reference" if self.choose_formulation(x) == "loop" else "torch"
             y = sample_conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups, backend=backend)
         if "out_channel" in att:
             y = y * att["out_channel"][:, :, None, None]
