@@ -1,5 +1,6 @@
 """Kernel-mixture layers (CondConv, DY-CNN, ODConv, DyNet) against explicit per-sample mixed kernels."""
 
+import copy
 import random
 
 import pytest
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 
 import dynconv
 from dynconv.nn.mixture import FORMULATIONS
-from dynconv.testing import assert_close
+from dynconv.testing import assert_close, assert_close_lowp
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -303,3 +304,32 @@ def test_bad_forward_and_weight_inputs():
     no_bias = dynconv.CondConv2d(4, 8, 3, bias=False)
     with pytest.raises(ValueError, match="layer was built with bias=False"):
         no_bias.load_static_weight(torch.randn(8, 4, 3, 3), torch.randn(8))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cls", LAYERS, ids=lambda c: c.__name__)
+def test_low_precision_forward(cls, dtype):
+    """fp16/bf16 layers within twice the error of the explicit oracle run in that dtype (vs the fp32 oracle)."""
+    torch.manual_seed(2)
+    layer = cls(6, 8, 3, padding=1, groups=2, num_experts=3).eval()
+    x = torch.randn(3, 6, 7, 7)
+    with torch.no_grad():
+        ref32 = explicit_output(layer, x)
+        low = copy.deepcopy(layer).to(dtype)
+        ref_lowp = explicit_output(low, x.to(dtype))
+        for formulation in _formulations(cls):
+            low.formulation = formulation
+            out = low(x.to(dtype))
+            assert out.dtype == dtype
+            assert_close_lowp(out, ref_lowp, ref32, atol=1e-2, what=formulation)
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    x = torch.randn(2, 8, 6, 6)
+    for layer in (dynconv.DynamicConv2d(8, 8, 3, padding=1).eval(), dynconv.ODConv2d(8, 8, 3, padding=1).eval()):
+        for formulation in ("grouped", "loop"):
+            layer.formulation = formulation
+            compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+            assert_close(compiled(x), layer(x))
