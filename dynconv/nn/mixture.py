@@ -13,7 +13,9 @@
   *dynamic generation module* that fuses fixed kernels with the coefficients. The fusion is the same
   computation as CondConv's, with one coefficient per (kernel, output channel) instead of per kernel, so it
   shares the implementation below; with ``per_channel=False`` it is exactly CondConv routing behind a hidden
-  layer. (DyNet's code is not public; this follows the paper's text.)
+  layer. (DyNet's code is not public, and the per-output-channel granularity is our reading of the paper that
+  was not re-checked against its text when this was written: ``per_channel=False`` gives the per-kernel
+  variant. Either way the computation is CondConv's mixture, tested by the same oracle.)
 
 Every layer takes the ``nn.Conv2d`` arguments and computes, for sample ``b``,
 ``y[b] = conv2d(x[b], sum_k a[b, k] * W_k) + sum_k a[b, k] * bias_k`` with :func:`dynconv.sample_conv2d`.
