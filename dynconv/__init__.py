@@ -5,16 +5,45 @@ Ops live in :mod:`dynconv.functional` and are re-exported here; layers live in :
 
 from dynconv import ops  # noqa: F401  (registers the dynconv:: custom ops)
 from dynconv.backends import BackendError, choose_backend
-from dynconv.functional import local_filter2d
-from dynconv.nn import DynamicLocalFilter2d, FilterGeneratingNetwork, Involution2d
+from dynconv.functional import local_filter2d, sample_conv2d
+from dynconv.nn import (
+    CondConv2d,
+    DynamicConv2d,
+    DynamicDilatedFilter,
+    DynamicFilterLayer,
+    DynamicLocalFilter2d,
+    DynamicMaskHead,
+    DynamicMultiScaleFilter,
+    DyNetConv2d,
+    FilterGeneratingNetwork,
+    Involution2d,
+    ODConv2d,
+    convert,
+    set_temperature,
+    skip_stem_and_pointwise,
+    temperature_schedule,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendError",
+    "CondConv2d",
+    "DyNetConv2d",
+    "DynamicConv2d",
+    "DynamicDilatedFilter",
+    "DynamicFilterLayer",
     "DynamicLocalFilter2d",
+    "DynamicMaskHead",
+    "DynamicMultiScaleFilter",
     "FilterGeneratingNetwork",
     "Involution2d",
+    "ODConv2d",
     "choose_backend",
+    "convert",
     "local_filter2d",
+    "sample_conv2d",
+    "set_temperature",
+    "skip_stem_and_pointwise",
+    "temperature_schedule",
 ]

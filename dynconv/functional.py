@@ -16,7 +16,7 @@ from dynconv._checks import check_same, check_tensor, conv_out_size, pair
 from dynconv.backends import choose_backend
 from dynconv.ops.local_filter import local_filter2d_op
 
-__all__ = ["local_filter2d"]
+__all__ = ["local_filter2d", "sample_conv2d"]
 
 IntOrPair = int | Sequence[int]
 
@@ -102,3 +102,95 @@ def local_filter2d(
     if chosen == "reference":
         return reference.local_filter2d(x, filters, *args)
     return local_filter2d_op(x, filters, *(list(a) for a in args), chosen)
+
+
+def sample_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: IntOrPair = 1,
+    padding: IntOrPair = 0,
+    dilation: IntOrPair = 1,
+    groups: int = 1,
+    backend: str | None = None,
+) -> torch.Tensor:
+    r"""Sample-specific convolution: every sample of the batch is convolved with its own kernel (Dynamic Filter
+    Networks' *dynamic convolution layer*; the core of CondInst's mask heads and of every kernel mixture:
+    CondConv, DY-CNN, ODConv, DyNet).
+
+    .. math::
+        y[b] = \operatorname{conv2d}(x[b], w[b], \text{bias}[b], \text{stride}, \text{padding}, \text{dilation},
+        \text{groups})
+
+    Backends: ``"reference"`` loops over the samples with ``F.conv2d``; ``"torch"`` folds the batch into the
+    groups of one ``F.conv2d`` call (input ``[1, B*C_in, H, W]``, weight ``[B*C_out, C_in/groups, kh, kw]``,
+    ``groups = B*groups``), which is one kernel launch and differentiable through ``F.conv2d``'s own backward.
+    There is no Triton kernel for this op: the grouped convolution already runs on cuDNN/oneDNN.
+
+    Args:
+        x (Tensor[B, C_in, H, W]): input; any strides.
+        weight (Tensor[B, C_out, C_in/groups, kh, kw]): one kernel per sample.
+        bias (Tensor[B, C_out] or None): one bias per sample. Default None.
+        stride, padding, dilation (int or (int, int)): as in ``F.conv2d`` (``padding`` may be 0). Defaults 1, 0, 1.
+        groups (int): channel groups of each sample's convolution, as in ``F.conv2d``. Default 1.
+        backend (str or None): ``"reference"``, ``"torch"`` or ``None`` (automatic: ``torch``).
+
+    Returns:
+        Tensor[B, C_out, H_out, W_out] in the dtype of ``x``, with the output size of ``F.conv2d``.
+
+    Raises:
+        TypeError: a non-tensor, a non-floating dtype, ``weight``/``bias`` of another dtype than ``x``, or a
+            non-int ``groups``.
+        ValueError: a wrong rank, a batch/channel/group mismatch, tensors on different devices, non-positive
+            sizes, an input too small for the kernel, or ``backend="triton"`` (no kernel for this op).
+    """
+    x = check_tensor(x, "x", ndim=4, shape_hint="[B, C_in, H, W]")
+    weight = check_tensor(weight, "weight", ndim=5, shape_hint="[B, C_out, C_in/groups, kh, kw]")
+    check_same(x, "x", weight, "weight")
+    if bias is not None:
+        bias = check_tensor(bias, "bias", ndim=2, shape_hint="[B, C_out]")
+        check_same(x, "x", bias, "bias")
+    if isinstance(groups, bool) or not isinstance(groups, int):
+        raise TypeError(f"groups must be an int, got {groups!r}")
+    if groups < 1:
+        raise ValueError(f"groups must be >= 1, got {groups}")
+    sh, sw = pair(stride, "stride")
+    ph, pw = pair(padding, "padding", minimum=0)
+    dh, dw = pair(dilation, "dilation")
+    B, C, H, W = x.shape
+    if min(B, C, H, W) < 1:
+        raise ValueError(f"x must have positive sizes [B, C_in, H, W], got shape {tuple(x.shape)}")
+    if C % groups != 0:
+        raise ValueError(f"x channels ({C}) must be divisible by groups ({groups})")
+    _, C_out, _, kh, kw = weight.shape
+    expected = (B, C_out, C // groups, kh, kw)
+    if tuple(weight.shape) != expected or min(C_out, kh, kw) < 1:
+        raise ValueError(
+            f"weight must have shape [B, C_out, C_in/groups, kh, kw] = [{B}, C_out, {C // groups}, kh, kw] for x of "
+            f"shape {list(x.shape)} and groups {groups}, with positive sizes; got {list(weight.shape)}"
+        )
+    if C_out % groups != 0:
+        raise ValueError(f"weight's C_out ({C_out}) must be divisible by groups ({groups})")
+    if bias is not None and tuple(bias.shape) != (B, C_out):
+        raise ValueError(f"bias must have shape [B, C_out] = {[B, C_out]}, got {list(bias.shape)}")
+    Ho, Wo = conv_out_size(H, kh, sh, ph, dh), conv_out_size(W, kw, sw, pw, dw)
+    if Ho < 1 or Wo < 1:
+        raise ValueError(
+            f"x of spatial size {(H, W)} is too small for kernel size {(kh, kw)} with padding {(ph, pw)} and "
+            f"dilation {(dh, dw)}: the output would be {(Ho, Wo)}"
+        )
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    chosen = choose_backend("sample_conv2d", *tensors, backend=backend)
+    args = ((sh, sw), (ph, pw), (dh, dw), groups)
+    if chosen == "reference":
+        return reference.sample_conv2d(x, weight, bias, *args)
+    out = torch.nn.functional.conv2d(
+        x.reshape(1, B * C, H, W),
+        weight.reshape(B * C_out, C // groups, kh, kw),
+        None if bias is None else bias.reshape(B * C_out),
+        (sh, sw),
+        (ph, pw),
+        (dh, dw),
+        B * groups,
+    )
+    return out.view(B, C_out, Ho, Wo)

@@ -34,3 +34,29 @@ def local_filter2d(
     cols = F.unfold(x, kernel_size, dilation=dilation, padding=padding, stride=stride)  # [B, C*K, Ho*Wo]
     cols = cols.view(B, G, C // G, K, Ho, Wo)
     return (cols * filters.unsqueeze(2)).sum(3).reshape(B, C, Ho, Wo)
+
+
+def sample_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+) -> torch.Tensor:
+    """Sample-specific convolution as a loop over the batch: sample ``b`` is ``F.conv2d`` with ``weight[b]``.
+
+    Args:
+        x (Tensor[B, C_in, H, W]): input.
+        weight (Tensor[B, C_out, C_in/groups, kh, kw]): one kernel per sample.
+        bias (Tensor[B, C_out] or None): one bias per sample.
+
+    Returns:
+        Tensor[B, C_out, H_out, W_out]
+    """
+    outs = [
+        F.conv2d(x[b : b + 1], weight[b], None if bias is None else bias[b], stride, padding, dilation, groups)
+        for b in range(x.shape[0])
+    ]
+    return torch.cat(outs, 0)

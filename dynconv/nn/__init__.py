@@ -1,5 +1,31 @@
 """``nn.Module`` layers, one file per family, re-exported flat."""
 
+from dynconv.nn.convert import convert, skip_stem_and_pointwise
+from dynconv.nn.dynamic_conv import DynamicDilatedFilter, DynamicFilterLayer, DynamicMaskHead, DynamicMultiScaleFilter
 from dynconv.nn.local_filter import DynamicLocalFilter2d, FilterGeneratingNetwork, Involution2d
+from dynconv.nn.mixture import (
+    CondConv2d,
+    DynamicConv2d,
+    DyNetConv2d,
+    ODConv2d,
+    set_temperature,
+    temperature_schedule,
+)
 
-__all__ = ["DynamicLocalFilter2d", "FilterGeneratingNetwork", "Involution2d"]
+__all__ = [
+    "CondConv2d",
+    "DyNetConv2d",
+    "DynamicConv2d",
+    "DynamicDilatedFilter",
+    "DynamicFilterLayer",
+    "DynamicLocalFilter2d",
+    "DynamicMaskHead",
+    "DynamicMultiScaleFilter",
+    "FilterGeneratingNetwork",
+    "Involution2d",
+    "ODConv2d",
+    "convert",
+    "set_temperature",
+    "skip_stem_and_pointwise",
+    "temperature_schedule",
+]

@@ -1,0 +1,144 @@
+"""``dynconv bench mixture``: static vs CondConv vs DY-CNN vs ODConv (vs DyNet) on ResNet-18 and MobileNetV2.
+
+For every (model, input size, batch) it measures, in one run: parameters, forward FLOPs per image (counted
+with ``torch.utils.flop_counter.FlopCounterMode``: convolutions, matmuls and einsums, i.e. the kernel mixing
+too; elementwise attention ops are not counted), the median forward latency in eval mode under
+``torch.no_grad()`` and the peak extra memory of one forward. Every ``nn.Conv2d`` is converted with
+:func:`dynconv.convert` (``--experts`` experts each). For the kinds in ``--formulation-kinds`` it also times
+each formulation of the mixture: ``grouped`` (per-sample kernels, batch folded into the groups), ``experts``
+(K dense convolutions, then the weighted sum), ``loop`` (one ``F.conv2d`` per sample) and ``auto`` (the
+per-layer rule in :mod:`dynconv.nn.mixture`).
+
+``--quick`` measures what fits in a few minutes on a 2-core CPU: both models at 32x32 (batch 1 and 64) and
+224x224 at batch 1, and skips 224x224 at batch 64 (it says so in the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import dynconv
+from dynconv.bench.timing import markdown_table, measure
+from dynconv.models import mobilenet_v2, resnet18
+from dynconv.nn.mixture import ODConv2d, _CoefficientMixture
+
+MODELS = {"resnet18": resnet18, "mobilenet_v2": mobilenet_v2}
+LABELS = {"static": "static", "condconv": "CondConv", "dynamic": "DY-CNN", "odconv": "ODConv", "dynet": "DyNet"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", default="resnet18,mobilenet_v2")
+    parser.add_argument("--sizes", default="32,224", help="input sizes (32 uses the CIFAR stems)")
+    parser.add_argument("--batches", default="1,64")
+    parser.add_argument("--kinds", default="static,condconv,dynamic,odconv", help="also: dynet")
+    parser.add_argument("--experts", type=int, default=4, help="experts per converted layer")
+    parser.add_argument(
+        "--formulation-kinds", default="dynamic", help="kinds whose formulations are all timed ('' for none)"
+    )
+    parser.add_argument("--skip", default="", help="'size,batch;...' combinations to skip")
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave the default)")
+    parser.add_argument("--quick", action="store_true", help="skip 224x224 at batch 64; 3 repeats")
+
+
+def count_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Forward FLOPs (2 per multiply-add) of ``model(x)`` as FlopCounterMode counts them."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return counter.get_total_flops()
+
+
+def _set_formulation(model: torch.nn.Module, formulation: str) -> None:
+    for m in model.modules():
+        if isinstance(m, _CoefficientMixture) or (isinstance(m, ODConv2d) and formulation != "experts"):
+            m.formulation = formulation
+
+
+def run(args: argparse.Namespace) -> str:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    repeats = min(args.repeats, 3) if args.quick else args.repeats
+    skip = {tuple(int(v) for v in item.split(",")) for item in args.skip.split(";") if item}
+    if args.quick:
+        skip.add((224, 64))
+    formulation_kinds = [k for k in args.formulation_kinds.split(",") if k]
+    rows: list[list[object]] = []
+    skipped: list[str] = []
+    for model_name in args.models.split(","):
+        for size in (int(s) for s in args.sizes.split(",")):
+            torch.manual_seed(0)
+            small = size <= 64
+            base = MODELS[model_name](num_classes=10 if small else 1000, small_input=small).to(device).eval()
+            variants: dict[str, torch.nn.Module] = {}
+            for kind in args.kinds.split(","):
+                if kind == "static":
+                    variants[kind] = base
+                else:
+                    variants[kind] = dynconv.convert(copy.deepcopy(base), kind, num_experts=args.experts).eval()
+            one = torch.randn(1, 3, size, size, device=device)
+            stats = {k: (sum(p.numel() for p in m.parameters()), count_flops(m, one)) for k, m in variants.items()}
+            base_params, base_flops = stats.get("static", next(iter(stats.values())))
+            for batch in (int(b) for b in args.batches.split(",")):
+                if (size, batch) in skip:
+                    skipped.append(f"{model_name} {size}x{size} batch {batch}")
+                    continue
+                x = torch.randn(batch, 3, size, size, device=device)
+                base_ms = None
+                for kind, model in variants.items():
+                    forms = ["auto", "grouped", "experts", "loop"] if kind in formulation_kinds else ["auto"]
+                    if kind == "odconv" and kind in formulation_kinds:
+                        forms = ["auto", "loop"]
+                    for form in forms:
+                        if kind != "static":
+                            _set_formulation(model, form)
+                        with torch.no_grad():
+                            m = measure(lambda: model(x), device, repeats=repeats, warmup=1, max_seconds=60)
+                        if kind == "static":
+                            base_ms = m.median_ms
+                        params, flops = stats[kind]
+                        flops_form = flops if form == "auto" else count_flops(model, one if batch == 1 else x) / batch
+                        rows.append(
+                            [
+                                model_name,
+                                f"{size}x{size}",
+                                batch,
+                                LABELS.get(kind, kind),
+                                "-" if kind == "static" else form,
+                                params / 1e6,
+                                params / base_params,
+                                flops_form / 1e9,
+                                flops_form / base_flops,
+                                m.median_ms,
+                                m.median_ms / base_ms if base_ms else float("nan"),
+                                m.peak_extra_mb,
+                            ]
+                        )
+                    if kind != "static":
+                        _set_formulation(model, "auto")
+    header = [
+        "model",
+        "input",
+        "batch",
+        "layer",
+        "formulation",
+        "params (M)",
+        "params vs static",
+        "GFLOPs/img",
+        "FLOPs vs static",
+        "median ms",
+        "latency vs static",
+        "peak extra MB",
+    ]
+    table = markdown_table(header, rows)
+    notes = [
+        f"device={device}, torch threads={torch.get_num_threads()}, experts per layer={args.experts}, "
+        f"repeats={repeats}; every nn.Conv2d converted; FLOPs per image at the measured batch "
+        "(the 'auto' rows use the batch-1 count)."
+    ]
+    if skipped:
+        notes.append("skipped: " + ", ".join(skipped))
+    return table + "\n\n" + "\n".join(notes)

@@ -1,0 +1,41 @@
+"""The mixture benchmark: FLOP counting checked by hand, and one tiny end-to-end run of the table."""
+
+import argparse
+
+import pytest
+import torch
+
+import dynconv
+from dynconv.bench import mixture
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_flop_count_of_static_and_mixed_conv():
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    x = torch.randn(1, 3, 8, 8)
+    conv_flops = 2 * 4 * 3 * 9 * 64  # 2 per multiply-add, C_out * C_in * k*k per output pixel
+    assert mixture.count_flops(conv, x) == conv_flops
+    layer = dynconv.DynamicConv2d(3, 4, 3, padding=1, bias=False, num_experts=4, formulation="grouped")
+    attention = 2 * 3 * 4 + 2 * 4 * 4  # fc1 (3 -> max(3 // 4, 4)) and fc2 (4 -> K)
+    mixing = 2 * 4 * (4 * 3 * 9)  # [1, K] @ [K, P]
+    assert mixture.count_flops(layer, x) == conv_flops + attention + mixing
+    layer.formulation = "experts"
+    assert mixture.count_flops(layer, x) == 4 * conv_flops + attention
+
+
+def test_run_produces_table():
+    parser = argparse.ArgumentParser()
+    mixture.add_arguments(parser)
+    args = parser.parse_args(["--models", "resnet18", "--sizes", "32", "--batches", "2", "--kinds", "static,dynamic"])
+    args.device, args.repeats = "cpu", 1
+    table = mixture.run(args)
+    lines = [line for line in table.splitlines() if line.startswith("| resnet18")]
+    assert len(lines) == 1 + 4  # static + DY-CNN auto/grouped/experts/loop
+    assert "| resnet18 | 32x32 | 2 | static | - | 11.2 | 1 | " in lines[0]

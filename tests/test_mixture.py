@@ -1,0 +1,335 @@
+"""Kernel-mixture layers (CondConv, DY-CNN, ODConv, DyNet) against explicit per-sample mixed kernels."""
+
+import copy
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dynconv
+from dynconv.nn.mixture import FORMULATIONS
+from dynconv.testing import assert_close, assert_close_lowp
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny ops on the shared 2-core machine: ~65 ms per call with 2 OpenMP threads under load, ~20 us with one.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+LAYERS = [dynconv.CondConv2d, dynconv.DynamicConv2d, dynconv.DyNetConv2d, dynconv.ODConv2d]
+
+
+def explicit_output(layer, x):
+    """y[b] = F.conv2d(x[b], W[b]) + bias[b] with W[b] built here from the layer's attention, one sample at a time."""
+    att = layer.attention(x)
+    outs = []
+    G = layer.groups
+    cout, cin_g = layer.out_channels, layer.in_channels // G
+    for b in range(x.shape[0]):
+        if isinstance(layer, dynconv.ODConv2d):
+            kernel = torch.zeros_like(layer.weight[0])
+            for k in range(layer.num_experts):
+                wk = layer.weight[k]
+                if "kernel" in att:
+                    wk = wk * att["kernel"][b, k]
+                if "spatial" in att:
+                    wk = wk * att["spatial"][b].view(*layer.kernel_size)
+                kernel = kernel + wk
+            # input-channel attention of global channel g*cin_g + i on kernel column i of group g's rows
+            col_att = torch.stack(
+                [att["in_channel"][b, (o // (cout // G)) * cin_g + torch.arange(cin_g)] for o in range(cout)]
+            )
+            kernel = kernel * col_att[:, :, None, None]
+            if "out_channel" in att:
+                kernel = kernel * att["out_channel"][b][:, None, None, None]
+            bias = layer.bias
+        else:
+            a = att[b]
+            if a.dim() == 1:
+                a = a[:, None].expand(-1, cout)  # [K, C_out]
+            kernel = sum(a[k][:, None, None, None] * layer.weight[k] for k in range(layer.num_experts))
+            bias = None if layer.bias is None else sum(a[k] * layer.bias[k] for k in range(layer.num_experts))
+        outs.append(F.conv2d(x[b : b + 1], kernel, bias, layer.stride, layer.padding, layer.dilation, G))
+    return torch.cat(outs)
+
+
+def make_case(seed):
+    rng = random.Random(seed)
+    groups = rng.choice([1, 1, 2])
+    return dict(
+        cin=groups * rng.choice([2, 3]),
+        cout=groups * rng.choice([2, 4]),
+        k=rng.choice([1, 3, (3, 1)]),
+        stride=rng.choice([1, 2]),
+        padding=rng.choice([0, 1]),
+        dilation=rng.choice([1, 2]),
+        groups=groups,
+        bias=rng.random() < 0.5,
+        K=rng.choice([1, 2, 3]),
+        B=rng.choice([1, 3]),
+        H=rng.choice([7, 8]),
+        W=rng.choice([6, 9]),
+    )
+
+
+CASES = [make_case(s) for s in range(8)]
+
+
+def build(cls, case, **kwargs):
+    layer = cls(
+        case["cin"], case["cout"], case["k"], case["stride"], case["padding"], case["dilation"], case["groups"],
+        case["bias"], num_experts=case["K"], **kwargs,
+    )  # fmt: skip
+    if isinstance(layer, dynconv.ODConv2d):
+        layer.eval()  # BatchNorm in the attention trunk: use running statistics, valid at batch 1
+        torch.nn.init.normal_(layer.bias) if layer.bias is not None else None
+    return layer.double()
+
+
+def _formulations(cls):
+    return [f for f in FORMULATIONS if not (cls is dynconv.ODConv2d and f == "experts")]
+
+
+@pytest.mark.parametrize("cls", LAYERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("case", CASES, ids=[str(i) for i in range(len(CASES))])
+def test_matches_explicit_mixed_kernel_forward_backward(cls, case):
+    """Random attention: every formulation equals the explicit per-sample mixed-kernel convolution, and so do the
+    gradients of the input and of every parameter (experts, biases, attention)."""
+    torch.manual_seed(1)
+    layer = build(cls, case, temperature=0.7) if cls in (dynconv.DynamicConv2d, dynconv.ODConv2d) else build(cls, case)
+    x = torch.randn(case["B"], case["cin"], case["H"], case["W"], dtype=torch.float64, requires_grad=True)
+    ref = explicit_output(layer, x)
+    gy = torch.randn_like(ref)
+    params = [p for p in layer.parameters()]
+    ref_grads = torch.autograd.grad(ref, [x] + params, gy, allow_unused=True)
+    for formulation in _formulations(cls):
+        layer.formulation = formulation
+        out = layer(x)
+        assert_close(out, ref, what=f"{formulation} output {case}")
+        grads = torch.autograd.grad(out, [x] + params, gy, allow_unused=True)
+        for g, gr, name in zip(grads, ref_grads, ["x"] + [n for n, _ in layer.named_parameters()]):
+            if gr is None:
+                assert g is None or torch.count_nonzero(g) == 0, name
+            else:
+                assert_close(g, gr, what=f"{formulation} grad {name} {case}")
+
+
+def test_explicit_oracle_is_not_trivial():
+    """Sanity of the oracle: attention differs between samples, so a static-kernel answer would fail the test."""
+    layer = dynconv.DynamicConv2d(4, 4, 3, padding=1, temperature=0.5).double()
+    x = torch.randn(3, 4, 6, 6, dtype=torch.float64)
+    att = layer.attention(x)
+    assert (att[0] - att[1]).abs().max() > 1e-3
+    static = F.conv2d(x, layer.weight.mean(0), layer.bias.mean(0), padding=1)
+    assert not torch.allclose(explicit_output(layer, x), static)
+
+
+@pytest.mark.parametrize("cls", LAYERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "conv_args",
+    [
+        dict(in_channels=4, out_channels=6, kernel_size=3, padding=1),
+        dict(in_channels=4, out_channels=4, kernel_size=3, stride=2, padding=1, groups=4, bias=False),
+        dict(in_channels=6, out_channels=4, kernel_size=1, groups=2),
+        dict(in_channels=3, out_channels=5, kernel_size=(3, 5), padding="same", dilation=2),
+    ],
+    ids=["3x3", "depthwise", "1x1-grouped", "same"],
+)
+@pytest.mark.parametrize("num_experts", [1, 3])
+def test_uniform_attention_equals_static_conv(cls, conv_args, num_experts):
+    """from_conv (what convert uses) with perturbed experts still computes the static convolution exactly."""
+    conv = torch.nn.Conv2d(**conv_args).double()
+    if conv.bias is not None:
+        torch.nn.init.normal_(conv.bias)
+    layer = cls.from_conv(conv, expert_noise=0.5, num_experts=num_experts)
+    x = torch.randn(3, conv.in_channels, 9, 8, dtype=torch.float64)
+    if cls is dynconv.ODConv2d:
+        layer.train()  # batch statistics in the trunk: must not matter, the heads are zero
+    if num_experts > 1:
+        assert (layer.weight[0] - layer.weight[1]).abs().max() > 0  # the experts really differ
+    for formulation in _formulations(cls):
+        layer.formulation = formulation
+        assert_close(layer(x), conv(x), what=formulation)
+
+
+def test_one_expert_dynamic_conv_is_the_static_conv():
+    """DY-CNN with K = 1: softmax over one kernel is 1 whatever the input, so it is F.conv2d with that kernel."""
+    layer = dynconv.DynamicConv2d(5, 7, 3, stride=2, padding=1, num_experts=1).double()
+    x = torch.randn(2, 5, 11, 10, dtype=torch.float64)
+    assert_close(layer(x), F.conv2d(x, layer.weight[0], layer.bias[0], 2, 1))
+
+
+def test_condconv_routing_is_sigmoid_not_softmax():
+    layer = dynconv.CondConv2d(4, 4, 3, num_experts=5)
+    x = torch.randn(6, 4, 5, 5)
+    r = layer.attention(x)
+    assert_close(r, torch.sigmoid(layer.routing(x.mean((2, 3)))))
+    assert not torch.allclose(r.sum(1), torch.ones(6))
+
+
+def test_dynamic_conv_attention_is_tempered_softmax():
+    layer = dynconv.DynamicConv2d(32, 8, 3, temperature=1.0)
+    x = torch.randn(4, 32, 5, 5)
+    logits = layer.fc2(F.relu(layer.fc1(x.mean((2, 3)))))
+    assert layer.fc1.out_features == 8  # hidden width C/4, as in the paper
+    assert_close(layer.attention(x), logits.softmax(1))
+    dynconv.set_temperature(layer, 30.0)
+    assert_close(layer.attention(x), (logits / 30).softmax(1))
+
+
+def test_odconv_attention_heads_and_shapes():
+    layer = dynconv.ODConv2d(32, 48, 3, padding=1, num_experts=4).eval()
+    att = layer.attention(torch.randn(2, 32, 7, 7))
+    assert {k: tuple(v.shape) for k, v in att.items()} == {
+        "in_channel": (2, 32),
+        "out_channel": (2, 48),
+        "spatial": (2, 9),
+        "kernel": (2, 4),
+    }
+    assert_close(att["kernel"].sum(1), torch.ones(2))
+    assert layer.fc.out_features == 16  # max(32 / 16, 16)
+    dw = dynconv.ODConv2d(8, 8, 1, groups=8, num_experts=1)
+    assert set(dw.attention(torch.randn(2, 8, 3, 3)).keys()) == {"in_channel"}
+
+
+def test_dynet_coefficients_per_kernel_and_channel():
+    layer = dynconv.DyNetConv2d(8, 6, 3, num_experts=3)
+    assert tuple(layer.attention(torch.randn(2, 8, 5, 5)).shape) == (2, 3, 6)
+    layer = dynconv.DyNetConv2d(8, 6, 3, num_experts=3, per_channel=False)
+    assert tuple(layer.attention(torch.randn(2, 8, 5, 5)).shape) == (2, 3)
+
+
+def test_temperature_schedule_and_setter():
+    assert dynconv.temperature_schedule(0) == 30.0
+    assert dynconv.temperature_schedule(5) == pytest.approx(15.5)
+    assert dynconv.temperature_schedule(10) == 1.0
+    assert dynconv.temperature_schedule(25) == 1.0
+    assert dynconv.temperature_schedule(1, anneal_epochs=2, start=10, end=2) == pytest.approx(6.0)
+    model = torch.nn.Sequential(dynconv.DynamicConv2d(3, 4, 3), dynconv.ODConv2d(4, 4, 3), dynconv.CondConv2d(4, 4, 1))
+    assert dynconv.set_temperature(model, 2.5) == 2
+    assert float(model[0].temperature) == 2.5 and float(model[1].temperature) == 2.5
+    state = model.state_dict()
+    assert float(state["0.temperature"]) == 2.5  # saved with the model
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        dynconv.set_temperature(model, 0)
+    with pytest.raises(ValueError, match="anneal_epochs must be > 0"):
+        dynconv.temperature_schedule(1, anneal_epochs=0)
+
+
+def test_high_temperature_makes_attention_near_uniform():
+    layer = dynconv.DynamicConv2d(8, 8, 3, num_experts=4, temperature=1e4)
+    att = layer.attention(torch.randn(5, 8, 6, 6) * 10)
+    assert (att - 0.25).abs().max() < 1e-3
+
+
+def test_auto_formulation_rule():
+    layer = dynconv.DynamicConv2d(512, 512, 3, padding=1)  # ResNet-18 layer4 at 32x32 input: 4x4 maps
+    x = torch.zeros(2, 512, 4, 4)
+    assert layer.choose_formulation(x) == "experts"  # 512*9 = 4608 > 2 * 4 * 16
+    assert layer.choose_formulation(x[:1]) == "grouped"  # one sample: the mixed kernel is a plain conv
+    small = dynconv.DynamicConv2d(64, 64, 3, padding=1)
+    assert small.choose_formulation(torch.zeros(2, 64, 32, 32)) == "loop"  # 576 < 2 * 4 * 1024; CPU: loop
+    assert small.choose_formulation(torch.zeros(2, 64, 32, 32, device="meta")) == "grouped"  # not CPU
+    mid = dynconv.DynamicConv2d(128, 128, 3, padding=1)
+    assert mid.choose_formulation(torch.zeros(2, 128, 16, 16)) == "loop"  # 1152 < 2 * 4 * 256
+    assert mid.choose_formulation(torch.zeros(2, 128, 8, 8)) == "experts"  # 1152 > 2 * 4 * 64
+    forced = dynconv.DynamicConv2d(512, 512, 3, padding=1, formulation="grouped")
+    assert forced.choose_formulation(x) == "grouped"
+    od = dynconv.ODConv2d(8, 8, 3)
+    assert od.choose_formulation(torch.zeros(2, 8, 5, 5)) == "loop"
+    assert od.choose_formulation(torch.zeros(1, 8, 5, 5)) == "grouped"
+
+
+@pytest.mark.parametrize("cls", LAYERS, ids=lambda c: c.__name__)
+def test_gradcheck(cls):
+    layer = cls(4, 4, 3, padding=1, groups=2, num_experts=2).double()
+    if cls is dynconv.ODConv2d:
+        layer.eval()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    for formulation in _formulations(cls):
+        layer.formulation = formulation
+        assert torch.autograd.gradcheck(layer, (x,))
+
+
+@pytest.mark.parametrize("cls", LAYERS, ids=lambda c: c.__name__)
+def test_repr_and_reset(cls):
+    layer = cls(4, 8, 3, stride=2, groups=2, bias=False, num_experts=2)
+    text = repr(layer)
+    assert "4, 8, kernel_size=(3, 3)" in text and "stride=(2, 2)" in text and "groups=2" in text
+    assert "bias=False" in text and "num_experts=2" in text and "padding" not in text.split("(")[1].split(")")[0]
+    before = layer.weight.detach().clone()
+    layer.reset_parameters()
+    assert not torch.equal(before, layer.weight)
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, exc, match",
+    [
+        (dynconv.CondConv2d, dict(formulation="fast"), ValueError, r"formulation must be one of"),
+        (dynconv.ODConv2d, dict(formulation="experts"), ValueError, r"does not apply to ODConv2d"),
+        (
+            dynconv.DynamicConv2d,
+            dict(groups=3),
+            ValueError,
+            r"in_channels \(4\) and out_channels \(8\) must be divisible",
+        ),
+        (dynconv.DynamicConv2d, dict(num_experts=0), ValueError, r"num_experts must be a positive int, got 0"),
+        (dynconv.DynamicConv2d, dict(temperature=0.0), ValueError, r"temperature must be > 0"),
+        (dynconv.DyNetConv2d, dict(kernel_size=0), ValueError, r"kernel_size must be >= 1"),
+        (dynconv.CondConv2d, dict(in_channels=0), ValueError, r"in_channels must be a positive int, got 0"),
+    ],
+)
+def test_bad_constructor_arguments(cls, kwargs, exc, match):
+    args = dict(in_channels=4, out_channels=8, kernel_size=3)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        cls(**args)
+
+
+def test_bad_forward_and_weight_inputs():
+    layer = dynconv.DynamicConv2d(4, 8, 3)
+    with pytest.raises(ValueError, match=r"x must have shape \[B, 4, H, W\], got \(2, 5, 8, 8\)"):
+        layer(torch.randn(2, 5, 8, 8))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        layer("image")
+    with pytest.raises(ValueError, match=r"weight must have shape \[8, 4, 3, 3\], got \[8, 4, 1, 1\]"):
+        layer.load_static_weight(torch.randn(8, 4, 1, 1))
+    with pytest.raises(ValueError, match=r"bias must have shape \[8\]"):
+        layer.load_static_weight(torch.randn(8, 4, 3, 3), torch.randn(4))
+    no_bias = dynconv.CondConv2d(4, 8, 3, bias=False)
+    with pytest.raises(ValueError, match="layer was built with bias=False"):
+        no_bias.load_static_weight(torch.randn(8, 4, 3, 3), torch.randn(8))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cls", LAYERS, ids=lambda c: c.__name__)
+def test_low_precision_forward(cls, dtype):
+    """fp16/bf16 layers within twice the error of the explicit oracle run in that dtype (vs the fp32 oracle)."""
+    torch.manual_seed(2)
+    layer = cls(6, 8, 3, padding=1, groups=2, num_experts=3).eval()
+    x = torch.randn(3, 6, 7, 7)
+    with torch.no_grad():
+        ref32 = explicit_output(layer, x)
+        low = copy.deepcopy(layer).to(dtype)
+        ref_lowp = explicit_output(low, x.to(dtype))
+        for formulation in _formulations(cls):
+            low.formulation = formulation
+            out = low(x.to(dtype))
+            assert out.dtype == dtype
+            assert_close_lowp(out, ref_lowp, ref32, atol=1e-2, what=formulation)
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    x = torch.randn(2, 8, 6, 6)
+    for layer in (dynconv.DynamicConv2d(8, 8, 3, padding=1).eval(), dynconv.ODConv2d(8, 8, 3, padding=1).eval()):
+        for formulation in ("grouped", "loop"):
+            layer.formulation = formulation
+            compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+            assert_close(compiled(x), layer(x))

@@ -1,0 +1,199 @@
+"""sample_conv2d: the grouped-convolution (torch) backend against the per-sample F.conv2d loop (reference)."""
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dynconv
+from dynconv import reference
+from dynconv.backends import BackendError
+from dynconv.testing import assert_close, assert_close_lowp
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Measured on the shared 2-core machine under load: a tiny conv costs ~65 ms with 2 OpenMP threads
+    # (threads wait on each other) and ~20 us with one. These tests use tiny shapes only.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_case(seed):
+    """Random geometry: odd sizes, non-square kernels, stride, dilation, groups, padding, batch 1..3, layouts."""
+    rng = random.Random(seed)
+    groups = rng.choice([1, 1, 2, 3])
+    cin = groups * rng.choice([1, 2, 3])
+    cout = groups * rng.choice([1, 2, 4])
+    kh, kw = rng.choice([(1, 1), (3, 3), (5, 5), (3, 1), (2, 3)])
+    stride = rng.choice([1, 2, (1, 2)])
+    dilation = rng.choice([1, 2, (2, 1)])
+    padding = rng.choice([0, 1, (2, 0)])
+    return dict(
+        B=rng.choice([1, 2, 3]),
+        cin=cin,
+        cout=cout,
+        k=(kh, kw),
+        H=rng.choice([7, 9, 11]),
+        W=rng.choice([6, 9, 13]),
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+        bias=rng.random() < 0.6,
+        layout=rng.choice(["contiguous", "channels_last", "strided"]),
+    )
+
+
+CASES = [make_case(s) for s in range(24)]
+
+
+def make_inputs(case, dtype):
+    B, cin, cout, (kh, kw), H, W = (case[n] for n in ("B", "cin", "cout", "k", "H", "W"))
+    x = torch.randn(B, cin, H, W, dtype=torch.float64)
+    w = torch.randn(B, cout, cin // case["groups"], kh, kw, dtype=torch.float64)
+    if case["layout"] == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif case["layout"] == "strided":
+        x = torch.randn(B, cin, H, 2 * W, dtype=torch.float64)[..., ::2]
+        w = torch.randn(B, cout, cin // case["groups"], kh, kw, 2, dtype=torch.float64)[..., 0]
+    b = torch.randn(B, cout, dtype=torch.float64) if case["bias"] else None
+    tensors = [t.to(dtype).requires_grad_() if t is not None else None for t in (x, w, b)]
+    return tensors
+
+
+def call(x, w, b, case, backend):
+    return dynconv.sample_conv2d(
+        x, w, b, case["stride"], case["padding"], case["dilation"], case["groups"], backend=backend
+    )
+
+
+def _grads(out, inputs, gy):
+    present = [t for t in inputs if t is not None]
+    return torch.autograd.grad(out, present, gy)
+
+
+def test_reference_is_a_loop_of_conv2d():
+    """The oracle against F.conv2d on each sample, written out here."""
+    case = CASES[1]
+    x, w, b = make_inputs(case, torch.float64)
+    out = call(x, w, b, case, "reference")
+    for n in range(case["B"]):
+        expected = F.conv2d(
+            x[n : n + 1], w[n], None if b is None else b[n], case["stride"], case["padding"], case["dilation"],
+            case["groups"],
+        )  # fmt: skip
+        assert_close(out[n : n + 1], expected)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[str(i) for i in range(len(CASES))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_torch_matches_reference_forward_backward(case, dtype):
+    inputs = make_inputs(case, dtype)
+    out = call(*inputs, case, "torch")
+    gy = torch.randn_like(out)
+    grads = _grads(out, inputs, gy)
+    ref_inputs = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
+    ref = call(*ref_inputs, case, "reference")
+    ref_grads = _grads(ref, ref_inputs, gy)
+    assert_close(out, ref, what=f"output {case}")
+    for name, g, gr in zip(("x", "weight", "bias"), grads, ref_grads):
+        assert_close(g, gr, what=f"grad {name} {case}")
+
+
+@pytest.mark.parametrize("case", CASES[:6], ids=[str(i) for i in range(6)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision(case, dtype):
+    inputs = make_inputs(case, dtype)
+    out = call(*inputs, case, "torch")
+    assert out.dtype == dtype
+    ref_lowp = call(*inputs, case, "reference")
+    ref32 = call(*[t.detach().float() if t is not None else None for t in inputs], case, "reference")
+    assert_close_lowp(out, ref_lowp, ref32, what=str(case))
+
+
+GRADCHECK_CASES = [
+    dict(B=2, cin=2, cout=2, k=(3, 3), H=5, W=6, stride=1, padding=1, dilation=1, groups=1, bias=True,
+         layout="strided"),
+    dict(B=2, cin=4, cout=2, k=(2, 3), H=5, W=5, stride=2, padding=(1, 0), dilation=(1, 2), groups=2, bias=False,
+         layout="contiguous"),
+    dict(B=1, cin=3, cout=3, k=(3, 3), H=6, W=5, stride=1, padding=2, dilation=2, groups=3, bias=True,
+         layout="channels_last"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("case", GRADCHECK_CASES, ids=lambda c: f"g{c['groups']}k{c['k']}")
+def test_gradcheck(case, backend):
+    inputs = make_inputs(case, torch.float64)
+    present = tuple(t for t in inputs if t is not None)
+
+    def fn(*ts):
+        return call(ts[0], ts[1], ts[2] if len(ts) == 3 else None, case, backend)
+
+    assert torch.autograd.gradcheck(fn, present)
+
+
+def test_samples_are_independent():
+    """Changing sample 1's kernel changes only sample 1's output (the batch really is folded into groups)."""
+    x = torch.randn(3, 4, 8, 8)
+    w = torch.randn(3, 6, 4, 3, 3)
+    out = dynconv.sample_conv2d(x, w, padding=1)
+    w2 = w.clone()
+    w2[1] += 1.0
+    out2 = dynconv.sample_conv2d(x, w2, padding=1)
+    assert torch.equal(out[0], out2[0]) and torch.equal(out[2], out2[2])
+    assert not torch.allclose(out[1], out2[1])
+
+
+def test_triton_backend_is_refused_with_reason():
+    x, w = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 4, 3, 3)
+    with pytest.raises(BackendError, match="sample_conv2d: the triton backend has no kernel"):
+        dynconv.sample_conv2d(x, w, backend="triton")
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(x=torch.randn(4, 8, 8)), ValueError, r"x must be a 4-D tensor \[B, C_in, H, W\], got shape \(4, 8, 8\)"),
+        (dict(weight=torch.randn(2, 4, 4, 3)), ValueError, r"weight must be a 5-D tensor"),
+        (dict(x=[1.0]), TypeError, r"x must be a torch.Tensor, got list"),
+        (dict(weight=torch.randn(2, 4, 4, 3, 3).double()), TypeError, r"weight must have the dtype of x"),
+        (dict(bias=torch.randn(2, 4).half()), TypeError, r"bias must have the dtype of x"),
+        (dict(bias=torch.randn(2, 5)), ValueError, r"bias must have shape \[B, C_out\] = \[2, 4\], got \[2, 5\]"),
+        (dict(bias=torch.randn(8)), ValueError, r"bias must be a 2-D tensor"),
+        (
+            dict(weight=torch.randn(3, 4, 4, 3, 3)),
+            ValueError,
+            r"weight must have shape \[B, C_out, C_in/groups, kh, kw\] = .*got \[3, 4, 4, 3, 3\]",
+        ),
+        (dict(weight=torch.randn(2, 4, 3, 3, 3)), ValueError, r"= \[2, C_out, 4, kh, kw\]"),
+        (
+            dict(groups=3, weight=torch.randn(2, 3, 1, 3, 3)),
+            ValueError,
+            r"x channels \(4\) must be divisible by groups",
+        ),
+        (dict(groups=2, weight=torch.randn(2, 3, 2, 3, 3)), ValueError, r"C_out \(3\) must be divisible by groups"),
+        (dict(groups=0), ValueError, r"groups must be >= 1, got 0"),
+        (dict(groups=2.0), TypeError, r"groups must be an int, got 2.0"),
+        (dict(stride=0), ValueError, r"stride must be >= 1, got 0"),
+        (dict(padding=-1), ValueError, r"padding must be >= 0, got -1"),
+        (dict(dilation=(1, 0)), ValueError, r"dilation must be >= 1"),
+        (dict(weight=torch.randn(2, 4, 4, 9, 9)), ValueError, r"too small for kernel size \(9, 9\)"),
+        (dict(x=torch.randn(0, 4, 8, 8), weight=torch.randn(0, 4, 4, 3, 3)), ValueError, r"positive sizes"),
+        (dict(backend="cuda"), ValueError, r"backend must be one of"),
+    ],
+)
+def test_bad_input_raises_named_error(kwargs, exc, match):
+    args = dict(x=torch.randn(2, 4, 8, 8), weight=torch.randn(2, 4, 4, 3, 3), bias=None)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        dynconv.sample_conv2d(**args)
+
+
+def test_reference_module_function_exists_and_matches():
+    x, w = torch.randn(2, 3, 6, 6), torch.randn(2, 5, 3, 3, 3)
+    assert_close(reference.sample_conv2d(x, w, None, (1, 1), (1, 1), (1, 1), 1), dynconv.sample_conv2d(x, w, padding=1))
