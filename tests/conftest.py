@@ -1,7 +1,16 @@
 import os
 
-import pytest
-import torch
+# Without a GPU the Triton kernels are tested in the interpreter. triton.jit reads TRITON_INTERPRET when a
+# function is decorated, including Triton's own library functions (tl.sum, ...) when triton is first
+# imported, which collecting any test module can trigger (torch.utils.flop_counter does): set it first.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Tests must not inherit a forced backend from the user's shell.
 os.environ.pop("DYNCONV_BACKEND", None)
