@@ -10,7 +10,6 @@ returns ``False`` (logging the reason at debug level) or raises it, as NATTEN's 
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
 import os
@@ -30,10 +29,13 @@ class BackendError(RuntimeError):
     """Raised when a requested backend cannot run the given inputs."""
 
 
-@functools.cache
+# Checked once at import (without importing triton): a cached function call inside ops makes dynamo warn.
+_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    """Whether ``import triton`` would succeed (checked without importing it)."""
-    return importlib.util.find_spec("triton") is not None
+    """Whether ``import triton`` would succeed."""
+    return _TRITON_AVAILABLE
 
 
 def triton_interpret() -> bool:
