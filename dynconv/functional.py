@@ -34,6 +34,7 @@ def deform_conv2d(
     mask: torch.Tensor | None = None,
     *,
     backend: str | None = None,
+    deterministic: bool | None = None,
 ) -> torch.Tensor:
     r"""Deformable convolution: DCNv1 (Dai et al., "Deformable Convolutional Networks", ICCV 2017) and, with
     ``mask``, DCNv2 (Zhu et al., "Deformable ConvNets v2", CVPR 2019). Same signature, layouts and numerics as
@@ -63,6 +64,9 @@ def deform_conv2d(
         stride, padding, dilation (int or (int, int)): as in ``F.conv2d``. Defaults 1, 0, 1.
         mask (Tensor[B, G_off*kh*kw, H_out, W_out] or None): modulation scalars (DCNv2); None means all ones.
         backend (str or None): ``"reference"``, ``"torch"``, ``"triton"`` or None (automatic), keyword only.
+        deterministic (bool or None): accumulate the input gradient in a fixed order (the Triton backend then
+            sums sorted contributions instead of using fp32 atomics). None (default) follows
+            ``torch.are_deterministic_algorithms_enabled()``. Keyword only.
 
     Returns:
         Tensor[B, C_out, H_out, W_out] with ``H_out = (H + 2 pad_h - dilation_h (kh - 1) - 1) // stride_h + 1``
@@ -133,7 +137,9 @@ def deform_conv2d(
     args = ((sh, sw), (ph, pw), (dh, dw))
     if chosen == "reference":
         return reference.deform_conv2d(x, offset, weight, bias, *args, mask)
-    return deform_conv2d_op(x, offset, weight, bias, mask, *(list(a) for a in args), chosen)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    return deform_conv2d_op(x, offset, weight, bias, mask, *(list(a) for a in args), chosen, bool(deterministic))
 
 
 WARP_MODES = ("bilinear", "nearest")

@@ -2,7 +2,11 @@
 
 import importlib.util
 import math
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -416,6 +420,30 @@ def test_device_mismatch_raises_on_meta():
     args["offset"] = args["offset"].to("meta")
     with pytest.raises(ValueError, match=r"offset must be on the device of input \(cpu\), got meta"):
         dynconv.deform_conv2d(**args)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.skipif(
+    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+    reason="test_deform_triton.py runs in this process (CUDA or TRITON_INTERPRET=1)",
+)
+def test_triton_backend_under_interpreter():
+    """Runs test_deform_triton.py in a fresh process with TRITON_INTERPRET=1: the interpreter must be on before
+    the kernels are defined, which this process (where other tests may have imported them) cannot promise."""
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        str(root / "tests" / "test_deform_triton.py"),
+    ]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
 
 
 def test_explicit_triton_backend_on_cpu_says_why(monkeypatch):
