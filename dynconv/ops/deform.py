@@ -46,38 +46,53 @@ def images_per_chunk(per_image_elements: int, batch: int, element_size: int = 4)
     return max(1, min(batch, COLUMN_BUDGET_BYTES // max(1, per_image_elements * element_size)))
 
 
-def sampling_corners(py: torch.Tensor, px: torch.Tensor, H: int, W: int):
+def sampling_corners(
+    py: torch.Tensor, px: torch.Tensor, H: int, W: int, row_base: torch.Tensor | int = 0, derivatives: bool = False
+) -> list[tuple[torch.Tensor, ...]]:
     """The four bilinear corners of every sampling point, with torchvision's border rule.
 
-    A corner outside the image contributes nothing; its row index is clamped into the image so a gather
-    stays in bounds and its weight is zero.
+    A corner outside the image contributes nothing: its weight is zero and its index is clamped into the image,
+    so a gather stays in bounds. Validity is folded into the per-axis weights once, which keeps this to about
+    fifty elementwise ops (it runs on ``[images, pixels, taps, groups]`` tensors in every forward and backward).
 
     Args:
         py, px (Tensor[...]): fractional row and column of each sampling point (pixel centres at integers).
         H, W (int): image size.
+        row_base (Tensor or int): added to every index (the first row of each image/group in a row table).
+        derivatives (bool): also return the partial derivatives of each weight wrt ``py`` and ``px``.
 
     Returns:
-        A list of four ``(pixel_index, weight, inside, dwy, dwx)`` tuples, each a tensor of the shape of ``py``
-        (``pixel_index`` as int64 ``row * W + col``; ``weight = wy * wx * inside``; ``dwy``/``dwx`` the
-        derivatives of ``wy``/``wx`` times the other factor and ``inside``, i.e. the partial derivatives of
-        ``weight`` wrt ``py``/``px``).
+        For the corners (top-left, top-right, bottom-left, bottom-right), ``(index, weight)`` or
+        ``(index, weight, d_weight/d_py, d_weight/d_px)``; ``index = row_base + row * W + col`` (int64), all of
+        the broadcast shape of ``py``, ``px`` and ``row_base``.
     """
     y0, x0 = torch.floor(py), torch.floor(px)
     ly, lx = py - y0, px - x0
+    vy = (((y0 >= 0) & (y0 <= H - 1)).to(py.dtype), ((y0 >= -1) & (y0 <= H - 2)).to(py.dtype))
+    vx = (((x0 >= 0) & (x0 <= W - 1)).to(px.dtype), ((x0 >= -1) & (x0 <= W - 2)).to(px.dtype))
+    wy = ((1 - ly) * vy[0], ly * vy[1])
+    wx = ((1 - lx) * vx[0], lx * vx[1])
+    rows = tuple(r.clamp_(0, H - 1).long() * W + row_base for r in (y0.clone(), y0 + 1))
+    cols = tuple(c.clamp_(0, W - 1).long() for c in (x0.clone(), x0 + 1))
     corners = []
-    for dy_row, wy, sy in ((0, 1 - ly, -1.0), (1, ly, 1.0)):
-        row = y0 + dy_row
-        row_in = (row >= 0) & (row <= H - 1)
-        for dx_col, wx, sx in ((0, 1 - lx, -1.0), (1, lx, 1.0)):
-            col = x0 + dx_col
-            inside = (row_in & (col >= 0) & (col <= W - 1)).to(py.dtype)
-            index = row.clamp(0, H - 1).long() * W + col.clamp(0, W - 1).long()
-            corners.append((index, wy * wx * inside, inside, sy * wx * inside, sx * wy * inside))
+    for a in (0, 1):
+        for b in (0, 1):
+            corner = (rows[a] + cols[b], wy[a] * wx[b])
+            if derivatives:
+                dwy = wx[b] * vy[a] if a else -(wx[b] * vy[a])
+                dwx = wy[a] * vx[b] if b else -(wy[a] * vx[b])
+                corner += (dwy, dwx)
+            corners.append(corner)
     return corners
 
 
-def _chunk_geometry(offset, mask, b0, b1, kernel_size, stride, padding, dilation, H, W, acc):
-    """Sampling positions and corner weights of images ``b0:b1``, rows ordered (image, pixel, tap, offset group)."""
+def _chunk_geometry(offset, mask, b0, b1, kernel_size, stride, padding, dilation, H, W, acc, derivatives=False):
+    """Bilinear corners of images ``b0:b1``, rows ordered (image, pixel, tap, offset group), and the mask.
+
+    Returns ``(corners, mask)``: ``corners`` as :func:`sampling_corners` gives them (weights without the mask)
+    for tensors of shape ``[nb, H_out, W_out, kh*kw, G_off]``, indices into the rows of :func:`_input_table`;
+    ``mask`` of the same shape, or None.
+    """
     nb = b1 - b0
     kh, kw = kernel_size
     K = kh * kw
@@ -92,17 +107,13 @@ def _chunk_geometry(offset, mask, b0, b1, kernel_size, stride, padding, dilation
     base_x = (torch.arange(Wo, device=dev, dtype=acc) * stride[1] - padding[1]).view(1, Wo, 1, 1) + taps_x.view(K, 1)
     py = base_y + off[0]  # [nb, Ho, Wo, K, G]
     px = base_x + off[1]
-    corners = sampling_corners(py, px, H, W)
     # Row of the input table: ((image * G + group) * H + row) * W + col.
     table_base = (torch.arange(nb, device=dev).view(nb, 1, 1, 1, 1) * G_off + torch.arange(G_off, device=dev)) * (H * W)
+    corners = sampling_corners(py, px, H, W, table_base, derivatives)
     m = None
     if mask is not None:
         m = mask[b0:b1].to(acc).view(nb, G_off, K, Ho, Wo).permute(0, 3, 4, 2, 1).contiguous()  # [nb, Ho, Wo, K, G]
-    out = []
-    for index, weight, _inside, dwy, dwx in corners:
-        w = weight if m is None else weight * m
-        out.append(((index + table_base).reshape(-1), w.reshape(-1), weight, dwy, dwx))
-    return out, m
+    return corners, m
 
 
 def _input_table(x: torch.Tensor, b0: int, b1: int, G_off: int, acc: torch.dtype) -> torch.Tensor:
@@ -114,15 +125,16 @@ def _input_table(x: torch.Tensor, b0: int, b1: int, G_off: int, acc: torch.dtype
     return table.view(nb * G_off * H * W, C // G_off)
 
 
-def _gather_columns(table, corners, columns, scratch):
-    """``columns[r] = sum_corner weight[r] * table[index[r]]`` for every row ``r`` (in place)."""
+def _gather_columns(table, corners, mask, columns, scratch):
+    """``columns[r] = sum_corner mask[r] * weight[r] * table[index[r]]`` for every row ``r`` (in place)."""
     for n, (index, w, *_) in enumerate(corners):
+        w = (w if mask is None else w * mask).reshape(-1, 1)
         if n == 0:
-            torch.index_select(table, 0, index, out=columns)
-            columns.mul_(w.unsqueeze(1))
+            torch.index_select(table, 0, index.reshape(-1), out=columns)
+            columns.mul_(w)
         else:
-            torch.index_select(table, 0, index, out=scratch)
-            columns.addcmul_(scratch, w.unsqueeze(1))
+            torch.index_select(table, 0, index.reshape(-1), out=scratch)
+            columns.addcmul_(scratch, w)
 
 
 def _columns_matmul(cols2d: torch.Tensor, weight: torch.Tensor, G_w: int, bias: torch.Tensor | None) -> torch.Tensor:
@@ -182,8 +194,8 @@ def _torch_forward(x, offset, weight, bias, mask, kernel_size, stride, padding, 
         if columns is None or columns.shape[0] != rows:
             columns = torch.empty((rows, C // G_off), dtype=acc, device=x.device)
             scratch = torch.empty_like(columns)
-        corners, _ = _chunk_geometry(offset, mask, b0, b1, kernel_size, stride, padding, dilation, H, W, acc)
-        _gather_columns(_input_table(x, b0, b1, G_off, acc), corners, columns, scratch)
+        corners, m = _chunk_geometry(offset, mask, b0, b1, kernel_size, stride, padding, dilation, H, W, acc)
+        _gather_columns(_input_table(x, b0, b1, G_off, acc), corners, m, columns, scratch)
         res = _columns_matmul(columns.view(-1, K * C), wacc, G_w, bacc)
         out[b0:b1].view(-1, Co).copy_(res)
     # The fake kernel promises a contiguous NCHW result.
@@ -214,7 +226,9 @@ def _torch_backward(grad_out, x, offset, weight, mask, kernel_size, stride, padd
         nb = b1 - b0
         rows = nb * Ho * Wo * K * G_off
         gout2d = gout_nhwc[b0:b1].to(acc).reshape(nb * Ho * Wo, Co)
-        corners, m = _chunk_geometry(offset, mask, b0, b1, kernel_size, stride, padding, dilation, H, W, acc)
+        corners, m = _chunk_geometry(
+            offset, mask, b0, b1, kernel_size, stride, padding, dilation, H, W, acc, need_offset
+        )
         table = _input_table(x, b0, b1, G_off, acc)
         scratch = torch.empty((rows, Cg), dtype=acc, device=x.device)
         columns = torch.zeros((rows, Cg), dtype=acc, device=x.device) if need_weight else None
@@ -222,28 +236,29 @@ def _torch_backward(grad_out, x, offset, weight, mask, kernel_size, stride, padd
         grad_table = torch.zeros_like(table) if need_x else None
         dots = []
         for index, w, *_ in corners:
+            index = index.reshape(-1)
+            wm = (w if m is None else w * m).reshape(-1, 1)
             torch.index_select(table, 0, index, out=scratch)
             if need_weight:
-                columns.addcmul_(scratch, w.unsqueeze(1))
+                columns.addcmul_(scratch, wm)
             if need_offset or need_mask:
-                dots.append(scratch.mul_(gcols).sum(1))  # a = <grad column, corner value> per row
+                dots.append(scratch.mul_(gcols).sum(1).view(w.shape))  # a = <grad column, corner value> per row
             if need_x:
-                torch.mul(gcols, w.unsqueeze(1), out=scratch)
+                torch.mul(gcols, wm, out=scratch)
                 if deterministic and x.device.type != "cpu":  # CUDA's index_add_ uses atomics
                     grad_table.index_put_((index,), scratch, accumulate=True)
                 else:
                     grad_table.index_add_(0, index, scratch)
         if need_weight:
             grad_weight += _grad_weight(columns.view(-1, K * C), gout2d, weight.shape, G_w)
-        shape5 = (nb, Ho, Wo, K, G_off)
         if need_offset:
-            gy = sum(a.view(shape5) * c[3] for a, c in zip(dots, corners))
-            gx = sum(a.view(shape5) * c[4] for a, c in zip(dots, corners))
+            gy = sum(a * c[2] for a, c in zip(dots, corners))
+            gx = sum(a * c[3] for a, c in zip(dots, corners))
             if m is not None:
                 gy, gx = gy * m, gx * m
             grad_offset[b0:b1] = torch.stack((gy, gx), -1).permute(0, 4, 3, 5, 1, 2).reshape(nb, -1, Ho, Wo)
         if need_mask:
-            gm = sum(a.view(shape5) * c[2] for a, c in zip(dots, corners))
+            gm = sum(a * c[1] for a, c in zip(dots, corners))
             grad_mask[b0:b1] = gm.permute(0, 4, 3, 1, 2).reshape(nb, -1, Ho, Wo)
         if need_x:
             grad_x[b0:b1] = grad_table.view(nb, G_off, H, W, Cg).permute(0, 1, 4, 2, 3).reshape(nb, C, H, W)
