@@ -106,3 +106,11 @@ def test_triton_low_precision(dtype):
     assert_close_lowp(out, ref_lowp, ref32)
     for name, g, lo, e in zip(("x", "offset", "weight", "bias", "mask"), got, expected_lowp, expected32):
         assert_close_lowp(g, lo, e, atol=2e-2 if name == "offset" else 1e-3, what=name)
+
+
+def test_triton_opcheck():
+    """Schema, fake (meta) kernel and autograd registration of the custom op with the Triton backend."""
+    tensors, geometry = make(CASES[0], torch.float32)
+    x, offset, weight, bias, mask = (t.detach().requires_grad_() for t in tensors)
+    args = (x, offset, weight, bias, mask, [1, 1], [1, 1], [1, 1], "triton", False)
+    torch.library.opcheck(torch.ops.dynconv.deform_conv2d.default, args)
