@@ -5,16 +5,22 @@ random offsets of a few pixels (so samples fall between pixels and past the bord
 each shape and dtype it measures, in one run, forward and forward+backward (gradients of input, offset,
 mask, weight and bias) of each requested dynconv backend and of ``torchvision.ops.deform_conv2d`` when it
 imports; ratios are against torchvision when present, otherwise against our ``torch`` backend.
+
+The candidates are timed interleaved, one call of each per round, and the medians taken over rounds: on a
+shared machine a burst of someone else's load then slows every candidate alike instead of one of them (timed
+back to back, the same forward varied 88-592 ms between consecutive runs here).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import statistics
+import time
 
 import torch
 
-from dynconv.bench.timing import markdown_table, measure
+from dynconv.bench.timing import _sync, markdown_table, peak_memory
 from dynconv.functional import deform_conv2d
 
 DCNV2_SHAPES = [(8, 64, 56, 56), (2, 256, 64, 64)]
@@ -66,6 +72,11 @@ def _inputs(shape, dtype, device):
     return x, offset, weight, bias, mask
 
 
+def _no_grad_call(fn, tensors):
+    with torch.no_grad():
+        return fn(*tensors)
+
+
 def _fwd_bwd(fn, tensors):
     def step():
         for t in tensors:
@@ -73,6 +84,20 @@ def _fwd_bwd(fn, tensors):
         fn(*tensors).sum().backward()
 
     return step
+
+
+def _interleaved(candidates: dict, device: torch.device, repeats: int, warmup: int = 1) -> dict:
+    """Median seconds of each callable over ``repeats`` rounds that call every candidate once, and its peak memory."""
+    times: dict = {name: [] for name in candidates}
+    for round_ in range(warmup + repeats):
+        for name, fn in candidates.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: (statistics.median(times[name]), peak_memory(fn, device)) for name, fn in candidates.items()}
 
 
 def run(args: argparse.Namespace) -> str:
@@ -90,12 +115,12 @@ def run(args: argparse.Namespace) -> str:
                 candidates[name] = lambda x, o, w, b, m, name=name: deform_conv2d(
                     x, o, w, b, padding=1, mask=m, backend=name
                 )
-            results = {}
+            fwd_calls, both_calls = {}, {}
             for name, fn in candidates.items():
-                with torch.no_grad():
-                    fwd = measure(lambda fn=fn: fn(*tensors), device, repeats=args.repeats)
-                both = measure(_fwd_bwd(fn, tensors), device, repeats=args.repeats)
-                results[name] = (fwd, both)
+                fwd_calls[name + " fwd"] = lambda fn=fn: _no_grad_call(fn, tensors)
+                both_calls[name + " both"] = _fwd_bwd(fn, tensors)
+            timed = _interleaved({**fwd_calls, **both_calls}, device, args.repeats)
+            results = {name: (timed[name + " fwd"], timed[name + " both"]) for name in candidates}
             base_name = "torchvision" if "torchvision" in results else "torch"
             base_fwd, base_both = results.get(base_name, next(iter(results.values())))
             for name, (fwd, both) in results.items():
@@ -104,12 +129,12 @@ def run(args: argparse.Namespace) -> str:
                         "DCNv2 " + str(shape),
                         dtype_name,
                         name,
-                        fwd.median_ms,
-                        both.median_ms,
-                        base_fwd.median_s / fwd.median_s,
-                        base_both.median_s / both.median_s,
-                        fwd.peak_extra_mb,
-                        both.peak_extra_mb,
+                        fwd[0] * 1e3,
+                        both[0] * 1e3,
+                        base_fwd[0] / fwd[0],
+                        base_both[0] / both[0],
+                        fwd[1] / 2**20,
+                        both[1] / 2**20,
                     ]
                 )
     header = [

@@ -46,6 +46,12 @@ def images_per_chunk(per_image_elements: int, batch: int, element_size: int = 4)
     return max(1, min(batch, COLUMN_BUDGET_BYTES // max(1, per_image_elements * element_size)))
 
 
+def _floor(t: torch.Tensor) -> torch.Tensor:
+    # floor(t) for finite t. On the 2-core AVX-512 CPU machines of this project torch.floor (also trunc and round)
+    # costs a fixed ~8 ms per call whatever the size (10k elements: 8 ms, vs 19 us for this and 3 us for an add).
+    return torch.div(t, 1, rounding_mode="floor")
+
+
 def sampling_corners(
     py: torch.Tensor, px: torch.Tensor, H: int, W: int, row_base: torch.Tensor | int = 0, derivatives: bool = False
 ) -> list[tuple[torch.Tensor, ...]]:
@@ -66,7 +72,7 @@ def sampling_corners(
         ``(index, weight, d_weight/d_py, d_weight/d_px)``; ``index = row_base + row * W + col`` (int64), all of
         the broadcast shape of ``py``, ``px`` and ``row_base``.
     """
-    y0, x0 = torch.floor(py), torch.floor(px)
+    y0, x0 = _floor(py), _floor(px)
     ly, lx = py - y0, px - x0
     vy = (((y0 >= 0) & (y0 <= H - 1)).to(py.dtype), ((y0 >= -1) & (y0 <= H - 2)).to(py.dtype))
     vx = (((x0 >= 0) & (x0 <= W - 1)).to(px.dtype), ((x0 >= -1) & (x0 <= W - 2)).to(px.dtype))
