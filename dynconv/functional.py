@@ -173,7 +173,9 @@ def warp(
         flow (Tensor[B, 2, H, W]): displacement in pixels, (dx, dy).
         mode (str): ``"bilinear"`` or ``"nearest"``. Default ``"bilinear"``.
         padding_mode (str): ``"zeros"``, ``"border"`` or ``"reflection"``. Default ``"zeros"``.
-        backend (str or None): ``"reference"`` (explicit gathers), ``"torch"`` (``grid_sample``) or None.
+        backend (str or None): ``"reference"`` (explicit gathers), ``"torch"`` (``grid_sample``; positions are
+            exact to ~1e-7 pixel after its coordinate normalisation) or None. An axis of length 1 always uses
+            the reference, which ``grid_sample``'s ``align_corners=True`` mapping cannot express.
 
     Returns:
         Tensor[B, C, H, W] in the dtype of ``x``; differentiable wrt ``x`` and ``flow``.
