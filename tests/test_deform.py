@@ -299,6 +299,16 @@ def test_offset_gradient_at_integer_position_is_right_sided():
             assert g[0, 0, 1, 0].item() == expected, (backend, dy)
 
 
+def test_nan_offset_gives_nan_where_it_is_used():
+    x, weight = torch.randn(1, 2, 5, 5), torch.randn(3, 2, 1, 1)
+    offset = torch.zeros(1, 2, 5, 5)
+    offset[0, 0, 2, 3] = float("nan")
+    out = dynconv.deform_conv2d(x, offset, weight, backend="torch")
+    assert out[0, :, 2, 3].isnan().all()
+    assert out.isnan().sum() == 3  # one pixel, three output channels
+    assert_close(out[0, :, 0], F.conv2d(x, weight)[0, :, 0])
+
+
 def test_batch_of_zero():
     x, offset, weight = torch.randn(0, 4, 6, 6), torch.randn(0, 18, 6, 6), torch.randn(3, 4, 3, 3)
     for backend in ("reference", "torch"):

@@ -78,8 +78,9 @@ def sampling_corners(
     vx = (((x0 >= 0) & (x0 <= W - 1)).to(px.dtype), ((x0 >= -1) & (x0 <= W - 2)).to(px.dtype))
     wy = ((1 - ly) * vy[0], ly * vy[1])
     wx = ((1 - lx) * vx[0], lx * vx[1])
-    rows = tuple(r.clamp_(0, H - 1).long() * W + row_base for r in (y0.clone(), y0 + 1))
-    cols = tuple(c.clamp_(0, W - 1).long() for c in (x0.clone(), x0 + 1))
+    # nan_to_num_: a NaN offset (a diverging offset predictor) must give a NaN output, not an out-of-range gather.
+    rows = tuple(r.nan_to_num_(0).clamp_(0, H - 1).long() * W + row_base for r in (y0.clone(), y0 + 1))
+    cols = tuple(c.nan_to_num_(0).clamp_(0, W - 1).long() for c in (x0.clone(), x0 + 1))
     corners = []
     for a in (0, 1):
         for b in (0, 1):
