@@ -5,9 +5,10 @@ Ops live in :mod:`dynconv.functional` and are re-exported here; layers live in :
 
 from dynconv import ops  # noqa: F401  (registers the dynconv:: custom ops)
 from dynconv.backends import BackendError, choose_backend
-from dynconv.functional import local_filter2d, sample_conv2d
+from dynconv.functional import deform_conv2d, local_filter2d, sample_conv2d, warp
 from dynconv.nn import (
     CondConv2d,
+    DeformConv2d,
     DynamicConv2d,
     DynamicDilatedFilter,
     DynamicFilterLayer,
@@ -17,6 +18,7 @@ from dynconv.nn import (
     DyNetConv2d,
     FilterGeneratingNetwork,
     Involution2d,
+    ModulatedDeformConv2d,
     ODConv2d,
     convert,
     set_temperature,
@@ -29,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendError",
     "CondConv2d",
+    "DeformConv2d",
     "DyNetConv2d",
     "DynamicConv2d",
     "DynamicDilatedFilter",
@@ -38,12 +41,15 @@ __all__ = [
     "DynamicMultiScaleFilter",
     "FilterGeneratingNetwork",
     "Involution2d",
+    "ModulatedDeformConv2d",
     "ODConv2d",
     "choose_backend",
     "convert",
+    "deform_conv2d",
     "local_filter2d",
     "sample_conv2d",
     "set_temperature",
     "skip_stem_and_pointwise",
     "temperature_schedule",
+    "warp",
 ]

@@ -14,11 +14,194 @@ import torch
 from dynconv import reference
 from dynconv._checks import check_same, check_tensor, conv_out_size, pair
 from dynconv.backends import choose_backend
+from dynconv.ops.deform import deform_conv2d_op
 from dynconv.ops.local_filter import local_filter2d_op
+from dynconv.ops.warp import warp_torch
 
-__all__ = ["local_filter2d", "sample_conv2d"]
+__all__ = ["deform_conv2d", "local_filter2d", "sample_conv2d", "warp"]
 
 IntOrPair = int | Sequence[int]
+
+
+def deform_conv2d(
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: IntOrPair = (1, 1),
+    padding: IntOrPair = (0, 0),
+    dilation: IntOrPair = (1, 1),
+    mask: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+    deterministic: bool | None = None,
+) -> torch.Tensor:
+    r"""Deformable convolution: DCNv1 (Dai et al., "Deformable Convolutional Networks", ICCV 2017) and, with
+    ``mask``, DCNv2 (Zhu et al., "Deformable ConvNets v2", CVPR 2019). Same signature, layouts and numerics as
+    ``torchvision.ops.deform_conv2d``, so either can replace the other.
+
+    .. math::
+        y[b, o, p] = \mathrm{bias}[o] + \sum_{c \in \mathrm{group}(o)} \sum_{k} w[o, c, k] \, m[b, g(c), k, p]
+                     \, x_{\mathrm{bilinear}}[b, c, p\,s - \mathrm{pad} + k\,d + \Delta[b, g(c), k, p]]
+
+    Convention:
+        - Tap ``k = i * kw + j`` (row ``i`` of the kernel, column ``j``) of output pixel ``(ho, wo)`` samples
+          the input at row ``ho * stride_h - pad_h + i * dilation_h + dy`` and column
+          ``wo * stride_w - pad_w + j * dilation_w + dx``, pixel centres at integer coordinates.
+        - ``offset[:, 2 * (g * kh * kw + k)]`` is ``dy`` and ``offset[:, 2 * (g * kh * kw + k) + 1]`` is ``dx``
+          of tap ``k`` in offset group ``g``; ``mask[:, g * kh * kw + k]`` modulates it. Input channel ``c``
+          belongs to offset group ``c // (C_in / G_off)``.
+        - Bilinear interpolation of the four neighbouring pixels, a neighbour outside the image counting as
+          zero (so a sample with ``-1 < y < H`` still sees its in-image neighbours, and one further out is 0).
+        - Offset gradients at exactly integer positions are the right-sided derivatives (``floor`` picks the
+          corners), as in torchvision.
+
+    Args:
+        input (Tensor[B, C_in, H, W]): input features.
+        offset (Tensor[B, 2*G_off*kh*kw, H_out, W_out]): sampling offsets in pixels, ``G_off`` offset groups.
+        weight (Tensor[C_out, C_in/G_w, kh, kw]): convolution weight; ``G_w = C_in / weight.shape[1]`` groups.
+        bias (Tensor[C_out] or None): optional bias. Default None.
+        stride, padding, dilation (int or (int, int)): as in ``F.conv2d``. Defaults 1, 0, 1.
+        mask (Tensor[B, G_off*kh*kw, H_out, W_out] or None): modulation scalars (DCNv2); None means all ones.
+        backend (str or None): ``"reference"``, ``"torch"``, ``"triton"`` or None (automatic), keyword only.
+        deterministic (bool or None): accumulate the input gradient in a fixed order (the Triton backend then
+            sums sorted contributions instead of using fp32 atomics). None (default) follows
+            ``torch.are_deterministic_algorithms_enabled()``. Keyword only.
+
+    Returns:
+        Tensor[B, C_out, H_out, W_out] with ``H_out = (H + 2 pad_h - dilation_h (kh - 1) - 1) // stride_h + 1``
+        (and the same for ``W_out``), in the dtype of ``input`` (fp16/bf16 accumulate in fp32).
+
+    Raises:
+        TypeError: a non-tensor, a non-floating dtype, or tensors of different dtypes.
+        ValueError: a wrong rank, channel counts that do not divide into the groups, an offset, mask or bias
+            of the wrong shape, tensors on different devices, or an input too small for the kernel.
+    """
+    x = check_tensor(input, "input", ndim=4, shape_hint="[B, C_in, H, W]")
+    offset = check_tensor(offset, "offset", ndim=4, shape_hint="[B, 2*offset_groups*kh*kw, H_out, W_out]")
+    weight = check_tensor(weight, "weight", ndim=4, shape_hint="[C_out, C_in/groups, kh, kw]")
+    check_same(x, "input", offset, "offset")
+    check_same(x, "input", weight, "weight")
+    if bias is not None:
+        bias = check_tensor(bias, "bias", ndim=1, shape_hint="[C_out]")
+        check_same(x, "input", bias, "bias")
+    if mask is not None:
+        mask = check_tensor(mask, "mask", ndim=4, shape_hint="[B, offset_groups*kh*kw, H_out, W_out]")
+        check_same(x, "input", mask, "mask")
+    sh, sw = pair(stride, "stride")
+    ph, pw = pair(padding, "padding", minimum=0)
+    dh, dw = pair(dilation, "dilation")
+    B, C, H, W = x.shape
+    Co, Cw, kh, kw = weight.shape
+    if min(C, H, W) < 1 or min(Co, Cw, kh, kw) < 1:
+        raise ValueError(
+            f"input [B, C_in, H, W] and weight [C_out, C_in/groups, kh, kw] must have positive sizes "
+            f"(B may be 0), got input {tuple(x.shape)} and weight {tuple(weight.shape)}"
+        )
+    if C % Cw != 0 or Co % (C // Cw) != 0:
+        raise ValueError(
+            f"input channels ({C}) must be divisible by weight.shape[1] ({Cw}), and the output channels "
+            f"({Co}) by the resulting number of groups; got input {tuple(x.shape)}, weight {tuple(weight.shape)}"
+        )
+    K = kh * kw
+    if offset.shape[1] == 0 or offset.shape[1] % (2 * K) != 0:
+        raise ValueError(
+            f"offset.shape[1] must be a positive multiple of 2*kh*kw = {2 * K} (2 * offset_groups * kh * kw), "
+            f"got offset of shape {tuple(offset.shape)}"
+        )
+    G_off = offset.shape[1] // (2 * K)
+    if C % G_off != 0:
+        raise ValueError(f"input channels ({C}) must be divisible by the number of offset groups ({G_off})")
+    Ho, Wo = conv_out_size(H, kh, sh, ph, dh), conv_out_size(W, kw, sw, pw, dw)
+    if Ho < 1 or Wo < 1:
+        raise ValueError(
+            f"input of spatial size {(H, W)} is too small for kernel_size {(kh, kw)} with padding "
+            f"{(ph, pw)} and dilation {(dh, dw)}: the output would be {(Ho, Wo)}"
+        )
+    expected = (B, 2 * G_off * K, Ho, Wo)
+    if tuple(offset.shape) != expected:
+        raise ValueError(
+            f"offset must have shape [B, 2*offset_groups*kh*kw, H_out, W_out] = {list(expected)} for input "
+            f"{list(x.shape)}, weight {list(weight.shape)}, stride {(sh, sw)}, padding {(ph, pw)}, "
+            f"dilation {(dh, dw)}; got {list(offset.shape)}"
+        )
+    if mask is not None and tuple(mask.shape) != (B, G_off * K, Ho, Wo):
+        raise ValueError(
+            f"mask must have shape [B, offset_groups*kh*kw, H_out, W_out] = {[B, G_off * K, Ho, Wo]} "
+            f"(offset_groups = {G_off} from the offset), got {list(mask.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (Co,):
+        raise ValueError(f"bias must have shape [C_out] = [{Co}], got {list(bias.shape)}")
+    tensors = [t for t in (x, offset, weight, bias, mask) if t is not None]
+    chosen = choose_backend("deform_conv2d", *tensors, backend=backend)
+    args = ((sh, sw), (ph, pw), (dh, dw))
+    if chosen == "reference":
+        return reference.deform_conv2d(x, offset, weight, bias, *args, mask)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    return deform_conv2d_op(x, offset, weight, bias, mask, *(list(a) for a in args), chosen, bool(deterministic))
+
+
+WARP_MODES = ("bilinear", "nearest")
+WARP_PADDING_MODES = ("zeros", "border", "reflection")
+
+
+def warp(
+    x: torch.Tensor,
+    flow: torch.Tensor,
+    mode: str = "bilinear",
+    padding_mode: str = "zeros",
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    r"""Backward warping of features by a dense flow field, as Deep Feature Flow (Zhu et al., CVPR 2017)
+    propagates key-frame features to the current frame: ``y(p) = x(p + flow(p))``.
+
+    Convention:
+        - ``x``: ``[B, C, H, W]``; ``flow``: ``[B, 2, H, W]`` in pixels, channel 0 the horizontal
+          displacement ``dx`` (along W) and channel 1 the vertical ``dy`` (along H), FlowNet's order.
+        - Backward warping: the output at pixel ``(h, w)`` reads the input at ``(h + dy, w + dx)``; the flow
+          lives on the output grid and points into the input.
+        - Pixel centres at integer coordinates, ``0 .. W-1`` and ``0 .. H-1``: the mapping of
+          ``F.grid_sample(..., align_corners=True)``. ``"reflection"`` reflects about the first and last pixel
+          centres; ``"border"`` clamps the position into ``[0, W-1] x [0, H-1]``; ``"zeros"`` counts every
+          neighbour outside the image as zero.
+        - ``"nearest"`` rounds half to even (``grid_sample``'s rule) and has zero gradient wrt the flow.
+
+    Args:
+        x (Tensor[B, C, H, W]): features to warp.
+        flow (Tensor[B, 2, H, W]): displacement in pixels, (dx, dy).
+        mode (str): ``"bilinear"`` or ``"nearest"``. Default ``"bilinear"``.
+        padding_mode (str): ``"zeros"``, ``"border"`` or ``"reflection"``. Default ``"zeros"``.
+        backend (str or None): ``"reference"`` (explicit gathers), ``"torch"`` (``grid_sample``; positions are
+            exact to ~1e-7 pixel after its coordinate normalisation) or None. An axis of length 1 always uses
+            the reference, which ``grid_sample``'s ``align_corners=True`` mapping cannot express.
+
+    Returns:
+        Tensor[B, C, H, W] in the dtype of ``x``; differentiable wrt ``x`` and ``flow``.
+
+    Raises:
+        TypeError: a non-tensor, a non-floating dtype, or ``flow`` of another dtype than ``x``.
+        ValueError: a wrong rank, a flow that is not ``[B, 2, H, W]`` for ``x``, an unknown mode, or
+            tensors on different devices.
+    """
+    x = check_tensor(x, "x", ndim=4, shape_hint="[B, C, H, W]")
+    flow = check_tensor(flow, "flow", ndim=4, shape_hint="[B, 2, H, W]")
+    check_same(x, "x", flow, "flow")
+    if mode not in WARP_MODES:
+        raise ValueError(f"mode must be one of {WARP_MODES}, got {mode!r}")
+    if padding_mode not in WARP_PADDING_MODES:
+        raise ValueError(f"padding_mode must be one of {WARP_PADDING_MODES}, got {padding_mode!r}")
+    B, C, H, W = x.shape
+    if min(C, H, W) < 1:
+        raise ValueError(f"x must have positive sizes [B, C, H, W] (B may be 0), got shape {tuple(x.shape)}")
+    if tuple(flow.shape) != (B, 2, H, W):
+        raise ValueError(f"flow must have shape [B, 2, H, W] = {[B, 2, H, W]} for x, got {list(flow.shape)}")
+    chosen = choose_backend("warp", x, flow, backend=backend)
+    # grid_sample's align_corners=True mapping cannot address positions along an axis of length 1.
+    if chosen == "reference" or H == 1 or W == 1:
+        return reference.warp(x, flow, mode, padding_mode)
+    return warp_torch(x, flow, mode, padding_mode)
 
 
 def local_filter2d(

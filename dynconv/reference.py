@@ -60,3 +60,130 @@ def sample_conv2d(
         for b in range(x.shape[0])
     ]
     return torch.cat(outs, 0)
+
+
+def _bilinear_gather(x: torch.Tensor, py: torch.Tensor, px: torch.Tensor) -> torch.Tensor:
+    """Bilinear samples of ``x`` at fractional pixel positions, zero outside the image (torchvision's rule).
+
+    Each of the four neighbouring pixels ``(floor(py) + a, floor(px) + b)`` contributes with weight
+    ``(1 - |py - row|) (1 - |px - col|)`` if it lies inside the image and nothing otherwise, which is the
+    same as torchvision's "``-1 < y < H``, then in-image corners only" rule.
+
+    Args:
+        x (Tensor[N, C, H, W]): the image.
+        py, px (Tensor[N, P]): row and column of each sampling point (pixel centres at integers).
+
+    Returns:
+        Tensor[N, C, P]
+    """
+    N, C, H, W = x.shape
+    flat = x.reshape(N, C, H * W)
+    # torch.div(.., rounding_mode='floor') is floor; torch.floor costs a fixed ~8 ms per call on this project's CPUs,
+    # which would distort every benchmark against the reference.
+    y0, x0 = torch.div(py, 1, rounding_mode="floor"), torch.div(px, 1, rounding_mode="floor")
+    out = 0
+    for row, wy in ((y0, 1 - (py - y0)), (y0 + 1, py - y0)):
+        for col, wx in ((x0, 1 - (px - x0)), (x0 + 1, px - x0)):
+            inside = (row >= 0) & (row <= H - 1) & (col >= 0) & (col <= W - 1)
+            index = (row.clamp(0, H - 1) * W + col.clamp(0, W - 1)).long()
+            values = flat.gather(2, index.unsqueeze(1).expand(N, C, index.shape[1]))
+            out = out + values * (wy * wx * inside).unsqueeze(1)
+    return out
+
+
+def deform_conv2d(
+    x: torch.Tensor,
+    offset: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """Deformable convolution (DCNv1, and DCNv2 with ``mask``) the direct way: bilinear columns, then a
+    grouped matrix product with the weight. Numerics of ``torchvision.ops.deform_conv2d``.
+
+    Tap ``k = i * kw + j`` of output pixel ``(ho, wo)`` in offset group ``g`` samples the input at
+    ``(ho s_h - p_h + i d_h + offset[b, 2 (g K + k)], wo s_w - p_w + j d_w + offset[b, 2 (g K + k) + 1])``.
+
+    Args:
+        x (Tensor[B, C_in, H, W]): input.
+        offset (Tensor[B, 2*G_off*kh*kw, H_out, W_out]): (dy, dx) per tap, offset group major.
+        weight (Tensor[C_out, C_in/G_w, kh, kw]): convolution weight with ``G_w`` weight groups.
+        bias (Tensor[C_out] or None): added to every output pixel.
+        mask (Tensor[B, G_off*kh*kw, H_out, W_out] or None): modulation of every sample (DCNv2).
+
+    Returns:
+        Tensor[B, C_out, H_out, W_out]
+    """
+    B, C, H, W = x.shape
+    Co, Cw, kh, kw = weight.shape
+    K = kh * kw
+    Ho, Wo = offset.shape[-2:]
+    G_off = offset.shape[1] // (2 * K)
+    G_w = C // Cw
+    ho = torch.arange(Ho, dtype=offset.dtype, device=x.device).view(Ho, 1)
+    wo = torch.arange(Wo, dtype=offset.dtype, device=x.device).view(1, Wo)
+    columns = []
+    for g in range(G_off):
+        x_g = x[:, g * (C // G_off) : (g + 1) * (C // G_off)]
+        taps = []
+        for i in range(kh):
+            for j in range(kw):
+                k = i * kw + j
+                dy, dx = offset[:, 2 * (g * K + k)], offset[:, 2 * (g * K + k) + 1]
+                py = ho * stride[0] - padding[0] + i * dilation[0] + dy  # [B, Ho, Wo]
+                px = wo * stride[1] - padding[1] + j * dilation[1] + dx
+                sample = _bilinear_gather(x_g, py.reshape(B, Ho * Wo), px.reshape(B, Ho * Wo))  # [B, C/G_off, Ho*Wo]
+                if mask is not None:
+                    sample = sample * mask[:, g * K + k].reshape(B, 1, Ho * Wo)
+                taps.append(sample)
+        columns.append(torch.stack(taps, 2))  # [B, C/G_off, K, Ho*Wo]
+    cols = torch.cat(columns, 1).reshape(B, G_w, Cw * K, Ho * Wo)
+    out = torch.einsum("gok,bgkl->bgol", weight.reshape(G_w, Co // G_w, Cw * K), cols).reshape(B, Co, Ho, Wo)
+    if bias is not None:
+        out = out + bias.view(1, Co, 1, 1)
+    return out
+
+
+def warp(x: torch.Tensor, flow: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
+    """Backward warping ``y[b, :, h, w] = x[b, :, h + flow[b, 1, h, w], w + flow[b, 0, h, w]]``, sampled
+    explicitly with the rules of ``F.grid_sample(..., align_corners=True)``.
+
+    Args:
+        x (Tensor[B, C, H, W]): features to warp.
+        flow (Tensor[B, 2, H, W]): displacement in pixels, channel 0 along W (dx), channel 1 along H (dy).
+        mode (str): ``"bilinear"`` or ``"nearest"`` (round half to even, as ``grid_sample``).
+        padding_mode (str): ``"zeros"``, ``"border"`` (clamp the position into the image) or ``"reflection"``
+            (reflect the position about the first and last pixel centres).
+
+    Returns:
+        Tensor[B, C, H, W]
+    """
+    B, C, H, W = x.shape
+    rows = torch.arange(H, dtype=flow.dtype, device=x.device).view(1, H, 1)
+    cols = torch.arange(W, dtype=flow.dtype, device=x.device).view(1, 1, W)
+    py, px = rows + flow[:, 1], cols + flow[:, 0]
+    if padding_mode == "border":
+        py, px = py.clamp(0, H - 1), px.clamp(0, W - 1)
+    elif padding_mode == "reflection":
+        py, px = _reflect(py, H - 1), _reflect(px, W - 1)
+    py, px = py.reshape(B, H * W), px.reshape(B, H * W)
+    if mode == "nearest":
+        ry, rx = torch.round(py), torch.round(px)  # torch.round rounds half to even, as grid_sample's nearbyint
+        inside = (ry >= 0) & (ry <= H - 1) & (rx >= 0) & (rx <= W - 1)
+        index = (ry.clamp(0, H - 1) * W + rx.clamp(0, W - 1)).long()
+        out = x.reshape(B, C, H * W).gather(2, index.unsqueeze(1).expand(B, C, H * W)) * inside.unsqueeze(1)
+    else:
+        out = _bilinear_gather(x, py, px)
+    return out.reshape(B, C, H, W)
+
+
+def _reflect(p: torch.Tensor, last: int) -> torch.Tensor:
+    """Reflect positions about 0 and ``last`` until they lie in ``[0, last]`` (a triangle wave of period 2 last)."""
+    if last == 0:
+        return torch.zeros_like(p)
+    period = 2 * last
+    q = torch.remainder(p.abs(), period)
+    return torch.where(q > last, period - q, q)

@@ -1,6 +1,7 @@
 """``nn.Module`` layers, one file per family, re-exported flat."""
 
 from dynconv.nn.convert import convert, skip_stem_and_pointwise
+from dynconv.nn.deform import DeformConv2d, ModulatedDeformConv2d
 from dynconv.nn.dynamic_conv import DynamicDilatedFilter, DynamicFilterLayer, DynamicMaskHead, DynamicMultiScaleFilter
 from dynconv.nn.local_filter import DynamicLocalFilter2d, FilterGeneratingNetwork, Involution2d
 from dynconv.nn.mixture import (
@@ -14,6 +15,7 @@ from dynconv.nn.mixture import (
 
 __all__ = [
     "CondConv2d",
+    "DeformConv2d",
     "DyNetConv2d",
     "DynamicConv2d",
     "DynamicDilatedFilter",
@@ -23,6 +25,7 @@ __all__ = [
     "DynamicMultiScaleFilter",
     "FilterGeneratingNetwork",
     "Involution2d",
+    "ModulatedDeformConv2d",
     "ODConv2d",
     "convert",
     "set_temperature",

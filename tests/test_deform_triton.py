@@ -1,0 +1,116 @@
+"""The Triton backend of deform_conv2d against the reference: on CUDA when present, else under TRITON_INTERPRET=1.
+
+The interpreter must be switched on before the kernels are defined (``triton.jit`` reads ``TRITON_INTERPRET`` when
+it decorates), so on a machine without CUDA these tests run only in a process started with it;
+``test_deform.py::test_triton_backend_under_interpreter`` starts that process when the suite runs without it.
+"""
+
+import os
+
+import pytest
+import torch
+
+import dynconv
+from dynconv.backends import triton_available
+from dynconv.testing import assert_close, assert_close_lowp
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+pytestmark = pytest.mark.skipif(
+    not triton_available() or not (INTERPRET or torch.cuda.is_available()),
+    reason="needs Triton and either CUDA or TRITON_INTERPRET=1 (test_deform.py starts such a process)",
+)
+
+# (B, C, C_out, H, W, k, G_off, G_w, stride, padding, dilation, mask, bias): tiny, for the interpreter.
+CASES = [
+    (1, 4, 3, 5, 6, 3, 2, 1, 1, 1, 1, True, True),
+    (2, 3, 2, 4, 5, (2, 3), 1, 1, (2, 1), (1, 0), 1, False, True),
+    (1, 4, 4, 6, 5, 3, 1, 2, 1, 2, 2, True, False),
+]
+
+
+def make(case, dtype, spread=3.0):
+    B, C, Co, H, W, k, G_off, G_w, stride, padding, dilation, use_mask, use_bias = case
+    kh, kw = (k, k) if isinstance(k, int) else k
+    sh, sw = (stride, stride) if isinstance(stride, int) else stride
+    ph, pw = (padding, padding) if isinstance(padding, int) else padding
+    Ho = (H + 2 * ph - dilation * (kh - 1) - 1) // sh + 1
+    Wo = (W + 2 * pw - dilation * (kw - 1) - 1) // sw + 1
+    gen = torch.Generator().manual_seed(B * 1000 + C * 100 + H)
+    x = torch.randn(B, C, H, 2 * W, generator=gen)[..., ::2]  # strided: the kernel reads any layout
+    offset = spread * torch.randn(B, 2 * G_off * kh * kw, Ho, Wo, generator=gen)
+    weight = torch.randn(Co, C // G_w, kh, kw, generator=gen)
+    bias = torch.randn(Co, generator=gen) if use_bias else None
+    mask = torch.rand(B, G_off * kh * kw, Ho, Wo, generator=gen) if use_mask else None
+    tensors = [t if t is None else t.to(DEVICE, dtype).requires_grad_() for t in (x, offset, weight, bias, mask)]
+    return tensors, dict(stride=stride, padding=padding, dilation=dilation)
+
+
+def run(tensors, geometry, backend, grad_out=None, **kw):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
+    x, offset, weight, bias, mask = leaves
+    out = dynconv.deform_conv2d(x, offset, weight, bias, mask=mask, backend=backend, **geometry, **kw)
+    grad_out = torch.randn_like(out) if grad_out is None else grad_out
+    return out, torch.autograd.grad(out, [t for t in leaves if t is not None], grad_out), grad_out
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("case", CASES, ids=range(len(CASES)))
+def test_triton_matches_reference(case, deterministic, monkeypatch):
+    from dynconv.kernels import deform as kernels
+
+    monkeypatch.setattr(kernels, "BLOCK_CHANNELS", 2)  # several channel blocks, the last one partial
+    tensors, geometry = make(case, torch.float32)
+    out, got, gy = run(tensors, geometry, "triton", deterministic=deterministic)
+    ref, expected, _ = run(tensors, geometry, "reference", gy)
+    assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for g, e in zip(got, expected):
+        assert_close(g, e, rtol=1e-5, atol=1e-4)
+
+
+def test_triton_deterministic_flag_follows_torch(monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) the backward takes the sorted path: bitwise repeatable."""
+    from dynconv.kernels import deform as kernels
+
+    calls = []
+    original = kernels.deform_conv2d_backward
+
+    def spy(*args):
+        calls.append(args[-1])
+        return original(*args)
+
+    monkeypatch.setattr(kernels, "deform_conv2d_backward", spy)
+    tensors, geometry = make(CASES[0], torch.float32)
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = run(tensors, geometry, "triton")
+        second = run(tensors, geometry, "triton", first[2])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    run(tensors, geometry, "triton")
+    assert calls == [True, True, False]
+    for a, b in zip(first[1], second[1]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_low_precision(dtype):
+    tensors, geometry = make(CASES[0], dtype)
+    out, got, gy = run(tensors, geometry, "triton")
+    assert out.dtype == dtype
+    ref_lowp, expected_lowp, _ = run(tensors, geometry, "reference", gy)
+    ref32, expected32, _ = run(
+        [t.float() if t is not None else None for t in tensors], geometry, "reference", gy.float()
+    )
+    assert_close_lowp(out, ref_lowp, ref32)
+    for name, g, lo, e in zip(("x", "offset", "weight", "bias", "mask"), got, expected_lowp, expected32):
+        assert_close_lowp(g, lo, e, atol=2e-2 if name == "offset" else 1e-3, what=name)
+
+
+def test_triton_opcheck():
+    """Schema, fake (meta) kernel and autograd registration of the custom op with the Triton backend."""
+    tensors, geometry = make(CASES[0], torch.float32)
+    x, offset, weight, bias, mask = (t.detach().requires_grad_() for t in tensors)
+    args = (x, offset, weight, bias, mask, [1, 1], [1, 1], [1, 1], "triton", False)
+    torch.library.opcheck(torch.ops.dynconv.deform_conv2d.default, args)
