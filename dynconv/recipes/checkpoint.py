@@ -1,0 +1,50 @@
+"""Checkpoints written atomically and read back with clear errors.
+
+A checkpoint is written to a temporary file in the same folder, flushed to disk, then renamed over the
+target (``os.replace`` is atomic on POSIX), so an interrupted or failed write never damages the last good
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import torch
+
+FORMAT = "dynconv-checkpoint-v1"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable or not a dynconv checkpoint."""
+
+
+def save_checkpoint(path: str, state: dict[str, Any]) -> None:
+    """Write ``state`` (plus a format tag) to ``path`` atomically."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save({"format": FORMAT, **state}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`; raises :class:`CheckpointError` saying what is wrong."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # torch raises several types for truncated or foreign files
+        raise CheckpointError(f"checkpoint {path!r} is corrupted or not a torch file: {exc}") from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path!r} is not a dynconv checkpoint (no {FORMAT!r} tag)")
+    return state

@@ -1,0 +1,314 @@
+"""DFN video prediction: the Moving MNIST protocol, the models, metrics, checkpoints, training and DDP."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from dynconv import metrics
+from dynconv.data import FrameFolderVideo, MovingMNIST, load_digits, load_mnist_test_seq
+from dynconv.data import moving_mnist as mm
+from dynconv.models.dfn_video import ConvLSTMPredictor, CopyLastFrame, DFNVideoPredictor, rollout
+from dynconv.recipes import video_prediction as vp
+from dynconv.recipes.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def test_trajectories_follow_the_protocol():
+    rng = np.random.default_rng(0)
+    pos = mm.trajectories(rng, 500, frames=40)
+    assert pos.shape == (40, 500, 2) and pos.min() >= 0 and pos.max() <= 36  # digits stay inside the canvas
+    steps = np.abs(np.diff(pos, axis=0))
+    assert steps.max() <= 4  # 0.1 * 36 = 3.6 px per frame, truncated positions
+    # bounce: a coordinate that hits a border moves back the other way on the next frame
+    bounced = 0
+    for d in range(500):
+        for axis in range(2):
+            p = pos[:, d, axis]
+            for t in range(1, 39):
+                if p[t] == 36 and p[t - 1] < 36:
+                    assert p[t + 1] <= p[t]
+                    bounced += 1
+                if p[t] == 0 and p[t - 1] > 0:
+                    assert p[t + 1] >= p[t]
+                    bounced += 1
+    assert bounced > 50
+
+
+def test_trajectory_matches_hand_computed_first_frames():
+    """Move-then-bounce from the protocol, computed by hand from the same random draws."""
+    rng = np.random.default_rng(7)
+    y0, x0, theta = rng.random(1)[0], rng.random(1)[0], rng.random(1)[0] * 2 * math.pi
+    pos = mm.trajectories(np.random.default_rng(7), 1, frames=3)
+    for t in range(3):
+        y, x = y0 + (t + 1) * 0.1 * math.sin(theta), x0 + (t + 1) * 0.1 * math.cos(theta)
+        if 0 < y < 1 and 0 < x < 1:
+            assert tuple(pos[t, 0]) == (int(36 * y), int(36 * x))
+
+
+def test_sequences_are_seeded_shaped_and_composited_with_max():
+    digits = load_digits("embedded", "train")
+    data = MovingMNIST(digits, 10, seed=3)
+    a, b = data[4], MovingMNIST(digits, 10, seed=3)[4]
+    assert a.shape == (20, 1, 64, 64) and a.dtype == torch.float32
+    assert torch.equal(a, b) and not torch.equal(a, data[5])
+    assert a.min() >= 0 and a.max() <= 1
+    rng = np.random.default_rng([3, 4])
+    chosen = digits[rng.integers(0, len(digits), 2)]
+    pos = mm.trajectories(rng, 2)
+    frame = np.zeros((64, 64), np.float32)
+    for d in range(2):
+        r, c = pos[0, d]
+        frame[r : r + 28, c : c + 28] = np.maximum(frame[r : r + 28, c : c + 28], chosen[d])
+    assert np.array_equal(a[0, 0].numpy(), frame)
+
+
+def test_embedded_digits_split_is_disjoint():
+    train, test = load_digits("embedded", "train"), load_digits("embedded", "test")
+    assert len(train) + len(test) == 5000 and len(test) == 1000
+    train_set = {d.tobytes() for d in train}
+    assert not any(d.tobytes() in train_set for d in test)
+    assert load_digits("squares").shape == (1, 28, 28)
+
+
+def test_idx_digits_and_test_seq_loader(tmp_path):
+    import gzip
+    import struct
+
+    images = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz", "wb") as fh:
+        fh.write(struct.pack(">IIII", 2051, 3, 28, 28) + images.tobytes())
+    loaded = load_digits("idx", "test", str(tmp_path))
+    assert np.allclose(loaded, images / 255.0)
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
+        load_digits("idx", "train", str(tmp_path))
+    seq = np.random.default_rng(1).integers(0, 256, (20, 2, 64, 64), dtype=np.uint8)
+    np.save(tmp_path / "mnist_test_seq.npy", seq)
+    out = load_mnist_test_seq(str(tmp_path / "mnist_test_seq.npy"))
+    assert out.shape == (2, 20, 1, 64, 64)
+    assert torch.allclose(out[1, 5, 0], torch.from_numpy(seq[5, 1] / 255.0).float())
+
+
+def test_frame_folder_clips(tmp_path):
+    from PIL import Image
+
+    for s, n in (("seq_a", 7), ("seq_b", 4)):
+        os.makedirs(tmp_path / s)
+        for i in range(n):
+            Image.fromarray(np.full((10, 12, 3), i * 30, np.uint8)).save(tmp_path / s / f"{i:04d}.png")
+    data = FrameFolderVideo(str(tmp_path), clip_length=3, stride=2, size=(8, 6))
+    assert len(data) == 3 + 1  # seq_a starts 0, 2, 4; seq_b starts 0
+    clip = data[1]
+    assert clip.shape == (3, 3, 8, 6)
+    assert torch.allclose(clip[:, 0, 0, 0], torch.tensor([60, 90, 120]) / 255.0)
+    assert FrameFolderVideo(str(tmp_path), clip_length=2, frame_step=3, grayscale=True)[0].shape == (2, 1, 10, 12)
+    with pytest.raises(ValueError, match="no sequence"):
+        FrameFolderVideo(str(tmp_path), clip_length=8)
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def _conv_params(cin, cout, k):
+    return cin * cout * k * k + cout
+
+
+def test_dfn_parameter_count_matches_the_architecture():
+    layers = [
+        (1, 32, 3),
+        (32, 32, 3),
+        (32, 64, 3),
+        (64, 64, 3),
+        (64, 128, 3),
+        (128, 128, 3),
+        (128, 128, 3),
+        (128, 64, 3),
+        (64, 64, 3),
+        (64, 64, 3),
+        (64, 64, 3),
+        (64, 128, 1),
+        (128, 81, 1),
+    ]
+    expected = sum(_conv_params(*layer) for layer in layers)
+    assert sum(p.numel() for p in DFNVideoPredictor().parameters()) == expected == 637_361  # = the paper's count
+    baseline = sum(_conv_params(*layer) for layer in layers[:-1]) + _conv_params(128, 1, 1)
+    assert sum(p.numel() for p in DFNVideoPredictor(predict="pixels").parameters()) == baseline
+
+
+def test_filters_are_convex_and_rollout_feeds_predictions_back():
+    torch.manual_seed(0)
+    model = DFNVideoPredictor()
+    frames = torch.rand(2, 6, 1, 16, 16)
+    pred, filters = rollout(model, frames, observed=3, return_filters=True)
+    assert pred.shape == (2, 3, 1, 16, 16) and filters.shape == (2, 3, 81, 16, 16)
+    assert torch.allclose(filters.sum(2), torch.ones(2, 3, 16, 16), atol=1e-5)
+    assert (filters >= 0).all()
+    # the frames after the observed ones are never read: changing them changes nothing
+    other = frames.clone()
+    other[:, 3:] = 0
+    assert torch.equal(rollout(model, other, observed=3), pred)
+    # the first prediction is the last observed frame filtered by the predicted filters
+    from dynconv import reference
+
+    first = reference.local_filter2d(frames[:, 2], filters[:, 0].unsqueeze(1), (9, 9), (1, 1), (4, 4), (1, 1))
+    assert torch.allclose(pred[:, 0], first, atol=1e-5)
+    assert ConvLSTMPredictor().step(frames[:, 0], None)[0].shape == (2, 1, 16, 16)
+    assert torch.equal(rollout(CopyLastFrame(), frames, observed=3), frames[:, 2:3].expand(-1, 3, -1, -1, -1))
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def test_metrics_on_hand_computed_cases():
+    pred = torch.tensor([[[0.5, 0.5], [0.5, 0.5]]])
+    target = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])
+    assert metrics.bce_per_frame(pred, target).item() == pytest.approx(4 * math.log(2))
+    assert metrics.mse_per_frame(pred, target).item() == pytest.approx(0.25)
+    assert metrics.mae_per_frame(pred, target).item() == pytest.approx(0.5)
+    assert metrics.psnr_per_frame(pred, target).item() == pytest.approx(10 * math.log10(4))
+    x = torch.rand(2, 16, 16)
+    assert torch.allclose(metrics.ssim_per_frame(x, x), torch.ones(2, dtype=torch.float64))
+    # SSIM of constant frames a and b: only the luminance term is left, (2ab + c1) / (a^2 + b^2 + c1)
+    a, b, c1 = 0.2, 0.6, 0.01**2
+    s = metrics.ssim_per_frame(torch.full((1, 16, 16), a), torch.full((1, 16, 16), b))
+    assert s.item() == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1), rel=1e-6)
+    assert metrics.ssim_per_frame(x, 1 - x).mean() < 0.2
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_atomic_and_clear_errors(tmp_path, monkeypatch):
+    path = str(tmp_path / "last.pt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(path)
+    save_checkpoint(path, {"step": 1})
+    assert load_checkpoint(path)["step"] == 1
+
+    def broken_save(obj, fh):
+        fh.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, {"step": 2})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1  # the last good checkpoint is intact
+    assert os.listdir(tmp_path) == ["last.pt"]  # and no temporary file is left
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="corrupted"):
+        load_checkpoint(str(tmp_path / "bad.pt"))
+    torch.save({"model": {}}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not a dynconv checkpoint"):
+        load_checkpoint(str(tmp_path / "foreign.pt"))
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(
+        run_dir=str(tmp_path / "run"),
+        frames=6,
+        observed=3,
+        batch_size=2,
+        steps_per_epoch=4,
+        epochs=1,
+        save_every=2,
+        lr=3e-3,
+        test_sequences=4,
+    )
+    base.update(kw)
+    return vp.Config(**base)
+
+
+def test_training_reduces_the_loss(tmp_path):
+    """A short run lowers the test-set BCE below that of the same model at initialisation."""
+    cfg = _cfg(tmp_path, model="baseline", max_steps=10, steps_per_epoch=100, batch_size=4, lr=1e-3)
+    torch.manual_seed(cfg.seed)
+    before = vp.evaluate(vp.build_model("baseline"), vp.test_set(cfg), cfg.observed)["bce_per_frame"]
+    losses = vp.train(cfg)["losses"]
+    after = vp.evaluate(vp.load_model(os.path.join(cfg.run_dir, "last.pt"))[0], vp.test_set(cfg), cfg.observed)
+    assert after["bce_per_frame"] < 0.7 * before
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+
+
+def test_resume_continues_exactly(tmp_path):
+    full = vp.train(_cfg(tmp_path / "a", max_steps=4))["losses"]
+    vp.train(_cfg(tmp_path / "b", max_steps=2))
+    resumed = vp.train(_cfg(tmp_path / "b", max_steps=4))["losses"]  # picks up b/run/last.pt at step 2
+    assert len(resumed) == 2
+    assert resumed == pytest.approx(full[2:], rel=1e-6, abs=1e-7)
+
+
+def test_cli_train_eval_predict(tmp_path, capsys):
+    from dynconv.cli import main
+
+    run = str(tmp_path / "run")
+    common = ["--frames", "6", "--observed", "3", "--batch-size", "2", "--test-sequences", "3"]
+    assert (
+        main(["train", "video-prediction", "--run-dir", run, "--max-steps", "2", "--model", "baseline"] + common) == 0
+    )
+    metrics_json = json.load(open(os.path.join(run, "metrics.json")))
+    assert metrics_json["bce_per_frame"] > 0
+    with pytest.raises(SystemExit, match="pass --resume"):
+        main(["train", "video-prediction", "--run-dir", run, "--max-steps", "2"])
+    assert main(["eval", "video-prediction", "--checkpoint", os.path.join(run, "last.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "| baseline" in out and "| copy last frame" in out
+    gif = str(tmp_path / "p.gif")
+    assert main(["predict", "video-prediction", "--checkpoint", os.path.join(run, "last.pt"), "--output", gif]) == 0
+    assert os.path.exists(gif) and os.path.exists(gif[:-4] + ".png")
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "dynconv",
+        "train",
+        "video-prediction",
+        "--run-dir",
+        str(tmp_path / "ddp"),
+        "--max-steps",
+        "3",
+        "--frames",
+        "6",
+        "--observed",
+        "3",
+        "--batch-size",
+        "2",
+        "--test-sequences",
+        "2",
+        "--threads",
+        "1",
+    ]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = load_checkpoint(str(tmp_path / "ddp" / "last.pt"))
+    assert state["step"] == 3
+    log = [json.loads(line) for line in open(tmp_path / "ddp" / "log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3]
