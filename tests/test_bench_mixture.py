@@ -8,13 +8,7 @@ import torch
 import dynconv
 from dynconv.bench import mixture
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_flop_count_of_static_and_mixed_conv():

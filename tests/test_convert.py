@@ -9,14 +9,7 @@ from torch import nn
 import dynconv
 from dynconv.models import mobilenet_v2, resnet18
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small models on the shared 2-core machine run several times faster on one OpenMP thread under load.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 LAYER_OF = {"condconv": dynconv.CondConv2d, "dynamic": dynconv.DynamicConv2d, "odconv": dynconv.ODConv2d,

@@ -9,14 +9,7 @@ import dynconv
 from dynconv import reference
 from dynconv.testing import assert_close
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny ops on the shared 2-core machine: ~65 ms per call with 2 OpenMP threads under load, ~20 us with one.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------- DFN

@@ -11,15 +11,7 @@ from dynconv import reference
 from dynconv.backends import BackendError
 from dynconv.testing import assert_close, assert_close_lowp
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Measured on the shared 2-core machine under load: a tiny conv costs ~65 ms with 2 OpenMP threads
-    # (threads wait on each other) and ~20 us with one. These tests use tiny shapes only.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_case(seed):
