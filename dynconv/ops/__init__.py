@@ -3,4 +3,7 @@
 Importing this package registers every op under the ``dynconv::`` namespace.
 """
 
-from dynconv.ops import local_filter  # noqa: F401  (registers dynconv::local_filter2d)
+from dynconv.ops import (
+    dcnv,  # noqa: F401  (registers dynconv::dcn_sample)
+    local_filter,  # noqa: F401  (registers dynconv::local_filter2d)
+)
