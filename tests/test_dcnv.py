@@ -439,3 +439,21 @@ def test_fresh_dcnv4_outputs_the_output_bias():
     out = layer(torch.randn(1, 5, 5, 16))
     assert_close(out, layer.output_proj.bias.expand_as(out))
     assert layer.offset_mask.out_features == 112  # ceil(3 * 4 * 9 / 8) * 8
+
+
+def test_bench_baseline_matches_dcnv3_and_bench_runs():
+    from dynconv.bench import dcnv as bench
+
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(2, 5, 6, 8, generator=g, dtype=torch.float64)
+    off = 2 * torch.randn(2, 5, 6, 2 * 9 * 2, generator=g, dtype=torch.float64)
+    m = torch.randn(2, 5, 6, 2 * 9, generator=g, dtype=torch.float64)
+    assert_close(bench.grid_sample_all_points(v, off, m, 2), dynconv.dcnv3(v, off, m, 3, group=2, backend="reference"))
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--shapes", "1,4,5,2,2"])
+    args.device, args.repeats = "cpu", 1
+    table = bench.run(args)
+    assert table.count("| (1, 4, 5, 2, 2) |") == 5  # dcnv3: torch, reference, grid_sample; dcnv4: torch, reference
