@@ -183,7 +183,9 @@ def dcnv3(
         group (int): number of offset groups. Default 1.
         offset_scale (float): scale of the offsets (and of the kernel grid, as in the official kernels). Default 1.
         remove_center (bool): leave out the centre kernel point (odd kernels only). Default False.
-        backend (str or None): ``"reference"``, ``"torch"`` or ``None`` (automatic; no Triton kernel yet).
+        backend (str or None): ``"reference"``, ``"torch"``, ``"triton"`` or ``None`` (automatic, see
+            :mod:`dynconv.backends`; Triton on CUDA tensors). The Triton backward scatters ``grad input`` with fp32
+            atomics, or deterministically when ``torch.are_deterministic_algorithms_enabled()``.
 
     Returns:
         Tensor[B, H_out, W_out, C] in the dtype of ``input`` (fp16/bf16 accumulate in fp32).

@@ -170,11 +170,14 @@ def test_torch_low_precision(case, dtype):
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])
 def test_gradcheck(backend):
-    case = dict(CASES[1], B=1, H=4, W=5, G=2, Cg=2, k=3, stride=1, padding=1, dilation=1)
+    case = dict(CASES[1], B=1, H=3, W=4, G=2, Cg=1, k=3, stride=1, padding=1, dilation=1)
     case.update(remove_center=False, offset_scale=0.7, offset_std=1.3, layout="contiguous")
     inputs = [t.requires_grad_() for t in make_inputs(case, torch.float64, seed=3)]
     kw = kwargs_of(case)
-    assert torch.autograd.gradcheck(lambda *t: dynconv.dcnv3(*t, backend=backend, **kw), inputs)
+    # fast_mode checks random projections of the Jacobian: the reference's many small gathers make the full
+    # check slow, and it is the torch backend's exact Jacobian that matters most.
+    fn = lambda *t: dynconv.dcnv3(*t, backend=backend, **kw)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=backend == "reference")
 
 
 def test_gradient_of_one_input_only():
@@ -361,9 +364,10 @@ def test_device_mismatch_raises_on_meta():
         dynconv.dcnv3(x, torch.zeros(1, 4, 4, 36, device="meta"), torch.zeros(1, 4, 4, 18), **BASE)
 
 
-def test_no_triton_kernel_says_why():
+def test_triton_on_cpu_says_why(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     x = torch.zeros(1, 4, 4, 4)
-    with pytest.raises(dynconv.BackendError, match=r"dcnv3: the triton backend has no kernel"):
+    with pytest.raises(dynconv.BackendError, match=r"dcnv3: the triton backend needs"):
         dynconv.dcnv3(x, torch.zeros(1, 4, 4, 36), torch.zeros(1, 4, 4, 18), backend="triton", **BASE)
 
 

@@ -16,9 +16,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dynconv.backends import TRITON_OPS
 from dynconv.reference import dcn_kernel_points
 
 __all__ = ["dcn_sample_op"]
+
+# The Triton kernels (dynconv/kernels/dcnv.py) accumulate in fp32, and in fp64 for fp64 inputs (gradcheck).
+for _op in ("dcnv3", "dcnv4"):
+    TRITON_OPS[_op] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -131,6 +136,10 @@ def dcn_sample_op(
     backend: str,
 ) -> torch.Tensor:
     """Forward of the DCNv3/DCNv4 sampling core on validated arguments (see :func:`dynconv.dcnv3`)."""
+    if backend == "triton":
+        from dynconv.kernels import dcnv as kernels
+
+        return kernels.forward(value, offset, mask, kernel_size, stride, padding, dilation, offset_scale, remove_center)
     return _torch_forward(value, offset, mask, kernel_size, stride, padding, dilation, offset_scale, remove_center)
 
 
@@ -158,6 +167,12 @@ def dcn_sample_backward_op(
     need_mask: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``dcn_sample`` wrt ``value``, ``offset`` and ``mask``; one not needed comes back empty."""
+    if backend == "triton":
+        from dynconv.kernels import dcnv as kernels
+
+        needs = (need_value, need_offset, need_mask)
+        args = (kernel_size, stride, padding, dilation, offset_scale, remove_center, needs)
+        return kernels.backward(grad_out, value, offset, mask, *args)
     return _torch_backward(
         grad_out,
         value,
