@@ -12,6 +12,7 @@ Offsets are random with a standard deviation of 2 pixels (many samples of the bo
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -56,8 +57,8 @@ def grid_sample_all_points(value, offset, mask, group):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shapes", default="full", help="'full', 'quick' or 'B,H,W,G,Cg;...' (3x3 kernel)")
-    parser.add_argument("--quick", action="store_true", help="the quick subset (same as --shapes quick)")
+    parser.add_argument("--shapes", default=None, help="'full' (default), 'quick' or 'B,H,W,G,Cg;...' (3x3 kernel)")
+    parser.add_argument("--quick", action="store_true", help="the quick subset, unless --shapes is given")
     parser.add_argument("--dtypes", default="float32", help="comma-separated: float32,bfloat16,float16")
     parser.add_argument("--ops", default="dcnv3,dcnv4", help="comma-separated: dcnv3,dcnv4")
     parser.add_argument(
@@ -67,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _parse_shapes(args) -> list[tuple[int, ...]]:
-    text = "quick" if args.quick else args.shapes
+    text = args.shapes or ("quick" if args.quick else "full")
     if text == "full":
         return FULL_SHAPES
     if text == "quick":
@@ -120,6 +121,9 @@ def run(args: argparse.Namespace) -> str:
                         fwd = measure(lambda fn=fn: fn(*inputs), device, repeats=args.repeats)
                     both = measure(lambda fn=fn: step(fn), device, repeats=args.repeats)
                     results[name] = (fwd, both)
+                    # progress on stderr: a full run takes long on CPU
+                    times = f"fwd {fwd.median_ms:.3g} ms, fwd+bwd {both.median_ms:.3g} ms"
+                    print(f"{shape} {dtype_name} {op} {name}: {times}", file=sys.stderr, flush=True)
                 base_fwd, base_both = results[backends[0]]
                 for name, (fwd, both) in results.items():
                     rows.append(
