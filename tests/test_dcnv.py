@@ -180,6 +180,22 @@ def test_gradcheck(backend):
     assert torch.autograd.gradcheck(fn, inputs, fast_mode=backend == "reference")
 
 
+def test_point_chunks_give_the_same_result(monkeypatch):
+    # A tiny chunk budget: one kernel point per grid_sample call, as at the largest sizes.
+    from dynconv.ops import dcnv as ops
+
+    case = CASES[3]
+    inputs = make_inputs(case, torch.float64)
+    kw = kwargs_of(case)
+    out, grads, gy = run_with_grads(lambda *t: dynconv.dcnv3(*t, backend="torch", **kw), inputs)
+    monkeypatch.setattr(ops, "CHUNK_BYTES", 1)
+    assert ops._chunks(9, 100) == [(k, k + 1) for k in range(9)]
+    out1, grads1, _ = run_with_grads(lambda *t: dynconv.dcnv3(*t, backend="torch", **kw), inputs, gy)
+    assert_close(out1, out)
+    for a, e in zip(grads1, grads):
+        assert_close(a, e)
+
+
 def test_gradient_of_one_input_only():
     case = CASES[2]
     x, off, m = make_inputs(case, torch.float64)

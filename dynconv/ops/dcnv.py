@@ -4,11 +4,13 @@ The op takes channels-last ``value [B, H, W, C]``, offsets ``[B, H_out, W_out, G
 ``[B, H_out, W_out, G, P]`` (normalised arguments; see :func:`dynconv.reference.dcn_sample` for the exact
 sampling locations) and returns ``[B, H_out, W_out, C]``.
 
-The ``torch`` backend loops over the P kernel points (not over pixels): one ``grid_sample`` per point over all
-groups at once (``[B*G, C/G, H, W]``) accumulated in place into one fp32 buffer, and a hand-written backward
-that runs the same loop with ``aten.grid_sampler_2d_backward``. Sampling all points in one ``grid_sample``
-call, as InternImage's ``dcnv3_core_pytorch`` does, materialises a ``[B*G, C/G, H_out*W_out, P]`` tensor (P
-times the output) and autograd keeps it for the backward; the loop keeps memory at inputs + outputs.
+The ``torch`` backend samples the P kernel points with ``grid_sample`` over all groups at once
+(``[B*G, C/G, H, W]``, grid ``[B*G, H_out*W_out, n, 2]``) and has a hand-written backward
+(``aten.grid_sampler_2d_backward``), so autograd saves only the inputs. InternImage's ``dcnv3_core_pytorch``
+samples all P points in one call and lets autograd keep the ``[B*G, C/G, H_out*W_out, P]`` samples (P times
+the output) until the backward; here that tensor is a temporary, and the points are taken in chunks whose
+samples fit in :data:`CHUNK_BYTES` (one point per chunk at the largest sizes). Measured in ``docs/benchmarks.md``
+(an earlier one-point-at-a-time loop was 1.3-4x slower forward on CPU).
 """
 
 from __future__ import annotations
@@ -37,8 +39,18 @@ def _grouped_nchw(t: torch.Tensor, G: int, dtype: torch.dtype) -> torch.Tensor:
     return t.permute(0, 3, 1, 2).to(dtype).reshape(B * G, C // G, H, W).contiguous()
 
 
+# Bytes of the [B*G, C/G, H_out*W_out, n] temporaries a chunk of n kernel points may take (see _chunks).
+CHUNK_BYTES = 256 * 2**20
+
+
+def _chunks(P: int, per_point_bytes: int) -> list[tuple[int, int]]:
+    """Split the P kernel points into chunks whose sampled values fit in :data:`CHUNK_BYTES` (at least one point)."""
+    n = max(1, min(P, CHUNK_BYTES // max(1, per_point_bytes)))
+    return [(k, min(P, k + n)) for k in range(0, P, n)]
+
+
 class _Geometry:
-    """Normalised ``grid_sample`` grids of each kernel point (align_corners=False, pixel centres at integers)."""
+    """Normalised ``grid_sample`` grids of the kernel points (align_corners=False, pixel centres at integers)."""
 
     def __init__(self, value_hw, offset, kernel_size, stride, padding, dilation, offset_scale, remove_center, acc):
         H, W = value_hw
@@ -46,23 +58,31 @@ class _Geometry:
         kh, kw = kernel_size
         (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
         device = offset.device
-        self.H, self.W, self.scale = H, W, offset_scale
-        self.points = dcn_kernel_points(kernel_size, dilation, remove_center)
-        # Base pixel coordinates of every output position (before the kernel point and the offset).
-        self.ys = (torch.arange(Ho, device=device, dtype=acc) * sh - ph + (dh * (kh - 1)) // 2).view(1, 1, Ho, 1)
-        self.xs = (torch.arange(Wo, device=device, dtype=acc) * sw - pw + (dw * (kw - 1)) // 2).view(1, 1, 1, Wo)
-        # [B, G, P, 2, Ho, Wo] in acc: one strided read per point below.
-        self.offset = offset.to(acc).permute(0, 3, 4, 5, 1, 2)
-        self.shape = (B * G, Ho, Wo)
+        self.scale, self.B, self.G, self.Q = offset_scale, B, G, Ho * Wo
+        self.points = torch.tensor(dcn_kernel_points(kernel_size, dilation, remove_center), dtype=acc, device=device)
+        # Base pixel coordinates (x, y) of every output position, before the kernel point and the offset.
+        ys = torch.arange(Ho, device=device, dtype=acc) * sh - ph + (dh * (kh - 1)) // 2
+        xs = torch.arange(Wo, device=device, dtype=acc) * sw - pw + (dw * (kw - 1)) // 2
+        self.base = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).view(1, Ho * Wo, 1, 2)
+        self.size = torch.tensor([W, H], dtype=acc, device=device)
+        self.offset, self.acc = offset, acc
 
-    def grid(self, k: int) -> torch.Tensor:
-        dx, dy = self.points[k]
-        px = self.xs + (dx + self.offset[:, :, k, 0]) * self.scale  # [B, G, Ho, Wo]
-        py = self.ys + (dy + self.offset[:, :, k, 1]) * self.scale
+    def grid(self, k0: int, k1: int) -> torch.Tensor:
+        """The grid of points ``k0 .. k1 - 1``: ``[B*G, H_out*W_out, k1 - k0, 2]``."""
+        off = self.offset[..., k0:k1, :].to(self.acc).permute(0, 3, 1, 2, 4, 5).reshape(self.B * self.G, self.Q, -1, 2)
+        loc = self.base + (self.points[k0:k1] + off) * self.scale
         # align_corners=False maps pixel coordinate p to (2p + 1) / size - 1.
-        gx = (2 * px + 1) / self.W - 1
-        gy = (2 * py + 1) / self.H - 1
-        return torch.stack((gx, gy), dim=-1).reshape(*self.shape, 2)
+        return (2 * loc + 1) / self.size - 1
+
+
+def _mask_chunk(mask: torch.Tensor, k0: int, k1: int, acc: torch.dtype) -> torch.Tensor:
+    """``mask[..., k0:k1]`` as ``[B*G, 1, H_out*W_out, k1 - k0]``."""
+    B, Ho, Wo, G, _ = mask.shape
+    return mask[..., k0:k1].to(acc).permute(0, 3, 1, 2, 4).reshape(B * G, 1, Ho * Wo, k1 - k0)
+
+
+def _sample(xg: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    return F.grid_sample(xg, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def _torch_forward(value, offset, mask, kernel_size, stride, padding, dilation, offset_scale, remove_center):
@@ -71,11 +91,10 @@ def _torch_forward(value, offset, mask, kernel_size, stride, padding, dilation, 
     acc = _acc_dtype(value.dtype)
     xg = _grouped_nchw(value, G, acc)
     geom = _Geometry((H, W), offset, kernel_size, stride, padding, dilation, offset_scale, remove_center, acc)
-    m = mask.permute(0, 3, 4, 1, 2)  # [B, G, P, Ho, Wo]
-    out = torch.zeros((B * G, C // G, Ho, Wo), dtype=acc, device=value.device)
-    for k in range(P):
-        sampled = F.grid_sample(xg, geom.grid(k), mode="bilinear", padding_mode="zeros", align_corners=False)
-        out.addcmul_(sampled, m[:, :, k].reshape(B * G, 1, Ho, Wo).to(acc))
+    out = torch.zeros((B * G, C // G, Ho * Wo), dtype=acc, device=value.device)
+    for k0, k1 in _chunks(P, B * C * Ho * Wo * xg.element_size()):
+        sampled = _sample(xg, geom.grid(k0, k1))  # [B*G, C/G, Ho*Wo, n]
+        out += sampled.mul_(_mask_chunk(mask, k0, k1, acc)).sum(-1)
     return out.view(B, C, Ho, Wo).permute(0, 2, 3, 1).to(value.dtype).contiguous()
 
 
@@ -87,38 +106,37 @@ def _torch_backward(
     _, Ho, Wo, G, P, _ = offset.shape
     acc = _acc_dtype(value.dtype)
     xg = _grouped_nchw(value, G, acc)
-    gy = _grouped_nchw(grad_out, G, acc)  # [B*G, C/G, Ho, Wo]
+    gy = _grouped_nchw(grad_out, G, acc).view(B * G, C // G, Ho * Wo, 1)
     geom = _Geometry((H, W), offset, kernel_size, stride, padding, dilation, offset_scale, remove_center, acc)
-    m = mask.permute(0, 3, 4, 1, 2)
     grad_x = torch.zeros_like(xg) if need_value else None
-    grad_off = torch.empty((B, G, P, 2, Ho, Wo), dtype=acc, device=value.device) if need_offset else None
-    grad_m = torch.empty((B, G, P, Ho, Wo), dtype=acc, device=value.device) if need_mask else None
+    grad_off = torch.empty((B * G, Ho * Wo, P, 2), dtype=acc, device=value.device) if need_offset else None
+    grad_m = torch.empty((B * G, Ho * Wo, P), dtype=acc, device=value.device) if need_mask else None
     # d(grid coordinate)/d(offset) = offset_scale * 2 / size (the inverse of the normalisation in _Geometry.grid).
-    dgrid = (offset_scale * 2 / W, offset_scale * 2 / H)
-    for k in range(P):
-        grid = geom.grid(k)
-        m_k = m[:, :, k].reshape(B * G, 1, Ho, Wo).to(acc)
+    dgrid = offset_scale * 2 / geom.size
+    for k0, k1 in _chunks(P, B * C * Ho * Wo * xg.element_size()):
+        grid = geom.grid(k0, k1)
         if need_mask:
-            sampled = F.grid_sample(xg, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-            grad_m[:, :, k] = (sampled * gy).sum(1).view(B, G, Ho, Wo)
+            grad_m[:, :, k0:k1] = _sample(xg, grid).mul_(gy).sum(1)
         if need_value or need_offset:
-            # interpolation 0 = bilinear, padding 0 = zeros.
+            # interpolation 0 = bilinear, padding 0 = zeros; grad_input sums the chunk's points inside aten.
             gx_k, ggrid = torch.ops.aten.grid_sampler_2d_backward(
-                gy * m_k, xg, grid, 0, 0, False, [need_value, need_offset]
+                gy * _mask_chunk(mask, k0, k1, acc), xg, grid, 0, 0, False, [need_value, need_offset]
             )
             if need_value:
                 grad_x += gx_k
             if need_offset:
-                ggrid = ggrid.view(B, G, Ho, Wo, 2)
-                grad_off[:, :, k, 0] = ggrid[..., 0] * dgrid[0]
-                grad_off[:, :, k, 1] = ggrid[..., 1] * dgrid[1]
+                grad_off[:, :, k0:k1] = ggrid * dgrid
     grad_value = (
         grad_x.view(B, C, H, W).permute(0, 2, 3, 1).to(value.dtype).contiguous() if need_value else value.new_empty(0)
     )
-    grad_offset = (
-        grad_off.permute(0, 4, 5, 1, 2, 3).to(offset.dtype).contiguous() if need_offset else offset.new_empty(0)
-    )
-    grad_mask = grad_m.permute(0, 3, 4, 1, 2).to(mask.dtype).contiguous() if need_mask else mask.new_empty(0)
+    if need_offset:
+        grad_offset = grad_off.view(B, G, Ho, Wo, P, 2).permute(0, 2, 3, 1, 4, 5).to(offset.dtype).contiguous()
+    else:
+        grad_offset = offset.new_empty(0)
+    if need_mask:
+        grad_mask = grad_m.view(B, G, Ho, Wo, P).permute(0, 2, 3, 1, 4).to(mask.dtype).contiguous()
+    else:
+        grad_mask = mask.new_empty(0)
     return grad_value, grad_offset, grad_mask
 
 
