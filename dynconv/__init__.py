@@ -5,9 +5,11 @@ Ops live in :mod:`dynconv.functional` and are re-exported here; layers live in :
 
 from dynconv import ops  # noqa: F401  (registers the dynconv:: custom ops)
 from dynconv.backends import BackendError, choose_backend
-from dynconv.functional import deform_conv2d, local_filter2d, sample_conv2d, warp
+from dynconv.functional import dcnv3, dcnv4, deform_conv2d, local_filter2d, sample_conv2d, warp
 from dynconv.nn import (
     CondConv2d,
+    DCNv3,
+    DCNv4,
     DeformConv2d,
     DynamicConv2d,
     DynamicDilatedFilter,
@@ -29,6 +31,8 @@ from dynconv.nn import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "DCNv3",
+    "DCNv4",
     "BackendError",
     "CondConv2d",
     "DeformConv2d",
@@ -45,6 +49,8 @@ __all__ = [
     "ODConv2d",
     "choose_backend",
     "convert",
+    "dcnv3",
+    "dcnv4",
     "deform_conv2d",
     "local_filter2d",
     "sample_conv2d",

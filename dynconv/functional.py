@@ -14,11 +14,12 @@ import torch
 from dynconv import reference
 from dynconv._checks import check_same, check_tensor, conv_out_size, pair
 from dynconv.backends import choose_backend
+from dynconv.ops.dcnv import dcn_sample_op
 from dynconv.ops.deform import deform_conv2d_op
 from dynconv.ops.local_filter import local_filter2d_op
 from dynconv.ops.warp import warp_torch
 
-__all__ = ["deform_conv2d", "local_filter2d", "sample_conv2d", "warp"]
+__all__ = ["dcnv3", "dcnv4", "deform_conv2d", "local_filter2d", "sample_conv2d", "warp"]
 
 IntOrPair = int | Sequence[int]
 
@@ -377,3 +378,164 @@ def sample_conv2d(
         B * groups,
     )
     return out.view(B, C_out, Ho, Wo)
+
+
+def _dcn_geometry(value, kernel_size, stride, padding, dilation, group, offset_scale, remove_center):
+    """Validate the arguments shared by :func:`dcnv3` and :func:`dcnv4`; return the normalised ones."""
+    value = check_tensor(value, "input", ndim=4, shape_hint="[B, H, W, C] (channels-last)")
+    kh, kw = pair(kernel_size, "kernel_size")
+    sh, sw = pair(stride, "stride")
+    dh, dw = pair(dilation, "dilation")
+    ph, pw = ((kh - 1) // 2 * dh, (kw - 1) // 2 * dw) if padding is None else pair(padding, "padding", minimum=0)
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+        raise ValueError(f"group must be a positive int, got {group!r}")
+    if isinstance(offset_scale, bool) or not isinstance(offset_scale, (int, float)):
+        raise TypeError(f"offset_scale must be a float, got {offset_scale!r}")
+    if not isinstance(remove_center, bool):
+        raise TypeError(f"remove_center must be a bool, got {remove_center!r}")
+    if remove_center and (kh % 2 == 0 or kw % 2 == 0):
+        raise ValueError(f"remove_center needs an odd kernel_size (it has a centre point), got {(kh, kw)}")
+    B, H, W, C = value.shape
+    if min(B, H, W, C) < 1:
+        raise ValueError(f"input must have positive sizes [B, H, W, C], got shape {tuple(value.shape)}")
+    if C % group != 0:
+        raise ValueError(f"input channels ({C}) must be divisible by group ({group})")
+    Ho, Wo = conv_out_size(H, kh, sh, ph, dh), conv_out_size(W, kw, sw, pw, dw)
+    if Ho < 1 or Wo < 1:
+        raise ValueError(
+            f"input of spatial size {(H, W)} is too small for kernel_size {(kh, kw)} with padding "
+            f"{(ph, pw)} and dilation {(dh, dw)}: the output would be {(Ho, Wo)}"
+        )
+    P = kh * kw - int(remove_center)
+    args = ([kh, kw], [sh, sw], [ph, pw], [dh, dw], float(offset_scale), remove_center)
+    return value, (B, Ho, Wo, group, P), args
+
+
+def _dcn_dispatch(op_name, value, offset, mask, args, backend):
+    chosen = choose_backend(op_name, value, offset, mask, backend=backend)
+    if chosen == "reference":
+        kernel_size, stride, padding, dilation, offset_scale, remove_center = args
+        return reference.dcn_sample(
+            value, offset, mask, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation),
+            offset_scale, remove_center,
+        )  # fmt: skip
+    return dcn_sample_op(value, offset, mask, *args, chosen)
+
+
+def dcnv3(
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    mask: torch.Tensor,
+    kernel_size: IntOrPair = 3,
+    stride: IntOrPair = 1,
+    padding: IntOrPair | None = None,
+    dilation: IntOrPair = 1,
+    group: int = 1,
+    offset_scale: float = 1.0,
+    remove_center: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
+    r"""The DCNv3 core (InternImage, Wang et al., CVPR 2023): deformable sampling with ``group`` groups of
+    channels that share offsets and modulation, channels-last, no weights (the projections live in
+    :class:`dynconv.nn.DCNv3`).
+
+    .. math::
+        y[b, h, w, c] = \sum_k m[b, h, w, g, k] \, x[b, p_0(h, w) + (p_k + \Delta[b, h, w, g, k]) s, c]
+
+    with ``g = c // (C / group)``, ``p_0`` the centre of the ``F.conv2d`` window of output ``(h, w)``,
+    ``p_k`` the centred, dilated kernel grid (points ordered x-major as the official kernels:
+    :func:`dynconv.reference.dcn_kernel_points`), ``s = offset_scale``, bilinear sampling and zeros outside the
+    image. This matches InternImage's ``DCNv3Function`` / ``dcnv3_core_pytorch``.
+
+    Args:
+        input (Tensor[B, H, W, C]): channels-last input; ``C`` divisible by ``group``.
+        offset (Tensor[B, H_out, W_out, group*P*2]): ``(x, y)`` offsets in pixels, ``P = kh*kw`` (minus one with
+            ``remove_center``), laid out as ``[group, P, 2]``.
+        mask (Tensor[B, H_out, W_out, group*P]): modulation, laid out as ``[group, P]``. DCNv3 softmax-normalises
+            it over the P points per group *before* this op (the module does); the op uses it as given.
+        kernel_size, stride, dilation (int or (int, int)): window geometry as ``F.conv2d``. Default 3, 1, 1.
+        padding (int or (int, int) or None): zero padding; ``None`` means ``(k - 1) // 2 * dilation``.
+        group (int): number of offset groups. Default 1.
+        offset_scale (float): scale of the offsets (and of the kernel grid, as in the official kernels). Default 1.
+        remove_center (bool): leave out the centre kernel point (odd kernels only). Default False.
+        backend (str or None): ``"reference"``, ``"torch"``, ``"triton"`` or ``None`` (automatic, see
+            :mod:`dynconv.backends`; Triton on CUDA tensors). The Triton backward scatters ``grad input`` with fp32
+            atomics, or deterministically when ``torch.are_deterministic_algorithms_enabled()``.
+
+    Returns:
+        Tensor[B, H_out, W_out, C] in the dtype of ``input`` (fp16/bf16 accumulate in fp32).
+
+    Raises:
+        TypeError: a non-tensor, a non-floating dtype, or tensors of different dtypes.
+        ValueError: a wrong rank or shape (the message gives the expected one), ``C`` not divisible by ``group``,
+            tensors on different devices, or non-positive sizes.
+    """
+    value, (B, Ho, Wo, G, P), args = _dcn_geometry(
+        input, kernel_size, stride, padding, dilation, group, offset_scale, remove_center
+    )
+    offset = check_tensor(offset, "offset", ndim=4, shape_hint="[B, H_out, W_out, group*P*2]")
+    mask = check_tensor(mask, "mask", ndim=4, shape_hint="[B, H_out, W_out, group*P]")
+    check_same(value, "input", offset, "offset")
+    check_same(value, "input", mask, "mask")
+    where = f"for input of shape {list(value.shape)}, kernel_size {tuple(args[0])}, stride {tuple(args[1])}, " \
+        f"padding {tuple(args[2])}, dilation {tuple(args[3])}, group {G}, remove_center {remove_center}"  # fmt: skip
+    if tuple(offset.shape) != (B, Ho, Wo, G * P * 2):
+        raise ValueError(
+            f"offset must have shape [B, H_out, W_out, group*P*2] = {[B, Ho, Wo, G * P * 2]} {where}; "
+            f"got {list(offset.shape)}"
+        )
+    if tuple(mask.shape) != (B, Ho, Wo, G * P):
+        raise ValueError(
+            f"mask must have shape [B, H_out, W_out, group*P] = {[B, Ho, Wo, G * P]} {where}; got {list(mask.shape)}"
+        )
+    return _dcn_dispatch("dcnv3", value, offset.view(B, Ho, Wo, G, P, 2), mask.view(B, Ho, Wo, G, P), args, backend)
+
+
+def dcnv4(
+    input: torch.Tensor,
+    offset_mask: torch.Tensor,
+    kernel_size: IntOrPair = 3,
+    stride: IntOrPair = 1,
+    padding: IntOrPair | None = None,
+    dilation: IntOrPair = 1,
+    group: int = 1,
+    offset_scale: float = 1.0,
+    remove_center: bool = False,
+    backend: str | None = None,
+) -> torch.Tensor:
+    r"""The DCNv4 core (Xiong et al., "Efficient Deformable ConvNets", CVPR 2024): the sampling of
+    :func:`dcnv3` with offsets and modulation in **one** tensor, as one linear layer predicts them, and
+    **no softmax** on the modulation (unbounded aggregation weights).
+
+    Args:
+        input (Tensor[B, H, W, C]): channels-last input; ``C`` divisible by ``group``.
+        offset_mask (Tensor[B, H_out, W_out, M]): the official DCNv4 layout: for each group, ``2P`` offsets
+            (``(x, y)`` per point) followed by ``P`` modulation scalars, i.e. ``[group, 3P]`` flattened, then
+            zero channels up to ``M = ceil(3 * group * P / 8) * 8`` (the official op reads that padded width;
+            ``M = 3 * group * P`` is accepted too).
+        kernel_size, stride, padding, dilation, group, offset_scale, remove_center, backend: as :func:`dcnv3`.
+
+    Returns:
+        Tensor[B, H_out, W_out, C] in the dtype of ``input``.
+
+    Raises:
+        TypeError, ValueError: as :func:`dcnv3`, for ``offset_mask`` of the wrong shape, dtype or device.
+    """
+    value, (B, Ho, Wo, G, P), args = _dcn_geometry(
+        input, kernel_size, stride, padding, dilation, group, offset_scale, remove_center
+    )
+    offset_mask = check_tensor(offset_mask, "offset_mask", ndim=4, shape_hint="[B, H_out, W_out, M]")
+    check_same(value, "input", offset_mask, "offset_mask")
+    used = 3 * G * P
+    padded = -(-used // 8) * 8
+    if tuple(offset_mask.shape[:3]) != (B, Ho, Wo) or offset_mask.shape[3] not in (used, padded):
+        raise ValueError(
+            f"offset_mask must have shape [B, H_out, W_out, M] = {[B, Ho, Wo, padded]} (or M = 3*group*P = {used}) "
+            f"for input of shape {list(value.shape)}, kernel_size {tuple(args[0])}, stride {tuple(args[1])}, "
+            f"padding {tuple(args[2])}, dilation {tuple(args[3])}, group {G}, remove_center {remove_center}; "
+            f"got {list(offset_mask.shape)}"
+        )
+    per_group = offset_mask[..., :used].unflatten(3, (G, 3 * P))
+    offset = per_group[..., : 2 * P].unflatten(4, (P, 2))
+    mask = per_group[..., 2 * P :]
+    return _dcn_dispatch("dcnv4", value, offset, mask, args, backend)

@@ -8,4 +8,5 @@ BENCHMARKS = {
     "local_filter": "dynconv.bench.local_filter",
     "mixture": "dynconv.bench.mixture",
     "deform": "dynconv.bench.deform",
+    "dcnv": "dynconv.bench.dcnv",
 }

@@ -26,13 +26,6 @@ from dynconv.functional import deform_conv2d
 DCNV2_SHAPES = [(8, 64, 56, 56), (2, 256, 64, 64)]
 DCNV2_SMALL_SHAPES = [(2, 16, 24, 24), (1, 32, 20, 20)]
 
-# ---- DCNv3 / DCNv4 (the DCNv4 paper's benchmark shapes) -------------------------------------------------------
-# Filled in by the DCNv3/DCNv4 work: its shapes and a ``run_dcnv34(args) -> list of rows`` hook, appended to the
-# output of ``run`` below when present. Kept separate so the two halves of this benchmark do not collide.
-DCNV34_SHAPES: list[tuple[int, ...]] = []
-run_dcnv34 = None
-# ----------------------------------------------------------------------------------------------------------------
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shapes", default="default", help="'default', 'small' or 'B,C,H,W;...' (DCNv2, 3x3)")
@@ -148,8 +141,6 @@ def run(args: argparse.Namespace) -> str:
         "fwd peak extra MB",
         "fwd+bwd peak extra MB",
     ]
-    if run_dcnv34 is not None:
-        rows += run_dcnv34(args)
     table = markdown_table(header, rows)
     if tv_op is None:
         table += f"\n\ntorchvision not measured ({tv_reason})."

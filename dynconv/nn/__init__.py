@@ -1,6 +1,7 @@
 """``nn.Module`` layers, one file per family, re-exported flat."""
 
 from dynconv.nn.convert import convert, skip_stem_and_pointwise
+from dynconv.nn.dcnv import DCNv3, DCNv4
 from dynconv.nn.deform import DeformConv2d, ModulatedDeformConv2d
 from dynconv.nn.dynamic_conv import DynamicDilatedFilter, DynamicFilterLayer, DynamicMaskHead, DynamicMultiScaleFilter
 from dynconv.nn.local_filter import DynamicLocalFilter2d, FilterGeneratingNetwork, Involution2d
@@ -14,6 +15,8 @@ from dynconv.nn.mixture import (
 )
 
 __all__ = [
+    "DCNv3",
+    "DCNv4",
     "CondConv2d",
     "DeformConv2d",
     "DyNetConv2d",

@@ -1,0 +1,156 @@
+"""``dynconv bench dcnv``: the DCNv3/DCNv4 sampling core (:func:`dynconv.dcnv3`, :func:`dynconv.dcnv4`).
+
+Shapes ``(B, H, W, G, C/G)`` with a 3x3 kernel, stride 1, "same" padding: the official DCNv4 operator benchmark
+(batch 64 at 56x56 with 4 groups of 32 channels down to 7x7 with 32x32; batch 1 at high resolution with 4-8
+groups of 16-64 channels). For each shape, dtype and op it measures in one run forward and forward+backward
+(grad of input, offsets and modulation) of every requested backend and of the ``grid_sample (all P)``
+baseline: the formulation of InternImage's ``dcnv3_core_pytorch`` (one ``grid_sample`` over all P points,
+then a weighted sum; written here from the definition), which materialises P copies of the output.
+Offsets are random with a standard deviation of 2 pixels (many samples of the border rows fall outside).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from dynconv.bench.timing import markdown_table, measure
+from dynconv.functional import dcnv3, dcnv4
+
+FULL_SHAPES = [
+    (64, 56, 56, 4, 32),
+    (64, 28, 28, 8, 32),
+    (64, 14, 14, 16, 32),
+    (64, 7, 7, 32, 32),
+    (1, 200, 320, 4, 16),
+    (1, 100, 160, 8, 16),
+    (1, 50, 80, 8, 32),
+    (1, 25, 40, 8, 64),
+]
+# The same shapes at batch 4 (and the two largest high-resolution ones left out): minutes on 2 CPU cores.
+QUICK_SHAPES = [(4, 56, 56, 4, 32), (4, 14, 14, 16, 32), (1, 100, 160, 8, 16), (1, 25, 40, 8, 64)]
+
+
+def grid_sample_all_points(value, offset, mask, group):
+    """DCNv3 3x3/stride 1/pad 1 as one grid_sample over all points (InternImage's PyTorch formulation)."""
+    B, H, W, C = value.shape
+    P = 9
+    Cg = C // group
+    x = value.permute(0, 3, 1, 2).reshape(B * group, Cg, H, W)
+    ys, xs = torch.meshgrid(
+        torch.arange(H, device=value.device, dtype=value.dtype),
+        torch.arange(W, device=value.device, dtype=value.dtype),
+        indexing="ij",
+    )
+    kx, ky = torch.meshgrid(torch.arange(-1, 2), torch.arange(-1, 2), indexing="ij")  # x-major points
+    kernel = torch.stack((kx.flatten(), ky.flatten()), -1).to(value)  # [P, 2]
+    base = torch.stack((xs, ys), -1).view(1, H, W, 1, 1, 2)
+    loc = base + kernel.view(1, 1, 1, 1, P, 2) + offset.view(B, H, W, group, P, 2)
+    size = torch.tensor([W, H], device=value.device, dtype=value.dtype)
+    grid = ((2 * loc + 1) / size - 1).permute(0, 3, 1, 2, 4, 5).reshape(B * group, H * W, P, 2)
+    sampled = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)  # [BG, Cg, HW, P]
+    m = mask.view(B, H * W, group, P).permute(0, 2, 1, 3).reshape(B * group, 1, H * W, P)
+    return (sampled * m).sum(-1).view(B, C, H, W).permute(0, 2, 3, 1)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shapes", default=None, help="'full' (default), 'quick' or 'B,H,W,G,Cg;...' (3x3 kernel)")
+    parser.add_argument("--quick", action="store_true", help="the quick subset, unless --shapes is given")
+    parser.add_argument("--dtypes", default="float32", help="comma-separated: float32,bfloat16,float16")
+    parser.add_argument("--ops", default="dcnv3,dcnv4", help="comma-separated: dcnv3,dcnv4")
+    parser.add_argument(
+        "--backends", default="torch,reference", help="comma-separated dynconv backends; the first is the baseline"
+    )
+    parser.add_argument("--no-grid-sample", action="store_true", help="leave out the grid_sample (all P) baseline")
+
+
+def _parse_shapes(args) -> list[tuple[int, ...]]:
+    text = args.shapes or ("quick" if args.quick else "full")
+    if text == "full":
+        return FULL_SHAPES
+    if text == "quick":
+        return QUICK_SHAPES
+    return [tuple(int(v) for v in item.split(",")) for item in text.split(";") if item]
+
+
+def _candidates(op, backends, group, with_grid_sample):
+    out = {}
+    for name in backends:
+        if op == "dcnv3":
+            out[name] = lambda v, o, m, name=name: dcnv3(v, o, m, 3, group=group, backend=name)
+        else:
+            out[name] = lambda v, om, name=name: dcnv4(v, om, 3, group=group, backend=name)
+    if with_grid_sample and op == "dcnv3":
+        out["grid_sample (all P)"] = lambda v, o, m: grid_sample_all_points(v, o, m, group)
+    return out
+
+
+def run(args: argparse.Namespace) -> str:
+    device = torch.device(args.device)
+    backends = args.backends.split(",")
+    rows = []
+    for shape in _parse_shapes(args):
+        B, H, W, G, Cg = shape
+        P = 9
+        for dtype_name in args.dtypes.split(","):
+            dtype = getattr(torch, dtype_name)
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            value = torch.randn(B, H, W, G * Cg, generator=gen)
+            offset = 2 * torch.randn(B, H, W, G * P * 2, generator=gen)
+            mask = torch.softmax(torch.randn(B, H, W, G, P, generator=gen), -1).flatten(-2)
+            grad_y = torch.randn(B, H, W, G * Cg, generator=gen).to(device, dtype)
+            for op in args.ops.split(","):
+                if op == "dcnv3":
+                    inputs = [value, offset, mask]
+                else:  # the official DCNv4 layout: per group 2P offsets then P scalars, padded to a multiple of 8
+                    om = torch.cat([offset.unflatten(-1, (G, 2 * P)), mask.unflatten(-1, (G, P))], -1).flatten(-2)
+                    inputs = [value, F.pad(om, (0, -om.shape[-1] % 8))]
+                inputs = [t.to(device, dtype).requires_grad_() for t in inputs]
+
+                def step(fn=None):
+                    for t in inputs:
+                        t.grad = None
+                    fn(*inputs).backward(grad_y)
+
+                results = {}
+                for name, fn in _candidates(op, backends, G, not args.no_grid_sample).items():
+                    with torch.no_grad():
+                        fwd = measure(lambda fn=fn: fn(*inputs), device, repeats=args.repeats)
+                    both = measure(lambda fn=fn: step(fn), device, repeats=args.repeats)
+                    results[name] = (fwd, both)
+                    # progress on stderr: a full run takes long on CPU
+                    times = f"fwd {fwd.median_ms:.3g} ms, fwd+bwd {both.median_ms:.3g} ms"
+                    print(f"{shape} {dtype_name} {op} {name}: {times}", file=sys.stderr, flush=True)
+                base_fwd, base_both = results[backends[0]]
+                for name, (fwd, both) in results.items():
+                    rows.append(
+                        [
+                            str(shape),
+                            dtype_name,
+                            op,
+                            name,
+                            fwd.median_ms,
+                            both.median_ms,
+                            base_fwd.median_s / fwd.median_s,
+                            base_both.median_s / both.median_s,
+                            fwd.peak_extra_mb,
+                            both.peak_extra_mb,
+                        ]
+                    )
+    header = [
+        "(B,H,W,G,C/G)",
+        "dtype",
+        "op",
+        "impl",
+        "fwd ms",
+        "fwd+bwd ms",
+        f"fwd speed-up vs {backends[0]}",
+        f"fwd+bwd speed-up vs {backends[0]}",
+        "fwd peak extra MB",
+        "fwd+bwd peak extra MB",
+    ]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return f"device: {name}; 3x3 kernel, stride 1, padding 1\n\n" + markdown_table(header, rows)

@@ -1,0 +1,152 @@
+"""DCNv3/DCNv4: the Triton kernels (dynconv/kernels/dcnv.py) against the bilinear reference.
+
+Without a GPU the kernels run in Triton's interpreter on CPU tensors (set before the kernel module is imported,
+as tests/test_local_filter_triton.py explains). The interpreter costs ~60-90 ms per program instance, so the
+shapes are tiny: one program per (sample, group). With CUDA the same cases run on the GPU.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import dynconv  # noqa: E402
+from dynconv.backends import triton_interpret  # noqa: E402
+from dynconv.testing import assert_close, assert_close_lowp  # noqa: E402
+
+pytest.importorskip("triton")
+
+if triton_interpret():
+    DEVICE = "cpu"
+elif torch.cuda.is_available():
+    DEVICE = "cuda"
+else:
+    pytest.skip("TRITON_INTERPRET is set to 0 and there is no CUDA device", allow_module_level=True)
+
+kernels = pytest.importorskip("dynconv.kernels.dcnv")
+
+# (B, H, W, G, C/G, k, stride, dilation, padding, offset_scale, remove_center)
+CASES = [
+    (1, 6, 7, 2, 3, 3, 1, 1, None, 0.8, False),
+    (2, 5, 4, 1, 4, 3, 2, 1, 0, 1.0, True),
+    (1, 7, 5, 2, 2, (3, 5), (1, 2), (2, 1), None, 2.0, False),
+]
+
+
+def make_inputs(case, dtype, seed=0):
+    B, H, W, G, Cg, k, stride, dilation, padding, scale, rc = case
+    kh, kw = (k, k) if isinstance(k, int) else k
+    sh, sw = (stride, stride) if isinstance(stride, int) else stride
+    dh, dw = (dilation, dilation) if isinstance(dilation, int) else dilation
+    ph, pw = ((kh - 1) // 2 * dh, (kw - 1) // 2 * dw) if padding is None else (padding, padding)
+    Ho, Wo = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    P = kh * kw - int(rc)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, H, W, G * Cg, generator=g, dtype=torch.float64)
+    off = 2.5 * torch.randn(B, Ho, Wo, G * P * 2, generator=g, dtype=torch.float64)  # many samples fall outside
+    m = torch.randn(B, Ho, Wo, G * P, generator=g, dtype=torch.float64)
+    kwargs = dict(kernel_size=k, stride=stride, dilation=dilation, padding=padding, group=G, offset_scale=scale)
+    return [t.to(DEVICE, dtype) for t in (x, off, m)], dict(kwargs, remove_center=rc)
+
+
+def fwd_bwd(backend, inputs, kwargs, grad_out=None):
+    inputs = [t.detach().requires_grad_() for t in inputs]
+    out = dynconv.dcnv3(*inputs, backend=backend, **kwargs)
+    grad_out = torch.randn_like(out) if grad_out is None else grad_out
+    return out, torch.autograd.grad(out, inputs, grad_out), grad_out
+
+
+@pytest.mark.parametrize(
+    "case, dtype",
+    [(CASES[0], torch.float64), (CASES[1], torch.float32), (CASES[2], torch.float64)],
+    ids=["k3-fp64", "stride2-remove-center-fp32", "k3x5-dilated-fp64"],
+)
+def test_triton_matches_reference(case, dtype):
+    inputs, kwargs = make_inputs(case, dtype)
+    out, grads, gy = fwd_bwd("triton", inputs, kwargs)
+    ref, ref_grads, _ = fwd_bwd("reference", inputs, kwargs, gy)
+    tol = {} if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    assert_close(out, ref, what="output", **tol)
+    for name, a, e in zip(("input", "offset", "mask"), grads, ref_grads):
+        assert_close(a, e, what=f"grad {name}", **tol)
+
+
+def test_triton_deterministic_mode_matches_and_repeats():
+    inputs, kwargs = make_inputs(CASES[0], torch.float32, seed=1)
+    _, ref_grads, gy = fwd_bwd("reference", inputs, kwargs)
+    torch.use_deterministic_algorithms(True)
+    try:
+        _, first, _ = fwd_bwd("triton", inputs, kwargs, gy)
+        _, second, _ = fwd_bwd("triton", inputs, kwargs, gy)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, b, e in zip(first, second, ref_grads):
+        assert torch.equal(a, b)
+        assert_close(a, e, rtol=1e-4, atol=1e-4)
+
+
+def test_triton_bfloat16_and_dcnv4_layout():
+    inputs, kwargs = make_inputs(CASES[0], torch.bfloat16, seed=2)
+    x, off, m = inputs
+    G, P = kwargs["group"], 9
+    om = torch.cat([off.unflatten(-1, (G, 2 * P)), m.unflatten(-1, (G, P))], -1).flatten(-2)
+    om = torch.nn.functional.pad(om, (0, -om.shape[-1] % 8))
+    out = dynconv.dcnv4(x, om, backend="triton", **kwargs)
+    lowp = dynconv.dcnv4(x, om, backend="reference", **kwargs)
+    ref = dynconv.dcnv4(x.float(), om.float(), backend="reference", **kwargs)
+    assert out.dtype == torch.bfloat16
+    assert_close_lowp(out, lowp, ref, atol=2e-2)
+
+
+_COMPILE_SCRIPT = r"""
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import dynconv.kernels.dcnv as K
+
+geometry = dict(G=4, CG=32, P=8, KH=3, KW=3, SH=1, SW=1, PH=1, PW=1, DH=1, DW=1, REMOVE_CENTER=True)
+geometry.update(ACC=tl.float32, BLOCK_Q=64, BLOCK_C=32)
+variants = [
+    (K._dcn_forward_kernel, "bf16", dict(geometry)),
+    (K._dcn_backward_kernel, "fp32", dict(geometry, NEED_VALUE=True, DETERMINISTIC=False)),
+    (K._dcn_backward_kernel, "fp16", dict(geometry, NEED_VALUE=True, DETERMINISTIC=True)),
+]
+for fn, dtype, constexprs in variants:
+    def kind(n):
+        if n in constexprs:
+            return "constexpr"
+        if n == "rows_ptr":
+            return "*i64"
+        if n in ("grad_value_ptr", "grad_offset_ptr", "grad_mask_ptr", "contrib_ptr"):
+            return "*fp32"
+        if n.endswith("_ptr"):
+            return "*" + dtype
+        return "fp32" if n == "offset_scale" else "i32"
+    signature = {n: kind(n) for n in fn.arg_names}
+    compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
+    assert ".entry " + fn.__name__ in compiled.asm["ptx"], fn.__name__
+print("compiled", len(variants))
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """The interpreter never runs Triton's compiler: compile the kernels to PTX/cubin for sm_90 (no GPU needed)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT], env=env, cwd=root, capture_output=True, text=True, timeout=600
+    )
+    if proc.returncode != 0 and ("ModuleNotFoundError" in proc.stderr or "ImportError" in proc.stderr):
+        pytest.skip(f"Triton's CUDA compiler is not usable here: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "compiled 3" in proc.stdout
