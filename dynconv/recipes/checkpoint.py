@@ -42,7 +42,7 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        state = torch.load(path, map_location=map_location, weights_only=True)  # no pickled code is run
     except Exception as exc:  # torch raises several types for truncated or foreign files
         raise CheckpointError(f"checkpoint {path!r} is corrupted or not a torch file: {exc}") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
