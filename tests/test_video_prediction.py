@@ -13,6 +13,7 @@ import torch
 from dynconv import metrics
 from dynconv.data import FrameFolderVideo, MovingMNIST, load_digits, load_mnist_test_seq
 from dynconv.data import moving_mnist as mm
+from dynconv.models.dfn_seed import DFNSeedPredictor
 from dynconv.models.dfn_video import ConvLSTMPredictor, CopyLastFrame, DFNVideoPredictor, rollout
 from dynconv.recipes import video_prediction as vp
 from dynconv.recipes.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -168,6 +169,85 @@ def test_filters_are_convex_and_rollout_feeds_predictions_back():
     assert torch.equal(rollout(CopyLastFrame(), frames, observed=3), frames[:, 2:3].expand(-1, 3, -1, -1, -1))
 
 
+def test_seed_model_filters_each_channel_and_starts_as_pure_filtering():
+    """The RGB seed variant: one convex filter per pixel and channel, applied to the latest frame (channel c with
+    its own filters); the refinement starts at zero; the generator reads the previous frame through ``hidden``."""
+    from dynconv import reference
+
+    torch.manual_seed(0)
+    model = DFNSeedPredictor(channels=3, num_input=2, kernel_size=3, width=4, refine=2)
+    frame = torch.rand(2, 3, 8, 12)
+    out, hidden, filters = model.step(frame, None)
+    assert out.shape == (2, 3, 8, 12) and filters.shape == (2, 27, 8, 12) and hidden.shape == (2, 1, 3, 8, 12)
+    assert torch.equal(hidden[:, 0], frame)
+    per_channel = filters.unflatten(1, (3, 9))
+    assert torch.allclose(per_channel.sum(2), torch.ones(2, 3, 8, 12), atol=1e-5) and (per_channel >= 0).all()
+    assert not torch.allclose(per_channel[:, 0], per_channel[:, 1])  # the channels have their own filters
+    expected = reference.local_filter2d(frame, per_channel, (3, 3), (1, 1), (1, 1), (1, 1))
+    assert torch.allclose(out, expected, atol=1e-6)
+    # a trained refinement adds a correction, and the output stays an image
+    with torch.no_grad():
+        model.refine[-1].weight.normal_(0, 0.5)
+    refined = model.step(frame, None)[0]
+    assert not torch.allclose(refined, expected, atol=1e-3) and refined.min() >= 0 and refined.max() <= 1
+    # the previous frame matters: the filters depend on the two-frame window
+    other_past = model.step(frame, torch.zeros(2, 1, 3, 8, 12))[2]
+    assert not torch.allclose(other_past, filters)
+    pred, rolled = rollout(model, torch.rand(2, 5, 3, 8, 12), observed=3, return_filters=True)
+    assert pred.shape == (2, 2, 3, 8, 12) and rolled.shape == (2, 2, 27, 8, 12)
+
+
+@pytest.mark.parametrize(
+    "build, frame, match",
+    [
+        (dict(), torch.rand(1, 3, 10, 12), r"multiples of 4, got 10x12"),
+        (dict(), torch.rand(1, 1, 8, 8), r"frame must be \[B, 3, H, W\], got shape \(1, 1, 8, 8\)"),
+        (dict(kernel_size=4), None, r"kernel_size must be a positive odd integer, got 4"),
+        (dict(num_input=0), None, r"num_input must be an integer >= 1, got 0"),
+    ],
+)
+def test_seed_model_errors(build, frame, match):
+    with pytest.raises(ValueError, match=match):
+        DFNSeedPredictor(**dict(dict(width=2, kernel_size=3), **build)).step(frame, None)
+
+
+def _moving_square_folder(root, sequences=3, length=8, size=16):
+    """RGB frame folders (KITTI layout): a coloured square moving one pixel right per frame."""
+    from PIL import Image
+
+    for s in range(sequences):
+        os.makedirs(root / f"seq_{s}")
+        for t in range(length):
+            img = np.zeros((size, size, 3), np.uint8)
+            x = 2 + s + t
+            img[5:10, x : x + 5] = (255, 120 + 40 * s, 60)
+            Image.fromarray(img).save(root / f"seq_{s}" / f"{t:03d}.png")
+
+
+def test_seed_model_trains_on_rgb_frame_folders_and_predicts(tmp_path, capsys):
+    """``--model seed --frames-dir ... --loss composite`` trains (the loss falls) and ``predict`` writes the GIF,
+    the strip and the filter picture of an RGB folder."""
+    from dynconv.cli import main
+
+    _moving_square_folder(tmp_path / "frames")
+    run = str(tmp_path / "run")
+    args = ["--model", "seed", "--frames-dir", str(tmp_path / "frames"), "--frame-size", "16", "--loss", "composite"]
+    args += ["--frames", "6", "--observed", "3", "--batch-size", "3", "--test-sequences", "3", "--lr", "2e-3"]
+    assert main(["train", "video-prediction", "--run-dir", run, "--max-steps", "30"] + args) == 0
+    losses = [json.loads(line)["loss"] for line in open(os.path.join(run, "log.jsonl"))]
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+    gif = str(tmp_path / "out" / "p.gif")
+    ckpt = os.path.join(run, "last.pt")
+    assert (
+        main(
+            ["predict", "video-prediction", "--checkpoint", ckpt, "--input", str(tmp_path / "frames"), "--output", gif]
+        )
+        == 0
+    )
+    for suffix in (".gif", ".png", "_filters.png"):
+        assert os.path.exists(gif[:-4] + suffix), suffix
+
+
 # ---------------------------------------------------------------------------------------------- metrics
 
 
@@ -243,6 +323,19 @@ def test_training_reduces_the_loss(tmp_path):
     after = vp.evaluate(vp.load_model(os.path.join(cfg.run_dir, "last.pt"))[0], vp.test_set(cfg), cfg.observed)
     assert after["bce_per_frame"] < 0.7 * before
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
+
+
+def test_progress_lines_without_a_terminal(capsys):
+    """Off a terminal: a line every 10% of the run, and at least one per ``seconds`` on slow runs."""
+    p = vp.Progress(total=100, start=0, enabled=True, seconds=1e9)
+    for step in range(100):
+        p.update(step, 0.5, 8)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 10 and "step 100/100" in lines[-1] and "seq/s" in lines[0]
+    p = vp.Progress(total=100, start=0, enabled=True, seconds=0.0)
+    for step in range(5):
+        p.update(step, 0.5, 8)
+    assert len(capsys.readouterr().err.splitlines()) == 5
 
 
 def test_resume_continues_exactly(tmp_path):

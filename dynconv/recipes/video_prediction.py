@@ -4,6 +4,12 @@
     dynconv eval video-prediction --checkpoint runs/dfn/last.pt runs/convlstm/last.pt
     dynconv predict video-prediction --checkpoint runs/dfn/last.pt --output dfn.gif
     torchrun --standalone --nproc_per_node=2 -m dynconv train video-prediction ...  # the same, in DDP
+    dynconv train video-prediction --model seed --frames-dir KITTI_FRAMES --loss composite --frame-size 128
+
+Models: ``dfn`` (the paper's recurrent Moving MNIST model, 9x9 filters), ``baseline`` (the same network
+predicting pixels), ``convlstm``, and ``seed`` (the feed-forward RGB variant: per-channel filters from the
+last two frames plus refinement convolutions, for frame folders; ``--loss composite`` is L1 + image gradient
++ SSIM).
 
 Data: Moving MNIST generated on the fly (``--digits embedded|idx|squares``; ``--mnist-dir`` for the MNIST IDX
 files), or ``--frames-dir`` with one folder of frames per sequence (KITTI layout). Training follows the
@@ -31,11 +37,12 @@ from torch import nn
 
 from dynconv import metrics
 from dynconv.data.moving_mnist import MovingMNIST, load_digits, load_mnist_test_seq
+from dynconv.models.dfn_seed import DFNSeedPredictor
 from dynconv.models.dfn_video import ConvLSTMPredictor, CopyLastFrame, DFNVideoPredictor, rollout
 from dynconv.recipes.checkpoint import load_checkpoint, save_checkpoint
 from dynconv.recipes.distributed import all_reduce_mean, cleanup, init_distributed
 
-MODELS = ("dfn", "baseline", "convlstm")
+MODELS = ("dfn", "baseline", "convlstm", "seed")
 TEST_SEED = 1_000_003  # the fixed seed of the generated test set (training uses --seed)
 
 
@@ -78,6 +85,8 @@ def build_model(name: str, channels: int = 1) -> nn.Module:
         return DFNVideoPredictor(channels, predict="pixels")
     if name == "convlstm":
         return ConvLSTMPredictor(channels)
+    if name == "seed":
+        return DFNSeedPredictor(channels)
     if name == "copy-last":
         return CopyLastFrame()
     raise ValueError(f"model must be one of {MODELS + ('copy-last',)}, got {name!r}")
@@ -163,23 +172,26 @@ def learning_rate(cfg: Config, step: int) -> float:
 
 
 class Progress:
-    """A one-line progress bar with loss and throughput (redrawn in place on a terminal, a line every 10% else)."""
+    """A one-line progress bar with loss and throughput: redrawn in place on a terminal; otherwise (a log file,
+    a CI job) a line every 10% of the run or every ``seconds``, whichever comes first."""
 
-    def __init__(self, total: int, start: int, enabled: bool):
-        self.total, self.start, self.enabled = total, start, enabled
+    def __init__(self, total: int, start: int, enabled: bool, seconds: float = 60.0):
+        self.total, self.start, self.enabled, self.seconds = total, start, enabled, seconds
         self.t0, self.tty = time.perf_counter(), sys.stderr.isatty()
         self.every = max(1, (total - start) // 10)
+        self.last = self.t0
 
     def update(self, step: int, loss: float, sequences: int) -> None:
         if not self.enabled:
             return
-        done = step + 1
-        rate = (done - self.start) * sequences / max(time.perf_counter() - self.t0, 1e-9)
+        done, now = step + 1, time.perf_counter()
+        rate = (done - self.start) * sequences / max(now - self.t0, 1e-9)
         filled = int(30 * done / self.total)
         line = f"[{'#' * filled}{'.' * (30 - filled)}] step {done}/{self.total} loss {loss:.4f} {rate:.1f} seq/s"
         if self.tty:
             print("\r" + line, end="" if done < self.total else "\n", file=sys.stderr, flush=True)
-        elif (done - self.start) % self.every == 0 or done == self.total:
+        elif (done - self.start) % self.every == 0 or done == self.total or now - self.last >= self.seconds:
+            self.last = now
             print(line, file=sys.stderr, flush=True)
 
 
@@ -290,9 +302,18 @@ def _to_uint8(t: torch.Tensor) -> np.ndarray:
 
 
 def write_pictures(
-    sequence: torch.Tensor, pred: torch.Tensor, filters: torch.Tensor | None, out: str, observed: int
+    sequence: torch.Tensor,
+    pred: torch.Tensor,
+    filters: torch.Tensor | None,
+    out: str,
+    observed: int,
+    kernel_size: int | None = None,
 ) -> list[str]:
-    """GIF (input | prediction | ground truth per time step), PNG strip, and a picture of the 9x9 filters."""
+    """GIF (input | prediction | ground truth per time step), PNG strip, and a picture of the 9x9 filters.
+
+    ``filters``: ``[T_pred, G*k*k, H, W]``; with several groups (the seed model's one per colour channel, which
+    needs ``kernel_size``) the picture shows their mean.
+    """
     from PIL import Image
 
     T = sequence.shape[0]
@@ -324,6 +345,8 @@ def write_pictures(
     if filters is not None:
         # filters of the first predicted frame on an 8x8 grid of pixels, each tile one pixel's 9x9 filter
         f = filters[0]
+        if kernel_size is not None and f.shape[0] != kernel_size * kernel_size:
+            f = f.unflatten(0, (-1, kernel_size * kernel_size)).mean(0)
         K = int(math.isqrt(f.shape[0]))
         H, W = f.shape[-2:]
         sub = f[:, 4 : H : H // 8, 4 : W : W // 8][:, :8, :8]
@@ -428,7 +451,14 @@ def main(command: str, argv: list[str]) -> int:
         seq = load_input(args.input, cfg, args.index) if args.input else test_set(cfg, n=args.index + 1)[args.index]
         with torch.no_grad():
             pred, filters = rollout(model, seq[None], cfg.observed, return_filters=True)
-        paths = write_pictures(seq, pred[0], None if filters is None else filters[0], args.output, cfg.observed)
+        paths = write_pictures(
+            seq,
+            pred[0],
+            None if filters is None else filters[0],
+            args.output,
+            cfg.observed,
+            getattr(model, "kernel_size", None),
+        )
         print("written: " + ", ".join(paths))
         return 0
     raise SystemExit(f"unknown command {command!r}")
