@@ -169,6 +169,29 @@ def test_filters_are_convex_and_rollout_feeds_predictions_back():
     assert torch.equal(rollout(CopyLastFrame(), frames, observed=3), frames[:, 2:3].expand(-1, 3, -1, -1, -1))
 
 
+@pytest.mark.parametrize("name", ["baseline", "convlstm"])
+def test_pixel_models_train_on_logits_so_a_saturated_sigmoid_keeps_its_gradient(name):
+    torch.manual_seed(0)
+    model = vp.build_model(name)
+    frames = torch.rand(2, 5, 1, 8, 8)
+    probs = rollout(model, frames, observed=3)
+    out = rollout(model, frames, observed=3, logits=True)
+    assert torch.allclose(torch.sigmoid(out), probs, atol=1e-6)
+    last = model.head[1] if name == "baseline" else model.decoder[-1]
+    with torch.no_grad():
+        last.bias.fill_(-40.0)  # every output pixel saturated at 0: the clipped BCE has no gradient left
+    cfg = vp.Config()
+    target = torch.ones(2, 2, 1, 8, 8)
+    clipped = vp.loss_fn(rollout(model, frames, observed=3), target, cfg)
+    (g_clipped,) = torch.autograd.grad(clipped, last.bias)
+    assert torch.count_nonzero(g_clipped) == 0
+    with_logits = vp.loss_fn(rollout(model, frames, observed=3, logits=True), target, cfg, logits=True)
+    (g_logits,) = torch.autograd.grad(with_logits, last.bias)
+    assert g_logits.item() < -0.5  # d/db of BCE(sigmoid(b), 1) = sigmoid(b) - 1 = -1 at every pixel
+    assert with_logits.item() > 30  # the unclipped BCE (logits near -40); the clip caps it at 16.1
+    assert clipped.item() == pytest.approx(-math.log(cfg.eps), rel=1e-3)
+
+
 def test_seed_model_filters_each_channel_and_starts_as_pure_filtering():
     """The RGB seed variant: one convex filter per pixel and channel, applied to the latest frame (channel c with
     its own filters); the refinement starts at zero; the generator reads the previous frame through ``hidden``."""

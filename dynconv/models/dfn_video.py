@@ -65,6 +65,21 @@ class DFNVideoPredictor(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def step(self, frame: torch.Tensor, hidden: torch.Tensor | None):
+        out, hidden, filters = self._step(frame, hidden)
+        return (torch.sigmoid(out) if self.predict == "pixels" else out), hidden, filters
+
+    @property
+    def predicts_logits(self) -> bool:
+        """True for the pixel baseline: it has :meth:`step_logits`."""
+        return self.predict == "pixels"
+
+    def step_logits(self, frame: torch.Tensor, hidden: torch.Tensor | None):
+        """The pixel baseline's ``step`` before its sigmoid (see :func:`rollout`'s ``logits``)."""
+        if self.predict != "pixels":
+            raise ValueError("step_logits exists for predict='pixels' only: the DFN's output is filtered pixels")
+        return self._step(frame, hidden)
+
+    def _step(self, frame: torch.Tensor, hidden: torch.Tensor | None):
         act = lambda t: F.leaky_relu(t, SLOPE)  # noqa: E731
         h = frame
         for conv in self.encoder:
@@ -84,7 +99,7 @@ class DFNVideoPredictor(nn.Module):
         d = act(self.head[0](d))
         out = self.head[1](d)
         if self.predict == "pixels":
-            return torch.sigmoid(out), hidden, None
+            return out, hidden, None
         filters = out.softmax(1)  # [B, k*k, H, W]: one convex filter per pixel, shared by the channels
         return local_filter2d(frame, filters.unsqueeze(1), self.kernel_size), hidden, filters
 
@@ -127,13 +142,20 @@ class ConvLSTMPredictor(nn.Module):
         )
 
     def step(self, frame, hidden):
+        logits, hidden, _ = self.step_logits(frame, hidden)
+        return torch.sigmoid(logits), hidden, None
+
+    predicts_logits = True
+
+    def step_logits(self, frame, hidden):
+        """``step`` before the output sigmoid (see :func:`rollout`'s ``logits``)."""
         states = hidden or [None] * len(self.cells)
         h = self.encoder(frame)
         new = []
         for cell, state in zip(self.cells, states):
             h, state = cell(h, state)
             new.append(state)
-        return torch.sigmoid(self.decoder(h)), new, None
+        return self.decoder(h), new, None
 
 
 class CopyLastFrame(nn.Module):
@@ -143,11 +165,18 @@ class CopyLastFrame(nn.Module):
         return frame, None, None
 
 
-def rollout(model: nn.Module, frames: torch.Tensor, observed: int = 10, return_filters: bool = False):
+def rollout(
+    model: nn.Module, frames: torch.Tensor, observed: int = 10, return_filters: bool = False, logits: bool = False
+):
     """Run ``model.step`` over a sequence: the ``observed`` frames are read, then predictions are fed back.
 
     Args:
         frames: ``[B, T, C, H, W]``; only the first ``observed`` frames are used as input.
+        logits: for models that predict pixels through a sigmoid (``predicts_logits``, with ``step_logits``),
+            return the logits of the predictions instead (the fed-back frames are still the sigmoid's): training on them
+            with ``binary_cross_entropy_with_logits`` keeps the gradient where the sigmoid saturates, which the
+            paper's BCE on outputs clipped to ``[eps, 1 - eps]`` zeroes. Ignored by models without
+            ``predicts_logits`` (the DFN's outputs are filtered pixels, never saturated).
 
     Returns:
         ``predictions [B, T - observed, C, H, W]`` of frames ``observed .. T-1`` (and the filters of each
@@ -158,10 +187,16 @@ def rollout(model: nn.Module, frames: torch.Tensor, observed: int = 10, return_f
         raise ValueError(f"observed must be in [1, {T - 1}] for sequences of {T} frames, got {observed}")
     hidden, preds, filters = None, [], []
     frame = frames[:, 0]
+    use_logits = logits and getattr(model, "predicts_logits", False)
     for t in range(T - 1):
-        pred, hidden, f = model.step(frame, hidden)
+        if use_logits:
+            out, hidden, f = model.step_logits(frame, hidden)
+            pred = torch.sigmoid(out)
+        else:
+            pred, hidden, f = model.step(frame, hidden)
+            out = pred
         if t >= observed - 1:
-            preds.append(pred)
+            preds.append(out)
             if f is not None:
                 filters.append(f)
         frame = frames[:, t + 1] if t + 1 < observed else pred

@@ -99,8 +99,13 @@ class _Rollout(nn.Module):
         super().__init__()
         self.model, self.observed = model, observed
 
+    @property
+    def logits(self) -> bool:
+        """Whether ``forward`` returns logits (pixel-predicting models) rather than frames in ``[0, 1]``."""
+        return getattr(self.model, "predicts_logits", False)
+
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        return rollout(self.model, frames, self.observed)
+        return rollout(self.model, frames, self.observed, logits=True)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -151,10 +156,18 @@ def test_set(cfg: Config, test_npy: str | None = None, n: int | None = None) -> 
 # ------------------------------------------------------------------------------------------------ training
 
 
-def loss_fn(pred: torch.Tensor, target: torch.Tensor, cfg: Config) -> torch.Tensor:
-    """Per-pixel BCE on clipped outputs (the paper), or L1 + image-gradient + (1 - SSIM) for RGB video."""
+def loss_fn(pred: torch.Tensor, target: torch.Tensor, cfg: Config, logits: bool = False) -> torch.Tensor:
+    """Per-pixel BCE on outputs clipped to ``[eps, 1 - eps]`` (the paper), or L1 + image-gradient + (1 - SSIM)
+    for RGB video. With ``logits`` (pixel-predicting models), ``pred`` are logits and the BCE is computed from
+    them: the same value wherever the clip is not engaged, but the gradient survives a saturated sigmoid (with
+    the clip, the pixel baseline's gradient died wherever its sigmoid reached 0 or 1 and its training loss
+    rose from 0.42 to 0.8 per pixel in 40 steps)."""
     if cfg.loss == "bce":
+        if logits:
+            return F.binary_cross_entropy_with_logits(pred, target)
         return F.binary_cross_entropy(pred.clamp(cfg.eps, 1 - cfg.eps), target)
+    if logits:
+        pred = torch.sigmoid(pred)
     if cfg.loss == "composite":
         l1 = (pred - target).abs().mean()
         grad = sum((pred.diff(dim=d) - target.diff(dim=d)).abs().mean() for d in (-1, -2))
@@ -215,6 +228,7 @@ def train(cfg: Config) -> dict:
             if info.is_main:
                 print(f"resumed {ckpt_path} at step {start}", file=sys.stderr)
         net = _Rollout(model, cfg.observed)
+        uses_logits = net.logits
         if info.enabled:
             net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
         if info.is_main:
@@ -234,7 +248,7 @@ def train(cfg: Config) -> dict:
             for group in opt.param_groups:
                 group["lr"] = learning_rate(cfg, step)
             pred = net(frames)
-            loss = loss_fn(pred, frames[:, cfg.observed :], cfg)
+            loss = loss_fn(pred, frames[:, cfg.observed :], cfg, logits=uses_logits)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
