@@ -175,6 +175,9 @@ def run(args: argparse.Namespace) -> str:
         "fwd peak extra MB",
         "fwd+bwd peak extra MB",
     ]
+    if peak_gbs != peak_gbs:  # unknown peak bandwidth (CPU, unlisted GPU): no fraction columns
+        keep = [i for i, h in enumerate(header) if "frac. of peak" not in h]
+        header, rows = [header[i] for i in keep], [[row[i] for i in keep] for row in rows]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     note = f"device: {name}; peak bandwidth: {peak_gbs:.0f} GB/s" if peak_gbs == peak_gbs else f"device: {name}"
     return note + "\n\n" + markdown_table(header, rows)
