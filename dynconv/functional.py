@@ -17,7 +17,7 @@ from dynconv.backends import choose_backend
 from dynconv.ops.dcnv import dcn_sample_op
 from dynconv.ops.deform import deform_conv2d_op
 from dynconv.ops.local_filter import local_filter2d_op
-from dynconv.ops.warp import warp_torch
+from dynconv.ops.warp import warp_torch, warp_triton_op
 
 __all__ = ["dcnv3", "dcnv4", "deform_conv2d", "local_filter2d", "sample_conv2d", "warp"]
 
@@ -154,6 +154,7 @@ def warp(
     padding_mode: str = "zeros",
     *,
     backend: str | None = None,
+    deterministic: bool | None = None,
 ) -> torch.Tensor:
     r"""Backward warping of features by a dense flow field, as Deep Feature Flow (Zhu et al., CVPR 2017)
     propagates key-frame features to the current frame: ``y(p) = x(p + flow(p))``.
@@ -175,8 +176,14 @@ def warp(
         mode (str): ``"bilinear"`` or ``"nearest"``. Default ``"bilinear"``.
         padding_mode (str): ``"zeros"``, ``"border"`` or ``"reflection"``. Default ``"zeros"``.
         backend (str or None): ``"reference"`` (explicit gathers), ``"torch"`` (``grid_sample``; positions are
-            exact to ~1e-7 pixel after its coordinate normalisation) or None. An axis of length 1 always uses
-            the reference, which ``grid_sample``'s ``align_corners=True`` mapping cannot express.
+            exact to ~1e-7 pixel after its coordinate normalisation; an axis of length 1, which its
+            ``align_corners=True`` mapping cannot express, falls back to the reference), ``"triton"`` (fused
+            gather forward and backward, fp32/fp16/bf16, fp32 accumulation) or None (see
+            :mod:`dynconv.backends`: Triton for CUDA tensors when it is installed). Keyword only.
+        deterministic (bool or None): make the Triton backward accumulate the gradient wrt ``x`` in a fixed
+            order (two passes) instead of with fp32 atomics. ``None`` follows
+            ``torch.are_deterministic_algorithms_enabled()`` (``grid_sample``'s CUDA backward refuses to run
+            in that mode; the Triton backend does). Keyword only.
 
     Returns:
         Tensor[B, C, H, W] in the dtype of ``x``; differentiable wrt ``x`` and ``flow``.
@@ -199,6 +206,10 @@ def warp(
     if tuple(flow.shape) != (B, 2, H, W):
         raise ValueError(f"flow must have shape [B, 2, H, W] = {[B, 2, H, W]} for x, got {list(flow.shape)}")
     chosen = choose_backend("warp", x, flow, backend=backend)
+    if chosen == "triton":
+        if deterministic is None:
+            deterministic = torch.are_deterministic_algorithms_enabled()
+        return warp_triton_op(x, flow, mode, padding_mode, bool(deterministic))
     # grid_sample's align_corners=True mapping cannot address positions along an axis of length 1.
     if chosen == "reference" or H == 1 or W == 1:
         return reference.warp(x, flow, mode, padding_mode)

@@ -9,4 +9,5 @@ BENCHMARKS = {
     "mixture": "dynconv.bench.mixture",
     "deform": "dynconv.bench.deform",
     "dcnv": "dynconv.bench.dcnv",
+    "warp": "dynconv.bench.warp",
 }

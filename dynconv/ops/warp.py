@@ -1,4 +1,5 @@
-"""Flow warping (Deep Feature Flow, Zhu et al., CVPR 2017): the ``torch`` backend of :func:`dynconv.warp`.
+"""Flow warping (Deep Feature Flow, Zhu et al., CVPR 2017): the ``torch`` and ``triton`` backends of
+:func:`dynconv.warp`.
 
 ``F.grid_sample`` already is a fused bilinear gather with a scatter backward (wrt the input) and an
 analytic backward wrt the grid, on CPU and CUDA, so the torch backend only turns the flow in pixels into
@@ -13,7 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["flow_to_grid", "warp_torch"]
+from dynconv.backends import TRITON_OPS
+
+__all__ = ["flow_to_grid", "warp_torch", "warp_triton_op"]
 
 
 def flow_to_grid(flow: torch.Tensor) -> torch.Tensor:
@@ -39,3 +42,65 @@ def warp_torch(x: torch.Tensor, flow: torch.Tensor, mode: str, padding_mode: str
     grid = flow_to_grid(flow.to(compute))
     out = F.grid_sample(x.to(compute), grid, mode=mode, padding_mode=padding_mode, align_corners=True)
     return out.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ triton
+
+# The torch backend needs no custom op (grid_sample is one); the Triton kernels are registered as one, with
+# their own backward, so torch.compile traces through them and autograd reaches the fused backward.
+TRITON_OPS["warp"] = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@torch.library.custom_op("dynconv::warp_triton", mutates_args=())
+def warp_triton_op(
+    x: torch.Tensor, flow: torch.Tensor, mode: str, padding_mode: str, deterministic: bool
+) -> torch.Tensor:
+    """Forward of the Triton backend on validated arguments (see :func:`dynconv.warp`)."""
+    from dynconv.kernels import warp as kernels
+
+    return kernels.warp_forward(x, flow, mode, padding_mode)
+
+
+@warp_triton_op.register_fake
+def _(x, flow, mode, padding_mode, deterministic):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("dynconv::warp_triton_backward", mutates_args=())
+def warp_triton_backward_op(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    flow: torch.Tensor,
+    mode: str,
+    padding_mode: str,
+    needs: list[bool],
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients wrt ``(x, flow)``; one not asked for in ``needs`` comes back empty."""
+    from dynconv.kernels import warp as kernels
+
+    return kernels.warp_backward(grad_out, x, flow, mode, padding_mode, needs, deterministic)
+
+
+@warp_triton_backward_op.register_fake
+def _(grad_out, x, flow, mode, padding_mode, needs, deterministic):
+    return tuple(t.new_empty(t.shape) if need else t.new_empty(0) for t, need in zip((x, flow), needs))
+
+
+def _setup_context(ctx, inputs, output):
+    x, flow, mode, padding_mode, deterministic = inputs
+    ctx.save_for_backward(x, flow)
+    ctx.args = (mode, padding_mode)
+    ctx.deterministic = deterministic
+
+
+def _backward(ctx, grad_out):
+    x, flow = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:2])
+    if not any(needs):
+        return (None,) * 5
+    grads = warp_triton_backward_op(grad_out, x, flow, *ctx.args, needs, ctx.deterministic)
+    return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * 3
+
+
+warp_triton_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,235 @@
+"""The Triton backend of warp against the reference: on CUDA when present, else under TRITON_INTERPRET=1 (which
+tests/conftest.py switches on before anything imports triton when there is no CUDA)."""
+
+import os
+
+import pytest
+import torch
+
+import dynconv
+from dynconv.backends import choose_backend, triton_available
+from dynconv.testing import assert_close, assert_close_lowp
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+pytestmark = pytest.mark.skipif(
+    not triton_available() or not (INTERPRET or torch.cuda.is_available()),
+    reason="needs Triton and either CUDA or TRITON_INTERPRET=1",
+)
+
+MODES = ["bilinear", "nearest"]
+PADDING_MODES = ["zeros", "border", "reflection"]
+# (B, C, H, W, layout of x): tiny, for the interpreter
+CASES = [(2, 5, 7, 9, "strided"), (1, 3, 4, 11, "channels_last"), (2, 2, 1, 6, "contiguous")]
+
+
+def make(case, dtype, spread=4.0, device=DEVICE):
+    B, C, H, W, layout = case
+    gen = torch.Generator().manual_seed(B * 1000 + C * 100 + H * 10 + W)
+    if layout == "strided":
+        x = torch.randn(B, C, H, 2 * W, generator=gen)[..., ::2]
+    else:
+        x = torch.randn(B, C, H, W, generator=gen)
+    flow = spread * torch.randn(B, H, W, 2, generator=gen).permute(0, 3, 1, 2)  # non-contiguous, pushes outside
+    x, flow = x.to(device, dtype), flow.to(device, dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, flow
+
+
+def run(x, flow, mode, padding_mode, backend, grad_out=None, **kw):
+    x, flow = x.detach().clone().requires_grad_(), flow.detach().clone().requires_grad_()
+    out = dynconv.warp(x, flow, mode, padding_mode, backend=backend, **kw)
+    grad_out = torch.randn_like(out) if grad_out is None else grad_out
+    gx, gflow = torch.autograd.grad(out, (x, flow), grad_out, allow_unused=True)
+    gflow = torch.zeros_like(flow) if gflow is None else gflow  # the reference's nearest never uses the flow
+    return out, (gx, gflow), grad_out
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("padding_mode", PADDING_MODES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:4])) + c[4])
+def test_triton_matches_reference(case, mode, padding_mode, deterministic, monkeypatch):
+    from dynconv.kernels import warp as kernels
+
+    monkeypatch.setattr(kernels, "BLOCK_CHANNELS", 2)  # several channel blocks, the last one partial
+    monkeypatch.setattr(kernels, "BLOCK_PIXELS", 32)  # several pixel blocks, the last one partial
+    x, flow = make(case, torch.float32)
+    out, got, gy = run(x, flow, mode, padding_mode, "triton", deterministic=deterministic)
+    ref, expected, _ = run(x, flow, mode, padding_mode, "reference", gy)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5, what="grad x")
+    assert_close(got[1], expected[1], rtol=1e-5, atol=1e-4, what="grad flow")
+    if mode == "nearest":
+        assert torch.count_nonzero(got[1]) == 0
+
+
+def test_triton_integer_flow_is_an_exact_shift():
+    x = torch.randn(2, 3, 6, 8, device=DEVICE)
+    flow = torch.zeros(2, 2, 6, 8, device=DEVICE)
+    flow[:, 0], flow[:, 1] = 2.0, -1.0  # read 2 columns right, 1 row up
+    out = dynconv.warp(x, flow, backend="triton")
+    assert torch.equal(out[:, :, 1:, :6], x[:, :, :5, 2:])
+    assert torch.count_nonzero(out[:, :, 0]) == 0 and torch.count_nonzero(out[:, :, :, 6:]) == 0
+    assert torch.equal(dynconv.warp(x, torch.zeros_like(flow), backend="triton"), x)
+
+
+def test_triton_deterministic_flag_follows_torch(monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) the backward takes the two-pass path: bitwise repeatable."""
+    from dynconv.kernels import warp as kernels
+
+    calls = []
+    original = kernels.warp_backward
+
+    def spy(*args):
+        calls.append(args[-1])
+        return original(*args)
+
+    monkeypatch.setattr(kernels, "warp_backward", spy)
+    x, flow = make(CASES[0], torch.float32)
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = run(x, flow, "bilinear", "zeros", "triton")
+        second = run(x, flow, "bilinear", "zeros", "triton", first[2])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    run(x, flow, "bilinear", "zeros", "triton")
+    assert calls == [True, True, False]
+    for a, b in zip(first[1], second[1]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("padding_mode", PADDING_MODES)
+def test_triton_low_precision(dtype, padding_mode):
+    x, flow = make(CASES[0], dtype, spread=2.0)
+    out, got, gy = run(x, flow, "bilinear", padding_mode, "triton")
+    assert out.dtype == dtype and got[0].dtype == dtype and got[1].dtype == dtype
+    ref_lowp, expected_lowp, _ = run(x, flow, "bilinear", padding_mode, "reference", gy)
+    ref32, expected32, _ = run(x.float(), flow.float(), "bilinear", padding_mode, "reference", gy.float())
+    if INTERPRET and dtype == torch.bfloat16:
+        # The interpreter converts fp32 -> bf16 in the kernel by truncation (toward zero; measured: 1.12356 ->
+        # 1.1171875 where torch and the GPU give 1.125), so the output may be one bf16 ulp (2**-7 relative) off.
+        assert_close(out.float(), ref32, rtol=2**-7 + 2**-9, atol=1e-3)
+    else:
+        assert_close_lowp(out, ref_lowp, ref32)
+    assert_close_lowp(got[0], expected_lowp[0], expected32[0], what="grad x")
+    assert_close_lowp(got[1], expected_lowp[1], expected32[1], atol=2e-2, what="grad flow")
+
+
+def test_triton_opcheck():
+    """Schema, fake (meta) kernel and autograd registration of the Triton custom op."""
+    x, flow = make(CASES[0], torch.float32)
+    args = (x.requires_grad_(), flow.requires_grad_(), "bilinear", "reflection", False)
+    torch.library.opcheck(torch.ops.dynconv.warp_triton.default, args)
+
+
+def test_triton_under_torch_compile():
+    x, flow = make(CASES[0], torch.float32)
+    fn = torch.compile(
+        lambda a, b: dynconv.warp(a, b, padding_mode="border", backend="triton"), fullgraph=True, backend="aot_eager"
+    )
+    out, got, gy = run(x, flow, "bilinear", "border", "triton")
+    xc, fc = x.clone().requires_grad_(), flow.clone().requires_grad_()
+    compiled = fn(xc, fc)
+    assert_close(compiled, out)
+    for g, e in zip(torch.autograd.grad(compiled, (xc, fc), gy), got):
+        assert_close(g, e)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_cuda_realistic_sizes(dtype):
+    """Deep Feature Flow sizes (ResNet-101 conv5 features of a 1024x2048 frame: 1024 channels at 64x128)."""
+    x, flow = make((2, 1024, 64, 128, "contiguous"), dtype, spread=6.0, device="cuda")
+    assert choose_backend("warp", x, flow) == "triton"
+    out, got, gy = run(x, flow, "bilinear", "zeros", "triton")
+    ref_lowp, expected_lowp, _ = run(x, flow, "bilinear", "zeros", "reference", gy)
+    ref32, expected32, _ = run(x.float(), flow.float(), "bilinear", "zeros", "reference", gy.float())
+    if dtype == torch.float32:
+        assert_close(out, ref32, rtol=1e-5, atol=1e-5)
+        assert_close(got[0], expected32[0], rtol=1e-5, atol=1e-4)
+        assert_close(got[1], expected32[1], rtol=1e-4, atol=1e-2)  # sums over 1024 channels
+    else:
+        assert_close_lowp(out, ref_lowp, ref32)
+        assert_close_lowp(got[0], expected_lowp[0], expected32[0], what="grad x")
+
+
+def test_bench_warp_reports_every_backend_and_consistent_ratios():
+    import argparse
+
+    from dynconv.bench import warp as bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--shapes", "1,3,5,6", "--backends", "torch,triton", "--deterministic"])
+    args.device, args.repeats = DEVICE, 1
+    lines = [line for line in bench.run(args).splitlines() if line.startswith("|")]
+    header = [h.strip() for h in lines[0].strip("|").split("|")]
+    rows = {r[2]: r for r in ([v.strip() for v in line.strip("|").split("|")] for line in lines[2:])}
+    assert set(rows) == {"torch", "triton", "triton deterministic"}
+    col = {name: header.index(name) for name in header}
+    assert float(rows["torch"][col["fwd speed-up vs torch"]]) == 1.0
+    for row in rows.values():
+        fwd_ms, gbs = float(row[col["fwd ms"]]), float(row[col["fwd GB/s"]])
+        assert gbs == pytest.approx((2 * 90 + 60) * 4 / (fwd_ms * 1e-3) / 1e9, rel=0.02)
+
+
+_COMPILE_SCRIPT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import dynconv.kernels.warp as K
+
+def flags(mode, pad, **kw):
+    return dict(MODE=mode, PAD=pad, BLOCK_P=64, BLOCK_C=32, **kw)
+
+
+# every mode x padding in fp32, forward and atomic backward; the other dtypes and the deterministic backward once
+variants = []
+for mode in (0, 1):
+    for pad in (0, 1, 2):
+        variants.append((K._warp_forward_kernel, "fp32", flags(mode, pad)))
+        variants.append((K._warp_backward_kernel, "fp32", flags(mode, pad, NEED_X=True, ATOMIC=True, NEED_FLOW=True)))
+variants += [
+    (K._warp_forward_kernel, "bf16", flags(0, 2)),
+    (K._warp_forward_kernel, "fp16", flags(1, 1)),
+    (K._warp_backward_kernel, "bf16", flags(0, 0, NEED_X=True, ATOMIC=False, NEED_FLOW=True)),
+    (K._warp_backward_kernel, "fp16", flags(0, 2, NEED_X=False, ATOMIC=True, NEED_FLOW=True)),
+]
+for fn, dtype, constexprs in variants:
+    def kind(n):
+        if n in constexprs:
+            return "constexpr"
+        if n == "gidx_ptr":
+            return "*i64"
+        if n in ("gx_ptr", "gflow_ptr"):
+            return "*fp32"
+        return "*" + dtype if n.endswith("_ptr") else "i32"
+    signature = {n: kind(n) for n in fn.arg_names}
+    compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
+    assert ".entry " + fn.__name__ in compiled.asm["ptx"], fn.__name__
+print("compiled", len(variants))
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """The interpreter never runs Triton's compiler: compile every variant to PTX for sm_90 (no GPU needed)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT], env=env, cwd=root, capture_output=True, text=True, timeout=600
+    )
+    if proc.returncode != 0 and ("ModuleNotFoundError" in proc.stderr or "ImportError" in proc.stderr):
+        pytest.skip(f"Triton's CUDA compiler is not usable here: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "compiled 16" in proc.stdout
