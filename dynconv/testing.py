@@ -61,3 +61,61 @@ def assert_close_lowp(
     bad = ~((f - r).abs() <= 2 * (lo - r).abs() + atol)
     if bad.any():
         raise AssertionError(_report(bad, f, r, what + " (vs fp32 reference)"))
+
+
+# ------------------------------------------------------------------------------ GPU compilation, no GPU
+
+
+def compile_ptx(variants, pointer_kind=None, arch: int = 90) -> int:
+    """Compile Triton kernels to PTX for ``sm_<arch>`` (no GPU needed): the interpreter never runs Triton's
+    compiler, so a kernel it accepts can still fail to compile for a GPU.
+
+    Args:
+        variants: ``(kernel, dtype, constexprs)`` triples; ``dtype`` (``"fp32"``, ``"bf16"``, ...) is the
+            element type of every pointer argument that ``pointer_kind`` does not name.
+        pointer_kind: ``{argument name: Triton type}`` for arguments of another type (``"*fp32"`` buffers,
+            ``"*i64"`` index tables, ``"fp32"`` scalars). Other arguments are ``i32`` scalars.
+
+    Returns:
+        The number of kernels compiled. Must run with ``TRITON_INTERPRET=0`` (see :func:`run_without_interpreter`).
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    pointer_kind = pointer_kind or {}
+    for fn, dtype, constexprs in variants:
+
+        def kind(name):
+            if name in constexprs:
+                return "constexpr"
+            if name in pointer_kind:
+                return pointer_kind[name]
+            return "*" + dtype if name.endswith("_ptr") else "i32"
+
+        signature = {name: kind(name) for name in fn.arg_names}
+        compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", arch, 32))
+        assert ".entry " + fn.__name__ in compiled.asm["ptx"], fn.__name__
+    return len(variants)
+
+
+def run_without_interpreter(script: str, timeout: float = 600) -> str:
+    """Run a Python ``script`` in a fresh process with ``TRITON_INTERPRET=0`` and this checkout on the path;
+    return its stdout. Skips the calling test when Triton's CUDA compiler cannot be imported there, fails it
+    when the script fails."""
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True, timeout=timeout
+    )
+    if proc.returncode != 0 and ("ModuleNotFoundError" in proc.stderr or "ImportError" in proc.stderr):
+        pytest.skip(f"Triton's CUDA compiler is not usable here: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout

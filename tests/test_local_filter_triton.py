@@ -25,7 +25,7 @@ import random  # noqa: E402
 
 import dynconv  # noqa: E402
 from dynconv.backends import BackendError, can_run_triton, choose_backend, triton_interpret  # noqa: E402
-from dynconv.testing import assert_close, assert_close_lowp  # noqa: E402
+from dynconv.testing import assert_close, assert_close_lowp, run_without_interpreter  # noqa: E402
 
 pytest.importorskip("triton")
 
@@ -281,11 +281,8 @@ def test_triton_cuda_past_int32_offsets():
 # ------------------------------------------------------------------------------ GPU compilation, no GPU
 
 _COMPILE_SCRIPT = r"""
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
 import dynconv.kernels.local_filter as K
+from dynconv.testing import compile_ptx
 
 geometry = dict(KH=3, KW=3, SH=2, SW=1, PH=1, PW=1, DH=1, DW=2, ACC_F64=False, BLOCK_H=4, BLOCK_W=64)
 variants = [
@@ -293,32 +290,14 @@ variants = [
     (K._grad_x_kernel, "bf16", dict(geometry, INT64=True, BLOCK_C=16)),
     (K._grad_filters_kernel, "fp16", dict(geometry, INT64=False, SINGLE_C_BLOCK=False, BLOCK_C=32)),
 ]
-for fn, dtype, constexprs in variants:
-    names = fn.arg_names
-    signature = {n: "constexpr" if n in constexprs else ("*" + dtype if n.endswith("_ptr") else "i32") for n in names}
-    compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32))
-    assert ".entry " + fn.__name__ in compiled.asm["ptx"], fn.__name__
-print("compiled", len(variants))
+print("compiled", compile_ptx(variants))
 """
 
 
 @pytest.mark.slow
 def test_kernels_compile_for_sm90_without_a_gpu():
-    """The interpreter never runs Triton's compiler, so a kernel it accepts can still fail to compile for a GPU:
-    compile one variant of each kernel to PTX and cubin for sm_90 (ptxas ships with Triton, no GPU needed)."""
-    import subprocess
-    import sys
-
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SCRIPT], env=env, cwd=root, capture_output=True, text=True, timeout=600
-    )
-    if proc.returncode != 0 and ("ModuleNotFoundError" in proc.stderr or "ImportError" in proc.stderr):
-        pytest.skip(f"Triton's CUDA compiler is not usable here: {proc.stderr.strip().splitlines()[-1]}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "compiled 3" in proc.stdout
+    """Compile one variant of each kernel to PTX for sm_90 (ptxas ships with Triton, no GPU needed)."""
+    assert "compiled 3" in run_without_interpreter(_COMPILE_SCRIPT)
 
 
 def test_bench_reports_bandwidth_and_ratios():

@@ -19,10 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynconv.functional import local_filter2d
+from dynconv.models.dfn_video import SLOPE, init_he_uniform
 
 __all__ = ["DFNSeedPredictor"]
-
-SLOPE = 0.2
 
 
 class DFNSeedPredictor(nn.Module):
@@ -71,10 +70,7 @@ class DFNSeedPredictor(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_uniform_(m.weight, a=SLOPE, nonlinearity="leaky_relu")
-                nn.init.zeros_(m.bias)
+        init_he_uniform(self, SLOPE)
         if self.num_refine:  # the residual correction starts at zero: a fresh model is pure dynamic filtering
             nn.init.zeros_(self.refine[-1].weight)
 

@@ -30,6 +30,15 @@ def _conv(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2)
 
 
+def init_he_uniform(module: nn.Module, slope: float = SLOPE) -> None:
+    """He-uniform weights for LeakyReLU(``slope``) and zero biases in every convolution of ``module`` (the DFN
+    code's initialisation)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_uniform_(m.weight, a=slope, nonlinearity="leaky_relu")
+            nn.init.zeros_(m.bias)
+
+
 class DFNVideoPredictor(nn.Module):
     """The DFN Moving MNIST predictor (``predict="filters"``) or its pixel-predicting baseline (``"pixels"``).
 
@@ -59,10 +68,7 @@ class DFNVideoPredictor(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_uniform_(m.weight, a=SLOPE, nonlinearity="leaky_relu")
-                nn.init.zeros_(m.bias)
+        init_he_uniform(self)
 
     def step(self, frame: torch.Tensor, hidden: torch.Tensor | None):
         out, hidden, filters = self._step(frame, hidden)
