@@ -348,6 +348,24 @@ def test_training_reduces_the_loss(tmp_path):
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
 
 
+def test_filter_picture_shows_the_filters_over_the_bright_pixels():
+    """Each tile is the filter of one of the brightest pixels of the predicted frame: a filter that is one-hot at
+    tap (2, 6) over the digit and at the centre elsewhere shows (2, 6) in every tile."""
+    k, H, W = 9, 32, 32
+    frame = torch.zeros(1, H, W)
+    frame[0, 10:26, 6:22] = torch.rand(16, 16) * 0.5 + 0.5  # the "digit": 64 lattice pixels at least
+    filters = torch.zeros(k * k, H, W)
+    filters[4 * k + 4] = 1.0
+    filters[:, 10:26, 6:22] = 0.0
+    filters[2 * k + 6, 10:26, 6:22] = 1.0
+    grid = vp._filter_grid(filters, frame, None)
+    assert grid.shape == (8 * (k + 1), 8 * (k + 1))
+    tiles = grid.reshape(8, k + 1, 8, k + 1).permute(0, 2, 1, 3)[:, :, :k, :k]
+    assert torch.all(tiles[:, :, 2, 6] == 1.0) and torch.all(tiles.sum((-2, -1)) == 1.0)
+    # three channel groups are averaged into one picture
+    assert torch.equal(vp._filter_grid(filters.repeat(3, 1, 1), frame.repeat(3, 1, 1), k), grid)
+
+
 def test_progress_lines_without_a_terminal(capsys):
     """Off a terminal: a line every 10% of the run, and at least one per ``seconds`` on slow runs."""
     p = vp.Progress(total=100, start=0, enabled=True, seconds=1e9)

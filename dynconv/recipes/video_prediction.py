@@ -357,22 +357,34 @@ def write_pictures(
     Image.fromarray(strip).save(base + ".png")
     paths = [base + ".gif", base + ".png"]
     if filters is not None:
-        # filters of the first predicted frame on an 8x8 grid of pixels, each tile one pixel's 9x9 filter
-        f = filters[0]
-        if kernel_size is not None and f.shape[0] != kernel_size * kernel_size:
-            f = f.unflatten(0, (-1, kernel_size * kernel_size)).mean(0)
-        K = int(math.isqrt(f.shape[0]))
-        H, W = f.shape[-2:]
-        sub = f[:, 4 : H : H // 8, 4 : W : W // 8][:, :8, :8]
-        tiles = sub.permute(1, 2, 0).reshape(sub.shape[1], sub.shape[2], K, K)
-        tiles = tiles / tiles.amax((-2, -1), keepdim=True).clamp_min(1e-8)
-        tiles = torch.nn.functional.pad(tiles, (0, 1, 0, 1), value=0.3)
-        grid = tiles.permute(0, 2, 1, 3).reshape(sub.shape[1] * (K + 1), sub.shape[2] * (K + 1))
+        grid = _filter_grid(filters[0], pred[0], kernel_size)
         Image.fromarray(_to_uint8(grid[None])).resize((grid.shape[1] * 6, grid.shape[0] * 6), Image.NEAREST).save(
             base + "_filters.png"
         )
         paths.append(base + "_filters.png")
     return paths
+
+
+def _filter_grid(f: torch.Tensor, frame: torch.Tensor, kernel_size: int | None, n: int = 8) -> torch.Tensor:
+    """The filters that made ``frame`` at ``n x n`` of its brightest pixels (on a stride-2 lattice, so that the
+    tiles are not all neighbours), in reading order, each tile one pixel's ``k x k`` filter scaled to its
+    maximum: over the moving strokes the filter's mass sits where the stroke came from, so the tiles show the
+    motion (over the empty background the filters are arbitrary). ``f``: ``[G*k*k, H, W]``, several groups
+    (one per colour channel) averaged; ``frame``: ``[C, H, W]``. Returns ``[n (k+1), n (k+1)]`` in ``[0, 1]``."""
+    if kernel_size is not None and f.shape[0] != kernel_size * kernel_size:
+        f = f.unflatten(0, (-1, kernel_size * kernel_size)).mean(0)
+    K = int(math.isqrt(f.shape[0]))
+    H, W = f.shape[-2:]
+    score = frame.float().mean(0).clone()
+    lattice = torch.zeros_like(score, dtype=torch.bool)
+    lattice[::2, ::2] = True
+    score[~lattice] = -1.0
+    n = min(n, int(math.isqrt(int(lattice.sum()))))
+    index = score.flatten().topk(n * n).indices.sort().values  # reading order
+    tiles = f.flatten(1)[:, index].T.reshape(n, n, K, K)
+    tiles = tiles / tiles.amax((-2, -1), keepdim=True).clamp_min(1e-8)
+    tiles = torch.nn.functional.pad(tiles, (0, 1, 0, 1), value=0.3)
+    return tiles.permute(0, 2, 1, 3).reshape(n * (K + 1), n * (K + 1))
 
 
 def load_input(path: str, cfg: Config, index: int) -> torch.Tensor:
