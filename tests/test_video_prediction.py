@@ -407,6 +407,29 @@ def test_cli_train_eval_predict(tmp_path, capsys):
     assert os.path.exists(gif) and os.path.exists(gif[:-4] + ".png")
 
 
+def test_export_and_load_a_shipped_checkpoint_by_name(tmp_path, monkeypatch):
+    from dynconv import checkpoints
+
+    cfg = _cfg(tmp_path, max_steps=3)
+    vp.train(cfg)
+    monkeypatch.setattr(checkpoints, "_HERE", str(tmp_path / "shipped"))
+    monkeypatch.setitem(checkpoints.SHIPPED, "tiny-dfn", "a test checkpoint")
+    assert "tiny-dfn" not in checkpoints.available()
+    with pytest.raises(CheckpointError, match=r"'tiny-dfn' is neither a file nor a shipped checkpoint"):
+        vp.load_model("tiny-dfn")
+    record = vp.export_checkpoint(
+        os.path.join(cfg.run_dir, "last.pt"), checkpoints.path_of("tiny-dfn"), {"device": "cpu"}
+    )
+    assert record["step"] == 3 and len(record["training_loss_per_step"]) == 3 and record["device"] == "cpu"
+    assert json.load(open(tmp_path / "shipped" / "tiny-dfn.json"))["config"]["model"] == "dfn"
+    assert "optimizer" not in load_checkpoint(checkpoints.path_of("tiny-dfn"))
+    assert checkpoints.available() == ["tiny-dfn"]
+    shipped, _ = vp.load_model("tiny-dfn")
+    trained, _ = vp.load_model(os.path.join(cfg.run_dir, "last.pt"))
+    frames = vp.test_set(cfg)
+    assert torch.equal(rollout(shipped, frames, cfg.observed), rollout(trained, frames, cfg.observed))
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes(tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")

@@ -3,6 +3,7 @@
     dynconv train video-prediction --model dfn --epochs 100 --run-dir runs/dfn       # the paper's recipe
     dynconv eval video-prediction --checkpoint runs/dfn/last.pt runs/convlstm/last.pt
     dynconv predict video-prediction --checkpoint runs/dfn/last.pt --output dfn.gif
+    dynconv predict video-prediction --checkpoint dfn-moving-mnist --output dfn.gif  # the shipped checkpoint
     torchrun --standalone --nproc_per_node=2 -m dynconv train video-prediction ...  # the same, in DDP
     dynconv train video-prediction --model seed --frames-dir KITTI_FRAMES --loss composite --frame-size 128
 
@@ -35,11 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynconv import metrics
+from dynconv import checkpoints, metrics
 from dynconv.data.moving_mnist import MovingMNIST, load_digits, load_mnist_test_seq
 from dynconv.models.dfn_seed import DFNSeedPredictor
 from dynconv.models.dfn_video import ConvLSTMPredictor, CopyLastFrame, DFNVideoPredictor, rollout
-from dynconv.recipes.checkpoint import load_checkpoint, save_checkpoint
+from dynconv.recipes.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dynconv.recipes.distributed import all_reduce_mean, cleanup, init_distributed
 
 MODELS = ("dfn", "baseline", "convlstm", "seed")
@@ -283,7 +284,12 @@ def train(cfg: Config) -> dict:
 
 
 def load_model(path: str, device: str = "cpu") -> tuple[nn.Module, Config]:
-    state = load_checkpoint(path, map_location=device)
+    """The model and training config of a checkpoint file, or of a checkpoint shipped in the package by name
+    (:mod:`dynconv.checkpoints`)."""
+    resolved = checkpoints.resolve(path)
+    if not os.path.exists(resolved):
+        raise CheckpointError(checkpoints.describe_missing(path))
+    state = load_checkpoint(resolved, map_location=device)
     cfg = Config(**state["config"])
     model = build_model(cfg.model, state.get("channels", 1))
     model.load_state_dict(state["model"])
@@ -296,6 +302,27 @@ def evaluate(model: nn.Module, sequences: torch.Tensor, observed: int = 10, batc
         [rollout(model, sequences[i : i + batch_size], observed) for i in range(0, len(sequences), batch_size)]
     )
     return metrics.summarize(preds, sequences[:, observed:])
+
+
+def export_checkpoint(src: str, dst: str, info: dict | None = None) -> dict:
+    """Write the weights-only checkpoint of a training run (no optimizer state) to ``dst`` and its record to
+    ``dst`` with ``.json``: the training config, the training log (``log.jsonl`` beside ``src``, when present)
+    and ``info`` (device, budget, evaluation). This is how a checkpoint is prepared for :mod:`dynconv.checkpoints`.
+    Returns the record."""
+    state = load_checkpoint(src)
+    slim = {k: state[k] for k in ("model", "step", "config", "channels") if k in state}
+    save_checkpoint(dst, slim)
+    log_path = os.path.join(os.path.dirname(os.path.abspath(src)), "log.jsonl")
+    log = {}
+    if os.path.isfile(log_path):
+        for line in open(log_path):
+            row = json.loads(line)
+            log[row["step"]] = row["loss"]  # a resumed run rewrites the steps after its checkpoint: keep the last
+    record = {"step": slim.get("step"), "config": slim["config"], **(info or {})}
+    record["training_loss_per_step"] = [log[s] for s in sorted(log) if s <= slim.get("step", s)]
+    with open(os.path.splitext(dst)[0] + ".json", "w") as fh:
+        json.dump(record, fh, indent=1)
+    return record
 
 
 def markdown(rows: list[tuple[str, dict]]) -> str:
@@ -444,7 +471,7 @@ def main(command: str, argv: list[str]) -> int:
             print(markdown([(cfg.model, m)]))
         return 0
     if command == "eval":
-        p.add_argument("--checkpoint", nargs="+", required=True)
+        p.add_argument("--checkpoint", nargs="+", required=True, help="checkpoint files or shipped names")
         p.add_argument("--test-npy", help="the standard mnist_test_seq.npy (else the generated test set)")
         p.add_argument("--num-sequences", type=int, default=None, help="default: the training config's")
         p.add_argument("--copy-last", action=argparse.BooleanOptionalAction, default=True)
@@ -464,7 +491,7 @@ def main(command: str, argv: list[str]) -> int:
                 fh.write(table + "\n")
         return 0
     if command == "predict":
-        p.add_argument("--checkpoint", required=True)
+        p.add_argument("--checkpoint", required=True, help="a checkpoint file or a shipped name")
         p.add_argument(
             "--input",
             help="an .npy ([T, N, H, W] uint8 as mnist_test_seq, or [T, H, W]) or a folder of "
