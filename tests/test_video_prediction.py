@@ -274,6 +274,13 @@ def test_seed_model_trains_on_rgb_frame_folders_and_predicts(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------- metrics
 
 
+def test_ssim_in_chunks_equals_all_at_once():
+    pred, target = torch.rand(3, 5, 1, 16, 16), torch.rand(3, 5, 1, 16, 16)
+    whole = metrics.ssim_per_frame(pred, target, frames_per_chunk=10**6)
+    assert whole.shape == (3, 5, 1)
+    assert torch.equal(metrics.ssim_per_frame(pred, target, frames_per_chunk=4), whole)
+
+
 def test_metrics_on_hand_computed_cases():
     pred = torch.tensor([[[0.5, 0.5], [0.5, 0.5]]])
     target = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])
