@@ -300,6 +300,11 @@ def test_metrics_on_hand_computed_cases():
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
+def test_checkpoint_is_an_ordinary_readable_file(tmp_path):
+    save_checkpoint(str(tmp_path / "c.pt"), {"step": 1})
+    assert os.stat(tmp_path / "c.pt").st_mode & 0o777 == 0o644
+
+
 def test_checkpoint_atomic_and_clear_errors(tmp_path, monkeypatch):
     path = str(tmp_path / "last.pt")
     with pytest.raises(CheckpointError, match="does not exist"):

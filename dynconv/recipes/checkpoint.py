@@ -26,6 +26,7 @@ def save_checkpoint(path: str, state: dict[str, Any]) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes the file private (0600); a checkpoint is an ordinary file
         with os.fdopen(fd, "wb") as fh:
             torch.save({"format": FORMAT, **state}, fh)
             fh.flush()
