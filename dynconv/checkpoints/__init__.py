@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["SHIPPED", "resolve"]
+__all__ = ["SHIPPED", "available", "describe_missing", "path_of", "resolve"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -401,7 +401,6 @@ def _filter_grid(f: torch.Tensor, frame: torch.Tensor, kernel_size: int | None, 
     if kernel_size is not None and f.shape[0] != kernel_size * kernel_size:
         f = f.unflatten(0, (-1, kernel_size * kernel_size)).mean(0)
     K = int(math.isqrt(f.shape[0]))
-    H, W = f.shape[-2:]
     score = frame.float().mean(0).clone()
     lattice = torch.zeros_like(score, dtype=torch.bool)
     lattice[::2, ::2] = True
