@@ -6,7 +6,9 @@ what was expected, so a user never has to read a stack trace to find the wrong t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import inspect
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -52,6 +54,46 @@ def check_same(ref: torch.Tensor, ref_name: str, other: torch.Tensor, name: str)
         raise TypeError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {other.dtype}")
     if other.device != ref.device:
         raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {other.device}")
+
+
+def autocast_op(*names: str, widest: bool = False) -> Callable[[Callable], Callable]:
+    """Make a public op behave under ``torch.autocast`` as torch's own ops do.
+
+    When autocast is on for the device of the op's first tensor argument, the tensor arguments ``names`` are
+    cast as ``F.conv2d`` casts its inputs (float16/bfloat16/float32 to the autocast dtype; float64 and other
+    dtypes are left alone, so float64 mixed with a low-precision tensor still fails the dtype check) or, with
+    ``widest``, as ``F.grid_sample`` does (every floating argument promoted to the widest of their dtypes);
+    the op then runs with autocast off, so its result is exactly that of the op on inputs cast by hand.
+    Outside autocast the op runs unchanged.
+    """
+
+    def decorate(fn: Callable) -> Callable:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            first = args[0] if args else kwargs.get(names[0])
+            if not isinstance(first, torch.Tensor) or not torch.is_autocast_enabled(first.device.type):
+                return fn(*args, **kwargs)  # the common case, without the cost of binding the arguments
+            device = first.device.type
+            bound = signature.bind(*args, **kwargs)
+            tensors = {n: bound.arguments[n] for n in names if isinstance(bound.arguments.get(n), torch.Tensor)}
+            floats = [t.dtype for t in tensors.values() if t.is_floating_point()]
+            if widest:
+                dtype = functools.reduce(torch.promote_types, floats) if floats else None
+                castable = FLOAT_DTYPES
+            else:
+                dtype = torch.get_autocast_dtype(device)
+                castable = (torch.float16, torch.bfloat16, torch.float32)
+            for n, t in tensors.items():
+                if t.dtype in castable:
+                    bound.arguments[n] = t.to(dtype)
+            with torch.autocast(device, enabled=False):
+                return fn(*bound.args, **bound.kwargs)
+
+        return wrapper
+
+    return decorate
 
 
 def conv_out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:

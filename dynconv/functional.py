@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from dynconv import reference
-from dynconv._checks import check_same, check_tensor, conv_out_size, pair
+from dynconv._checks import autocast_op, check_same, check_tensor, conv_out_size, pair
 from dynconv.backends import choose_backend
 from dynconv.ops.dcnv import dcn_sample_op
 from dynconv.ops.deform import deform_conv2d_op
@@ -24,6 +24,7 @@ __all__ = ["dcnv3", "dcnv4", "deform_conv2d", "local_filter2d", "sample_conv2d",
 IntOrPair = int | Sequence[int]
 
 
+@autocast_op("input", "offset", "weight", "bias", "mask")
 def deform_conv2d(
     input: torch.Tensor,
     offset: torch.Tensor,
@@ -147,6 +148,7 @@ WARP_MODES = ("bilinear", "nearest")
 WARP_PADDING_MODES = ("zeros", "border", "reflection")
 
 
+@autocast_op("x", "flow", widest=True)
 def warp(
     x: torch.Tensor,
     flow: torch.Tensor,
@@ -216,6 +218,7 @@ def warp(
     return warp_torch(x, flow, mode, padding_mode)
 
 
+@autocast_op("x", "filters")
 def local_filter2d(
     x: torch.Tensor,
     filters: torch.Tensor,
@@ -299,6 +302,7 @@ def local_filter2d(
     return local_filter2d_op(x, filters, *(list(a) for a in args), chosen)
 
 
+@autocast_op("x", "weight", "bias")
 def sample_conv2d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -433,6 +437,7 @@ def _dcn_dispatch(op_name, value, offset, mask, args, backend):
     return dcn_sample_op(value, offset, mask, *args, chosen)
 
 
+@autocast_op("input", "offset", "mask")
 def dcnv3(
     input: torch.Tensor,
     offset: torch.Tensor,
@@ -502,6 +507,7 @@ def dcnv3(
     return _dcn_dispatch("dcnv3", value, offset.view(B, Ho, Wo, G, P, 2), mask.view(B, Ho, Wo, G, P), args, backend)
 
 
+@autocast_op("input", "offset_mask")
 def dcnv4(
     input: torch.Tensor,
     offset_mask: torch.Tensor,
