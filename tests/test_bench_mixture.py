@@ -31,5 +31,6 @@ def test_run_produces_table():
     args.device, args.repeats = "cpu", 1
     table = mixture.run(args)
     lines = [line for line in table.splitlines() if line.startswith("| resnet18")]
-    assert len(lines) == 1 + 4  # static + DY-CNN auto/grouped/experts/loop
+    assert len(lines) == 1 + 5  # static + DY-CNN auto/grouped/experts/chunked/loop
+    assert [line.split(" | ")[4] for line in lines] == ["-", "auto", "grouped", "experts", "chunked", "loop"]
     assert "| resnet18 | 32x32 | 2 | static | - | 11.2 | 1 | " in lines[0]

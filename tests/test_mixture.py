@@ -223,19 +223,54 @@ def test_high_temperature_makes_attention_near_uniform():
 def test_auto_formulation_rule():
     layer = dynconv.DynamicConv2d(512, 512, 3, padding=1)  # ResNet-18 layer4 at 32x32 input: 4x4 maps
     x = torch.zeros(2, 512, 4, 4)
-    assert layer.choose_formulation(x) == "experts"  # 512*9 = 4608 > 2 * 4 * 16
+    assert layer.choose_formulation(x) == "experts"  # CPU: 512*9 = 4608 > 32 * 4 * 16
     assert layer.choose_formulation(x[:1]) == "grouped"  # one sample: the mixed kernel is a plain conv
+    x7 = torch.zeros(2, 512, 7, 7)  # ResNet-18 layer4 at 224x224 input
+    assert layer.choose_formulation(x7) == "chunked"  # CPU: 4608 < 32 * 4 * 49
+    assert layer.choose_formulation(x7.to("meta")) == "experts"  # elsewhere: 4608 > 2 * 4 * 49
     small = dynconv.DynamicConv2d(64, 64, 3, padding=1)
-    assert small.choose_formulation(torch.zeros(2, 64, 32, 32)) == "loop"  # 576 < 2 * 4 * 1024; CPU: loop
+    assert small.choose_formulation(torch.zeros(2, 64, 32, 32)) == "chunked"  # 576 < 2 * 4 * 1024
     assert small.choose_formulation(torch.zeros(2, 64, 32, 32, device="meta")) == "grouped"  # not CPU
     mid = dynconv.DynamicConv2d(128, 128, 3, padding=1)
-    assert mid.choose_formulation(torch.zeros(2, 128, 16, 16)) == "loop"  # 1152 < 2 * 4 * 256
-    assert mid.choose_formulation(torch.zeros(2, 128, 8, 8)) == "experts"  # 1152 > 2 * 4 * 64
+    assert mid.choose_formulation(torch.zeros(2, 128, 8, 8)) == "chunked"  # CPU: 1152 < 32 * 4 * 64
+    assert mid.choose_formulation(torch.zeros(2, 128, 8, 8, device="meta")) == "experts"  # 1152 > 2 * 4 * 64
     forced = dynconv.DynamicConv2d(512, 512, 3, padding=1, formulation="grouped")
     assert forced.choose_formulation(x) == "grouped"
     od = dynconv.ODConv2d(8, 8, 3)
-    assert od.choose_formulation(torch.zeros(2, 8, 5, 5)) == "loop"
+    assert od.choose_formulation(torch.zeros(2, 8, 5, 5)) == "chunked"
     assert od.choose_formulation(torch.zeros(1, 8, 5, 5)) == "grouped"
+
+
+def test_chunk_size_rule():
+    from dynconv.nn.mixture import CHUNK_BYTES, CHUNK_SAMPLES, _chunk_size
+
+    assert _chunk_size("grouped", 64, 10**9) == 64
+    assert _chunk_size("loop", 64, 1) == 1
+    assert _chunk_size("chunked", 64, 1000) == CHUNK_SAMPLES  # small kernels: the sample cap
+    assert _chunk_size("chunked", 64, CHUNK_BYTES // 3) == 3  # three kernels fit the byte budget
+    assert _chunk_size("chunked", 64, 512 * 512 * 9 * 4) == 1  # ResNet-18 layer4 (9.4 MB): one per chunk
+
+
+@pytest.mark.parametrize("cls", LAYERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("samples,budget", [(1, 10**9), (2, 10**9), (3, 10**9), (4, 1)])
+def test_chunked_matches_explicit_for_any_chunk(cls, samples, budget, monkeypatch):
+    """Chunks of 1, 2 and 3 samples (7 samples: a short last chunk) and a byte budget that forces one sample
+    per chunk: output and gradients equal the explicit per-sample mixed-kernel convolution."""
+    import dynconv.nn.mixture as mixture
+
+    monkeypatch.setattr(mixture, "CHUNK_SAMPLES", samples)
+    monkeypatch.setattr(mixture, "CHUNK_BYTES", budget)
+    torch.manual_seed(0)
+    case = dict(cin=6, cout=4, k=3, stride=1, padding=1, dilation=1, groups=2, bias=True, K=3)
+    layer = build(cls, case)
+    layer.formulation = "chunked"
+    x = torch.randn(7, 6, 5, 6, dtype=torch.float64, requires_grad=True)
+    ref = explicit_output(layer, x)
+    out = layer(x)
+    assert_close(out, ref, what="output")
+    gy = torch.randn_like(ref)
+    for g, gr in zip(torch.autograd.grad(out, [x, layer.weight], gy), torch.autograd.grad(ref, [x, layer.weight], gy)):
+        assert_close(g, gr, what="gradient")
 
 
 @pytest.mark.parametrize("cls", LAYERS, ids=lambda c: c.__name__)
@@ -322,7 +357,7 @@ def test_torch_compile_fullgraph():
     torch._dynamo.reset()
     x = torch.randn(2, 8, 6, 6)
     for layer in (dynconv.DynamicConv2d(8, 8, 3, padding=1).eval(), dynconv.ODConv2d(8, 8, 3, padding=1).eval()):
-        for formulation in ("grouped", "loop"):
+        for formulation in ("grouped", "chunked", "loop"):
             layer.formulation = formulation
             compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
             assert_close(compiled(x), layer(x))

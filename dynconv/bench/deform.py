@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import statistics
-import time
 
 import torch
 
-from dynconv.bench.timing import _sync, markdown_table, peak_memory
+from dynconv.bench.timing import markdown_table, measure_interleaved
 from dynconv.functional import deform_conv2d
 
 DCNV2_SHAPES = [(8, 64, 56, 56), (2, 256, 64, 64)]
@@ -79,20 +77,6 @@ def _fwd_bwd(fn, tensors):
     return step
 
 
-def _interleaved(candidates: dict, device: torch.device, repeats: int, warmup: int = 1) -> dict:
-    """Median seconds of each callable over ``repeats`` rounds that call every candidate once, and its peak memory."""
-    times: dict = {name: [] for name in candidates}
-    for round_ in range(warmup + repeats):
-        for name, fn in candidates.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            if round_ >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    return {name: (statistics.median(times[name]), peak_memory(fn, device)) for name, fn in candidates.items()}
-
-
 def run(args: argparse.Namespace) -> str:
     device = torch.device(args.device)
     tv_op, tv_reason = (None, "--no-torchvision") if args.no_torchvision else _torchvision_op()
@@ -112,7 +96,7 @@ def run(args: argparse.Namespace) -> str:
             for name, fn in candidates.items():
                 fwd_calls[name + " fwd"] = lambda fn=fn: _no_grad_call(fn, tensors)
                 both_calls[name + " both"] = _fwd_bwd(fn, tensors)
-            timed = _interleaved({**fwd_calls, **both_calls}, device, args.repeats)
+            timed = measure_interleaved({**fwd_calls, **both_calls}, device, args.repeats)
             results = {name: (timed[name + " fwd"], timed[name + " both"]) for name in candidates}
             base_name = "torchvision" if "torchvision" in results else "torch"
             base_fwd, base_both = results.get(base_name, next(iter(results.values())))
@@ -122,12 +106,12 @@ def run(args: argparse.Namespace) -> str:
                         "DCNv2 " + str(shape),
                         dtype_name,
                         name,
-                        fwd[0] * 1e3,
-                        both[0] * 1e3,
-                        base_fwd[0] / fwd[0],
-                        base_both[0] / both[0],
-                        fwd[1] / 2**20,
-                        both[1] / 2**20,
+                        fwd.median_ms,
+                        both.median_ms,
+                        base_fwd.median_s / fwd.median_s,
+                        base_both.median_s / both.median_s,
+                        fwd.peak_extra_mb,
+                        both.peak_extra_mb,
                     ]
                 )
     header = [

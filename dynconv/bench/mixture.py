@@ -1,13 +1,14 @@
 """``dynconv bench mixture``: static vs CondConv vs DY-CNN vs ODConv (vs DyNet) on ResNet-18 and MobileNetV2.
 
-For every (model, input size, batch) it measures, in one run: parameters, forward FLOPs per image (counted
+For every (model, input size, batch) it measures, in one run (the candidates timed interleaved, one forward of
+each per round; see :func:`dynconv.bench.timing.measure_interleaved`): parameters, forward FLOPs per image (counted
 with ``torch.utils.flop_counter.FlopCounterMode``: convolutions, matmuls and einsums, i.e. the kernel mixing
 too; elementwise attention ops are not counted), the median forward latency in eval mode under
 ``torch.no_grad()`` and the peak extra memory of one forward. Every ``nn.Conv2d`` is converted with
 :func:`dynconv.convert` (``--experts`` experts each). For the kinds in ``--formulation-kinds`` it also times
 each formulation of the mixture: ``grouped`` (per-sample kernels, batch folded into the groups), ``experts``
-(K dense convolutions, then the weighted sum), ``loop`` (one ``F.conv2d`` per sample) and ``auto`` (the
-per-layer rule in :mod:`dynconv.nn.mixture`).
+(K dense convolutions, then the weighted sum), ``chunked`` (a few samples per grouped convolution), ``loop``
+(one ``F.conv2d`` per sample) and ``auto`` (the per-layer rule in :mod:`dynconv.nn.mixture`).
 
 ``--quick`` measures what fits in a few minutes on a 2-core CPU: both models at 32x32 (batch 1 and 64) and
 224x224 at batch 1, and skips 224x224 at batch 64 (it says so in the table).
@@ -17,12 +18,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import dynconv
-from dynconv.bench.timing import markdown_table, measure
+from dynconv.bench.timing import markdown_table, measure_interleaved
 from dynconv.models import mobilenet_v2, resnet18
 from dynconv.nn.mixture import ODConv2d, _CoefficientMixture
 
@@ -57,6 +59,13 @@ def _set_formulation(model: torch.nn.Module, formulation: str) -> None:
             m.formulation = formulation
 
 
+def _forward(model: torch.nn.Module, x: torch.Tensor, formulation: str, dynamic: bool) -> torch.Tensor:
+    if dynamic:
+        _set_formulation(model, formulation)
+    with torch.no_grad():
+        return model(x)
+
+
 def run(args: argparse.Namespace) -> str:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -87,38 +96,40 @@ def run(args: argparse.Namespace) -> str:
                     skipped.append(f"{model_name} {size}x{size} batch {batch}")
                     continue
                 x = torch.randn(batch, 3, size, size, device=device)
-                base_ms = None
+                candidates = {}
                 for kind, model in variants.items():
-                    forms = ["auto", "grouped", "experts", "loop"] if kind in formulation_kinds else ["auto"]
+                    forms = ["auto", "grouped", "experts", "chunked", "loop"] if kind in formulation_kinds else ["auto"]
                     if kind == "odconv" and kind in formulation_kinds:
-                        forms = ["auto", "loop"]
+                        forms = ["auto", "grouped", "chunked", "loop"]
                     for form in forms:
-                        if kind != "static":
-                            _set_formulation(model, form)
-                        with torch.no_grad():
-                            m = measure(lambda: model(x), device, repeats=repeats, warmup=1, max_seconds=60)
-                        if kind == "static":
-                            base_ms = m.median_ms
-                        params, flops = stats[kind]
-                        flops_form = flops if form == "auto" else count_flops(model, one if batch == 1 else x) / batch
-                        rows.append(
-                            [
-                                model_name,
-                                f"{size}x{size}",
-                                batch,
-                                LABELS.get(kind, kind),
-                                "-" if kind == "static" else form,
-                                params / 1e6,
-                                params / base_params,
-                                flops_form / 1e9,
-                                flops_form / base_flops,
-                                m.median_ms,
-                                m.median_ms / base_ms if base_ms else float("nan"),
-                                m.peak_extra_mb,
-                            ]
-                        )
-                    if kind != "static":
+                        candidates[(kind, form)] = functools.partial(_forward, model, x, form, kind != "static")
+                timed = measure_interleaved(candidates, device, repeats)
+                base_ms = timed[("static", "auto")].median_ms if ("static", "auto") in timed else None
+                for (kind, form), m in timed.items():
+                    model = variants[kind]
+                    params, flops = stats[kind]
+                    if form == "auto":
+                        flops_form = flops
+                    else:
+                        _set_formulation(model, form)
+                        flops_form = count_flops(model, one if batch == 1 else x) / batch
                         _set_formulation(model, "auto")
+                    rows.append(
+                        [
+                            model_name,
+                            f"{size}x{size}",
+                            batch,
+                            LABELS.get(kind, kind),
+                            "-" if kind == "static" else form,
+                            params / 1e6,
+                            params / base_params,
+                            flops_form / 1e9,
+                            flops_form / base_flops,
+                            m.median_ms,
+                            m.median_ms / base_ms if base_ms else float("nan"),
+                            m.peak_extra_mb,
+                        ]
+                    )
     header = [
         "model",
         "input",

@@ -128,6 +128,27 @@ def measure(
     return Measurement(statistics.median(times), peak_memory(fn, device))
 
 
+def measure_interleaved(
+    candidates: dict[str, Callable[[], object]], device: torch.device | str, repeats: int, warmup: int = 1
+) -> dict[str, Measurement]:
+    """Median wall time of each candidate over ``repeats`` rounds that call every candidate once, and its peak
+    memory. On a shared machine a burst of someone else's load then slows every candidate alike instead of
+    one of them (timed back to back, the same forward varied 88-592 ms between consecutive runs here)."""
+    device = torch.device(device)
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for round_ in range(warmup + repeats):
+        for name, fn in candidates.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {
+        name: Measurement(statistics.median(times[name]), peak_memory(fn, device)) for name, fn in candidates.items()
+    }
+
+
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     def fmt(v: object) -> str:
         if isinstance(v, float):

@@ -14,8 +14,8 @@ import argparse
 
 import torch
 
-from dynconv.bench.deform import _fwd_bwd, _interleaved, _no_grad_call
-from dynconv.bench.timing import markdown_table
+from dynconv.bench.deform import _fwd_bwd, _no_grad_call
+from dynconv.bench.timing import markdown_table, measure_interleaved
 from dynconv.functional import warp
 
 # Deep Feature Flow: ResNet-101 conv5 features of a 1024x2048 Cityscapes frame (stride 16), and an ImageNet-VID
@@ -66,11 +66,12 @@ def run(args: argparse.Namespace) -> str:
             for name, fn in candidates.items():
                 calls[name + " fwd"] = lambda fn=fn: _no_grad_call(fn, tensors)
                 calls[name + " both"] = _fwd_bwd(fn, tensors)
-            timed = _interleaved(calls, device, args.repeats)
+            timed = measure_interleaved(calls, device, args.repeats)
             base = "torch" if "torch" in candidates else next(iter(candidates))
             io_bytes = (2 * x.numel() + flow.numel()) * x.element_size()
             for name in candidates:
-                (fwd, fwd_peak), (both, both_peak) = timed[name + " fwd"], timed[name + " both"]
+                fwd, both = timed[name + " fwd"].median_s, timed[name + " both"].median_s
+                fwd_peak, both_peak = timed[name + " fwd"].peak_extra_bytes, timed[name + " both"].peak_extra_bytes
                 rows.append(
                     [
                         str(shape),
@@ -79,8 +80,8 @@ def run(args: argparse.Namespace) -> str:
                         fwd * 1e3,
                         both * 1e3,
                         io_bytes / fwd / 1e9,
-                        timed[base + " fwd"][0] / fwd,
-                        timed[base + " both"][0] / both,
+                        timed[base + " fwd"].median_s / fwd,
+                        timed[base + " both"].median_s / both,
                         fwd_peak / 2**20,
                         both_peak / 2**20,
                     ]

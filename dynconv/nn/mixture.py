@@ -27,17 +27,21 @@ Formulations (the ``formulation`` argument of the coefficient mixtures):
 * ``"experts"`` ("batched experts", CondConv's mixture-of-experts view): ``K`` static convolutions of the
   whole batch as one convolution with ``K * C_out`` outputs, then the coefficient-weighted sum of the outputs.
   ``K`` times the convolution FLOPs, but dense (ungrouped) convolutions and no per-sample kernel.
-* ``"loop"``: mix per sample, then one ``F.conv2d`` per sample (the reference; for benchmarks).
-* ``"auto"`` (default): ``"experts"`` when ``B > 1`` and ``C_in/groups * kh * kw > 2 * K * H_out * W_out``;
-  otherwise ``"loop"`` for CPU tensors with ``B > 1`` and ``"grouped"`` else. The left side is the per-sample
-  kernel size over ``C_out`` (what the per-sample formulations write and read per sample), the right side
-  twice the ``K`` expert outputs per output channel (what the experts formulation writes): deep layers on
-  small maps (ResNet-18's last stages, 1x1 convolutions at 7x7) go to experts, depthwise layers and large
-  maps stay per-sample. Calibrated on one CPU thread with ``DynamicConv2d(C, C, 3)`` (grouped / experts ms):
-  ratio 9.0 (C=256, 8x8): B=8 36.9 / 15.9, B=64 398 / 158; ratio 72 (C=512, 4x4, B=8) 122 / 45; ratio 1.1
-  (C=128, 16x16): B=8 5.0 / 14.4, B=64 107 / 221; ratio 0.14 (C=64, 32x32, B=64) 70 / 218. On CPU the loop
-  of per-sample convolutions beat the grouped convolution at batch 64 on whole models (see
-  ``_grouped_or_loop``). Whole-model figures: ``dynconv bench mixture`` in ``docs/benchmarks.md``.
+* ``"chunked"``: the grouped formulation over chunks of at most 4 samples whose kernels together take at most
+  8 MB (one sample per chunk for kernels above 4 MB): only one chunk's kernels exist at a time, and they are
+  still in cache when the convolution reads them.
+* ``"loop"``: one sample at a time, mixing its kernel and calling ``F.conv2d`` (chunks of one sample).
+* ``"auto"`` (default): with one sample, ``"grouped"`` (a plain convolution with the mixed kernel). With
+  ``B > 1``, ``"experts"`` when the per-sample kernel is large against the output map,
+  ``C_in/groups * kh * kw > r * K * H_out * W_out``, else ``"chunked"`` on CPU and ``"grouped"`` on other
+  devices. The left side is the per-sample kernel size over ``C_out`` (what the per-sample formulations
+  write and read per sample), the right side the ``K`` expert outputs per output channel (what the experts
+  formulation writes). ``r = 32`` on CPU: measured on one thread at batch 64 with ``DynamicConv2d(C, C, 3)``
+  (latency over the static convolution, chunked / experts): ratio 72 (C=512, 4x4) 7.6 / 5.1, ratio 24
+  (C=512, 7x7) 4.1 / 4.9, ratio 9 (C=256, 8x8) 2.7 / 4.4, ratio 2.9 (C=256, 14x14) 1.2 / 3.7, and at most
+  1.5 / 4.4 below (``docs/benchmarks.md``). ``r = 2`` elsewhere, calibrated against the grouped formulation on
+  CPU before the chunked one existed (grouped / experts ms at batch 64: ratio 9 398 / 158, ratio 1.1
+  107 / 221); not yet measured on a GPU.
 """
 
 from __future__ import annotations
@@ -61,7 +65,13 @@ __all__ = [
     "temperature_schedule",
 ]
 
-FORMULATIONS = ("auto", "grouped", "experts", "loop")
+FORMULATIONS = ("auto", "grouped", "experts", "chunked", "loop")
+# The "chunked" formulation: at most this many samples per chunk, and kernels of at most this many bytes.
+CHUNK_SAMPLES = 4
+CHUNK_BYTES = 8 * 2**20
+# "auto" picks "experts" at batch > 1 when C_in/groups * kh * kw > ratio * K * H_out * W_out (module docstring).
+EXPERTS_RATIO = {"cpu": 32}
+EXPERTS_RATIO_DEFAULT = 2
 
 
 def _zero_sum_noise(shape: torch.Size, scale: float, like: torch.Tensor) -> torch.Tensor:
@@ -150,6 +160,22 @@ class _KernelMixtureConv2d(nn.Module):
         if self.formulation != "auto":
             parts.append(f"formulation={self.formulation!r}")
         return ", ".join(parts)
+
+    def _per_sample_conv(self, x: torch.Tensor, formulation: str, kernels) -> torch.Tensor:
+        """Convolve each sample with its own kernel, ``chunk`` samples per call of :func:`sample_conv2d`.
+
+        ``kernels(lo, hi)`` returns the mixed ``(weight [n, C_out, C_in/groups, kh, kw], bias [n, C_out] or
+        None)`` of samples ``lo:hi``, so at most one chunk of kernels exists at a time.
+        """
+        B = x.shape[0]
+        chunk = _chunk_size(formulation, B, self.weight[0].numel() * self.weight.element_size())
+        args = (self.stride, self.padding, self.dilation, self.groups)
+        outs = []
+        for lo in range(0, max(B, 1), chunk):  # B = 0: one empty chunk
+            hi = min(lo + chunk, B)
+            weight, bias = kernels(lo, hi)
+            outs.append(sample_conv2d(x[lo:hi], weight, bias, *args, backend="torch"))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
@@ -244,12 +270,21 @@ def _string_padding(conv: nn.Conv2d) -> tuple[int, int]:
     return (total[0] // 2, total[1] // 2)
 
 
-def _grouped_or_loop(x: torch.Tensor) -> str:
-    # On CPU (oneDNN, one thread) B separate convolutions beat one convolution with B*groups groups at batch 64:
-    # whole-model forward, grouped / loop ms: ResNet-18 224x224 9672 / 4741, MobileNetV2 224x224 4625 / 2257,
-    # MobileNetV2 32x32 945 / 690, ResNet-18 32x32 4862 / 5241 (docs/benchmarks.md). On CUDA the single
-    # grouped launch is the usual choice (not measured here: no GPU on the development machine).
-    return "loop" if x.device.type == "cpu" and x.shape[0] > 1 else "grouped"
+def _per_sample_formulation(x: torch.Tensor) -> str:
+    # On CPU (oneDNN, one thread) a few samples per convolution beat one convolution with B*groups groups at
+    # batch 64 (whole-model forward, grouped / per-sample loop ms: ResNet-18 224x224 9672 / 4741, MobileNetV2
+    # 224x224 4625 / 2257) and one sample per convolution (docs/benchmarks.md). On CUDA the single grouped
+    # launch is the usual choice (not measured here: no GPU on the development machine).
+    return "chunked" if x.device.type == "cpu" and x.shape[0] > 1 else "grouped"
+
+
+def _chunk_size(formulation: str, batch: int, kernel_bytes: int) -> int:
+    """Samples per convolution for a per-sample formulation (``kernel_bytes``: one sample's mixed kernel)."""
+    if formulation == "grouped":
+        return max(batch, 1)
+    if formulation == "loop":
+        return 1
+    return max(1, min(CHUNK_SAMPLES, CHUNK_BYTES // max(kernel_bytes, 1)))
 
 
 class _CoefficientMixture(_KernelMixtureConv2d):
@@ -266,9 +301,10 @@ class _CoefficientMixture(_KernelMixtureConv2d):
             return self.formulation
         Ho, Wo = self._output_size(x)
         per_sample_kernel = self.weight.shape[2] * self.kernel_size[0] * self.kernel_size[1]
-        if x.shape[0] > 1 and per_sample_kernel > 2 * self.num_experts * Ho * Wo:
+        ratio = EXPERTS_RATIO.get(x.device.type, EXPERTS_RATIO_DEFAULT)
+        if x.shape[0] > 1 and per_sample_kernel > ratio * self.num_experts * Ho * Wo:
             return "experts"
-        return _grouped_or_loop(x)
+        return _per_sample_formulation(x)
 
     def mixed_kernel(self, coeff: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-sample kernels from coefficients.
@@ -310,9 +346,7 @@ class _CoefficientMixture(_KernelMixtureConv2d):
         formulation = self.choose_formulation(x)
         if formulation == "experts":
             return self._experts_forward(x, coeff)
-        weight, bias = self.mixed_kernel(coeff)
-        backend = "reference" if formulation == "loop" else "torch"
-        return sample_conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups, backend=backend)
+        return self._per_sample_conv(x, formulation, lambda lo, hi: self.mixed_kernel(coeff[lo:hi]))
 
 
 class CondConv2d(_CoefficientMixture):
@@ -531,9 +565,9 @@ class ODConv2d(_KernelMixtureConv2d):
         reduction (float): trunk width ratio. Default 1/16.
         min_channels (int): minimum trunk width. Default 16.
         temperature (float): attention temperature. Default 1.
-        formulation (str): ``"grouped"`` (one grouped convolution), ``"loop"`` or ``"auto"`` (loop on CPU
-            at batch > 1, grouped otherwise); the batched experts formulation does not apply (the spatial
-            attention changes every expert per sample).
+        formulation (str): ``"grouped"`` (one grouped convolution), ``"chunked"``, ``"loop"`` or ``"auto"``
+            (chunked on CPU at batch > 1, grouped otherwise); the batched experts formulation does not apply
+            (the spatial attention changes every expert per sample).
 
     Shape:
         - x: ``[B, C_in, H, W]``; output: ``[B, C_out, H_out, W_out]``.
@@ -562,7 +596,7 @@ class ODConv2d(_KernelMixtureConv2d):
         if formulation == "experts":
             raise ValueError(
                 "formulation='experts' does not apply to ODConv2d (the spatial attention changes every expert "
-                "per sample); use 'auto', 'grouped' or 'loop'"
+                "per sample); use 'auto', 'grouped', 'chunked' or 'loop'"
             )
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, num_experts,
@@ -614,8 +648,8 @@ class ODConv2d(_KernelMixtureConv2d):
         return out
 
     def choose_formulation(self, x: torch.Tensor) -> str:
-        """``"grouped"`` or ``"loop"``: the forced one, else the device rule of the coefficient mixtures."""
-        return self.formulation if self.formulation != "auto" else _grouped_or_loop(x)
+        """The forced formulation, else the device rule of the coefficient mixtures (never ``"experts"``)."""
+        return self.formulation if self.formulation != "auto" else _per_sample_formulation(x)
 
     def uniform_attention_gain(self) -> float:
         sigmoid_heads = sum(1 for name in self._heads() if name != "kernel")
@@ -630,22 +664,25 @@ class ODConv2d(_KernelMixtureConv2d):
         """Args: x (Tensor[B, C_in, H, W]). Returns: Tensor[B, C_out, H_out, W_out]."""
         self._check_input(x)
         att = self.attention(x)
-        B = x.shape[0]
         x = x * att["in_channel"][:, :, None, None]
         if "spatial" not in att and "kernel" not in att:
             # Nothing per-sample inside the kernel (ODConv 1x on a 1x1 layer): one static convolution.
             y = F.conv2d(x, self.weight[0], None, self.stride, self.padding, self.dilation, self.groups)
         else:
-            # Mix over the experts first (one matmul, B x P), then scale the taps: the spatial attention does not
-            # depend on the expert, so this equals scaling every expert and mixing, without a B x K x P tensor.
-            if "kernel" in att:
-                weight = (att["kernel"] @ self.weight.flatten(1)).view(B, *self.weight.shape[1:])
-            else:
-                weight = self.weight[0].expand(B, *self.weight.shape[1:])
-            if "spatial" in att:
-                weight = weight * att["spatial"].view(B, 1, 1, *self.kernel_size)
-            backend = "reference" if self.choose_formulation(x) == "loop" else "torch"
-            y = sample_conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups, backend=backend)
+            # Mix over the experts first (one matmul per chunk of samples), then scale the taps: the spatial
+            # attention does not depend on the expert, so this equals scaling every expert and mixing, without
+            # a B x K x P tensor.
+            def kernels(lo: int, hi: int) -> tuple[torch.Tensor, None]:
+                n = hi - lo
+                if "kernel" in att:
+                    weight = (att["kernel"][lo:hi] @ self.weight.flatten(1)).view(n, *self.weight.shape[1:])
+                else:
+                    weight = self.weight[0].expand(n, *self.weight.shape[1:])
+                if "spatial" in att:
+                    weight = weight * att["spatial"][lo:hi].view(n, 1, 1, *self.kernel_size)
+                return weight, None
+
+            y = self._per_sample_conv(x, self.choose_formulation(x), kernels)
         if "out_channel" in att:
             y = y * att["out_channel"][:, :, None, None]
         if self.bias is not None:
