@@ -399,6 +399,23 @@ def test_resume_continues_exactly(tmp_path):
     assert resumed == pytest.approx(full[2:], rel=1e-6, abs=1e-7)
 
 
+def test_init_from_starts_from_the_weights_with_a_fresh_optimizer(tmp_path):
+    src = _cfg(tmp_path / "src", max_steps=2)
+    vp.train(src)
+    src_path = os.path.join(src.run_dir, "last.pt")
+    # lr 0: Adam leaves the weights where they started, so the run's checkpoint holds the loaded weights.
+    vp.train(_cfg(tmp_path / "dst", max_steps=1, lr=0.0, seed=1, init_from=src_path))
+    got = load_checkpoint(str(tmp_path / "dst" / "run" / "last.pt"))
+    want = load_checkpoint(src_path)
+    assert got["step"] == 1 and got["optimizer"]["state"][0]["step"] == 1  # a fresh optimizer
+    for name, value in want["model"].items():
+        assert torch.equal(got["model"][name], value), name
+    with pytest.raises(ValueError, match=r"init_from .* holds a 'dfn' model .* this run trains 'baseline'"):
+        vp.train(_cfg(tmp_path / "other", model="baseline", max_steps=1, init_from=src_path))
+    with pytest.raises(CheckpointError, match=r"init_from: checkpoint 'nowhere.pt' is neither a file nor a shipped"):
+        vp.train(_cfg(tmp_path / "missing", max_steps=1, init_from="nowhere.pt"))
+
+
 def test_cli_train_eval_predict(tmp_path, capsys):
     from dynconv.cli import main
 

@@ -17,8 +17,10 @@ files), or ``--frames-dir`` with one folder of frames per sequence (KITTI layout
 paper: Adam, learning rate 1e-3 halved every 20 epochs, batch 16, binary cross-entropy on outputs clipped to
 ``[eps, 1 - eps]``; optional warm-up and gradient clipping. Every ``--save-every`` steps the run folder gets
 an atomically written ``last.pt``; ``--resume`` continues from it exactly (training batches are a pure
-function of the seed and the step). Evaluation reports the paper's BCE summed over the pixels of a frame,
-averaged over the 10 predicted frames, and per-pixel BCE, MSE, MAE, PSNR and SSIM.
+function of the seed and the step); ``--init-from`` starts a new run from the weights of a checkpoint file or
+a shipped checkpoint's name, with a fresh optimizer (use another ``--seed`` to draw new batches). Evaluation
+reports the paper's BCE summed over the pixels of a frame, averaged over the 10 predicted frames, and
+per-pixel BCE, MSE, MAE, PSNR and SSIM.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class Config:
     test_sequences: int = 256
     device: str = "cpu"
     threads: int | None = None
+    init_from: str | None = None
 
     @property
     def total_steps(self) -> int:
@@ -228,6 +231,10 @@ def train(cfg: Config) -> dict:
             start = state["step"]
             if info.is_main:
                 print(f"resumed {ckpt_path} at step {start}", file=sys.stderr)
+        elif cfg.init_from:
+            _init_weights(model, cfg, batches.channels, device)
+            if info.is_main:
+                print(f"weights from {cfg.init_from}; optimizer and step start afresh", file=sys.stderr)
         net = _Rollout(model, cfg.observed)
         uses_logits = net.logits
         if info.enabled:
@@ -278,6 +285,22 @@ def train(cfg: Config) -> dict:
         return {"losses": losses, "step": cfg.total_steps}
     finally:
         cleanup(info)
+
+
+def _init_weights(model: nn.Module, cfg: Config, channels: int, device: torch.device) -> None:
+    """``--init-from``: the weights of another run's checkpoint or of a shipped one (fine-tuning, or a longer
+    run continued with a fresh optimizer); the model kind and channel count must match."""
+    resolved = checkpoints.resolve(cfg.init_from)
+    if not os.path.exists(resolved):
+        raise CheckpointError(f"init_from: {checkpoints.describe_missing(cfg.init_from)}")
+    state = load_checkpoint(resolved, map_location=device)
+    src_model, src_channels = state["config"]["model"], state.get("channels", 1)
+    if (src_model, src_channels) != (cfg.model, channels):
+        raise ValueError(
+            f"init_from {cfg.init_from!r} holds a {src_model!r} model for {src_channels}-channel frames; this run "
+            f"trains {cfg.model!r} on {channels}-channel frames"
+        )
+    model.load_state_dict(state["model"])
 
 
 # ------------------------------------------------------------------------------------------------ eval
