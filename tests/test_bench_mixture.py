@@ -34,3 +34,17 @@ def test_run_produces_table():
     assert len(lines) == 1 + 5  # static + DY-CNN auto/grouped/experts/chunked/loop
     assert [line.split(" | ")[4] for line in lines] == ["-", "auto", "grouped", "experts", "chunked", "loop"]
     assert "| resnet18 | 32x32 | 2 | static | - | 11.2 | 1 | " in lines[0]
+
+
+def test_layers_sweep_times_every_formulation_and_marks_auto():
+    parser = argparse.ArgumentParser()
+    mixture.add_arguments(parser)
+    args = parser.parse_args(["--layers", "16,6;64,2", "--batches", "3"])
+    args.device, args.repeats = "cpu", 1
+    lines = [line for line in mixture.run(args).splitlines() if line.startswith("| 16 ") or line.startswith("| 64 ")]
+    forms = [line.split(" | ")[4] for line in lines]
+    # 16*9 / (4*36) = 1 -> chunked on CPU; 64*9 / (4*4) = 36 > 32 -> experts
+    assert forms == ["static", "grouped", "experts", "chunked (auto)", "loop"] + [
+        "static", "grouped", "experts (auto)", "chunked", "loop"
+    ]  # fmt: skip
+    assert all(float(line.split(" | ")[6]) > 0 for line in lines)

@@ -21,6 +21,7 @@ import copy
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import dynconv
@@ -44,6 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip", default="", help="'size,batch;...' combinations to skip")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave the default)")
     parser.add_argument("--quick", action="store_true", help="skip 224x224 at batch 64; 3 repeats")
+    parser.add_argument(
+        "--layers",
+        default="",
+        help="'C,HW;...': instead of the models, time one DynamicConv2d(C, C, 3) on HWxHW maps per entry, every "
+        "formulation against the static convolution (the calibration of the auto rule)",
+    )
 
 
 def count_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
@@ -66,10 +73,48 @@ def _forward(model: torch.nn.Module, x: torch.Tensor, formulation: str, dynamic:
         return model(x)
 
 
+def run_layers(args: argparse.Namespace, device: torch.device) -> str:
+    """``--layers``: one ``DynamicConv2d(C, C, 3, padding=1)`` per entry, each formulation vs the static conv."""
+    rows = []
+    for item in (i for i in args.layers.split(";") if i):
+        C, HW = (int(v) for v in item.split(","))
+        torch.manual_seed(0)
+        layer = dynconv.DynamicConv2d(C, C, 3, padding=1, num_experts=args.experts).to(device).eval()
+        torch.nn.init.normal_(layer.fc2.weight)  # a non-uniform attention, as after training
+        for batch in (int(b) for b in args.batches.split(",")):
+            x = torch.randn(batch, C, HW, HW, device=device)
+            static = layer.weight[0].detach()
+            candidates = {"static": lambda x=x, w=static: F.conv2d(x, w, None, 1, 1)}
+            for form in ("grouped", "experts", "chunked", "loop"):
+                candidates[form] = functools.partial(_forward, layer, x, form, True)
+            timed = measure_interleaved(candidates, device, args.repeats)
+            layer.formulation = "auto"
+            auto = layer.choose_formulation(x)
+            ratio = C * 9 / (args.experts * HW * HW)
+            for form, m in timed.items():
+                rows.append(
+                    [
+                        C,
+                        f"{HW}x{HW}",
+                        batch,
+                        ratio,
+                        form + (" (auto)" if form == auto else ""),
+                        m.median_ms,
+                        m.median_ms / timed["static"].median_ms,
+                        m.peak_extra_mb,
+                    ]
+                )
+    header = ["C", "map", "batch", "C*9 / (K*H*W)", "formulation", "median ms", "vs static", "peak extra MB"]
+    note = f"device={device}, torch threads={torch.get_num_threads()}, K={args.experts}, repeats={args.repeats}"
+    return markdown_table(header, rows) + "\n\n" + note
+
+
 def run(args: argparse.Namespace) -> str:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.layers:
+        return run_layers(args, device)
     repeats = min(args.repeats, 3) if args.quick else args.repeats
     skip = {tuple(int(v) for v in item.split(",")) for item in args.skip.split(";") if item}
     if args.quick:
