@@ -229,7 +229,7 @@ def test_auto_formulation_rule():
     assert layer.choose_formulation(x7) == "chunked"  # CPU: 4608 < 32 * 4 * 49
     assert layer.choose_formulation(x7.to("meta")) == "experts"  # elsewhere: 4608 > 2 * 4 * 49
     small = dynconv.DynamicConv2d(64, 64, 3, padding=1)
-    assert small.choose_formulation(torch.zeros(2, 64, 32, 32)) == "chunked"  # 576 < 2 * 4 * 1024
+    assert small.choose_formulation(torch.zeros(2, 64, 32, 32)) == "chunked"  # CPU: 576 < 32 * 4 * 1024
     assert small.choose_formulation(torch.zeros(2, 64, 32, 32, device="meta")) == "grouped"  # not CPU
     mid = dynconv.DynamicConv2d(128, 128, 3, padding=1)
     assert mid.choose_formulation(torch.zeros(2, 128, 8, 8)) == "chunked"  # CPU: 1152 < 32 * 4 * 64

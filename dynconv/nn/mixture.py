@@ -36,12 +36,12 @@ Formulations (the ``formulation`` argument of the coefficient mixtures):
   ``C_in/groups * kh * kw > r * K * H_out * W_out``, else ``"chunked"`` on CPU and ``"grouped"`` on other
   devices. The left side is the per-sample kernel size over ``C_out`` (what the per-sample formulations
   write and read per sample), the right side the ``K`` expert outputs per output channel (what the experts
-  formulation writes). ``r = 32`` on CPU: measured on one thread at batch 64 with ``DynamicConv2d(C, C, 3)``
-  (latency over the static convolution, chunked / experts): ratio 72 (C=512, 4x4) 7.6 / 5.1, ratio 24
-  (C=512, 7x7) 4.1 / 4.9, ratio 9 (C=256, 8x8) 2.7 / 4.4, ratio 2.9 (C=256, 14x14) 1.2 / 3.7, and at most
-  1.5 / 4.4 below (``docs/benchmarks.md``). ``r = 2`` elsewhere, calibrated against the grouped formulation on
-  CPU before the chunked one existed (grouped / experts ms at batch 64: ratio 9 398 / 158, ratio 1.1
-  107 / 221); not yet measured on a GPU.
+  formulation writes). ``r = 32`` on CPU, from ``dynconv bench mixture --layers ... --batches 64 --threads 1``
+  (``DynamicConv2d(C, C, 3)``, latency over the static convolution, chunked / experts, with the left side over
+  ``K * H_out * W_out``): 72 (C=512, 4x4) 9.3 / 5.4; 23.5 (C=512, 7x7) 4.7 / 4.9; 9 (C=256, 8x8) 2.8 / 3.8;
+  2.9 (C=256, 14x14) 1.9 / 5.9; below that chunked 0.8-1.4, experts 3.9-4.8 (``docs/benchmarks.md``; these
+  per-layer timings vary by about 20% between runs). ``r = 2`` elsewhere, calibrated against the grouped
+  formulation on CPU before the chunked one existed; not yet measured on a GPU.
 """
 
 from __future__ import annotations
