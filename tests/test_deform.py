@@ -614,3 +614,20 @@ def test_warp_bad_input(kwargs, exc, match):
     args.update(kwargs)
     with pytest.raises(exc, match=match):
         dynconv.warp(**args)
+
+
+def test_bench_deform_runs_and_ratios_are_against_the_baseline():
+    import argparse
+
+    from dynconv.bench import deform as bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--shapes", "1,4,7,6", "--no-torchvision"])
+    args.device, args.repeats = "cpu", 1
+    lines = [line for line in bench.run(args).splitlines() if line.startswith("| DCNv2 (1, 4, 7, 6)")]
+    cells = {line.split(" | ")[2]: [float(v) for v in line.strip(" |").split(" | ")[3:]] for line in lines}
+    assert sorted(cells) == ["reference", "torch"]
+    assert cells["torch"][2:4] == [1.0, 1.0]  # the baseline against itself (no torchvision)
+    ref = cells["reference"]
+    assert ref[2] == pytest.approx(cells["torch"][0] / ref[0], rel=0.02)  # speed-up = baseline ms / own ms

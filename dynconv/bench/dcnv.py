@@ -17,7 +17,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from dynconv.bench.timing import markdown_table, measure
+from dynconv.bench.timing import fwd_bwd_columns, markdown_table, measure
 from dynconv.functional import dcnv3, dcnv4
 
 FULL_SHAPES = [
@@ -126,20 +126,8 @@ def run(args: argparse.Namespace) -> str:
                     print(f"{shape} {dtype_name} {op} {name}: {times}", file=sys.stderr, flush=True)
                 base_fwd, base_both = results[backends[0]]
                 for name, (fwd, both) in results.items():
-                    rows.append(
-                        [
-                            str(shape),
-                            dtype_name,
-                            op,
-                            name,
-                            fwd.median_ms,
-                            both.median_ms,
-                            base_fwd.median_s / fwd.median_s,
-                            base_both.median_s / both.median_s,
-                            fwd.peak_extra_mb,
-                            both.peak_extra_mb,
-                        ]
-                    )
+                    columns = fwd_bwd_columns(fwd, both, base_fwd, base_both)
+                    rows.append([str(shape), dtype_name, op, name, *columns])
     header = [
         "(B,H,W,G,C/G)",
         "dtype",

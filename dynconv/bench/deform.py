@@ -18,7 +18,7 @@ import importlib
 
 import torch
 
-from dynconv.bench.timing import markdown_table, measure_interleaved
+from dynconv.bench.timing import fwd_bwd_columns, markdown_table, measure_interleaved
 from dynconv.functional import deform_conv2d
 
 DCNV2_SHAPES = [(8, 64, 56, 56), (2, 256, 64, 64)]
@@ -101,19 +101,7 @@ def run(args: argparse.Namespace) -> str:
             base_name = "torchvision" if "torchvision" in results else "torch"
             base_fwd, base_both = results.get(base_name, next(iter(results.values())))
             for name, (fwd, both) in results.items():
-                rows.append(
-                    [
-                        "DCNv2 " + str(shape),
-                        dtype_name,
-                        name,
-                        fwd.median_ms,
-                        both.median_ms,
-                        base_fwd.median_s / fwd.median_s,
-                        base_both.median_s / both.median_s,
-                        fwd.peak_extra_mb,
-                        both.peak_extra_mb,
-                    ]
-                )
+                rows.append(["DCNv2 " + str(shape), dtype_name, name, *fwd_bwd_columns(fwd, both, base_fwd, base_both)])
     header = [
         "op (B,C,H,W), 3x3",
         "dtype",

@@ -149,6 +149,18 @@ def measure_interleaved(
     }
 
 
+def fwd_bwd_columns(fwd: Measurement, both: Measurement, base_fwd: Measurement, base_both: Measurement) -> list:
+    """The columns every forward / forward+backward table shares: ms, speed-up over the baseline, peak MB."""
+    return [
+        fwd.median_ms,
+        both.median_ms,
+        base_fwd.median_s / fwd.median_s,
+        base_both.median_s / both.median_s,
+        fwd.peak_extra_mb,
+        both.peak_extra_mb,
+    ]
+
+
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     def fmt(v: object) -> str:
         if isinstance(v, float):
