@@ -2,7 +2,8 @@
 
 Shapes ``(B, H, W, G, C/G)`` with a 3x3 kernel, stride 1, "same" padding: the official DCNv4 operator benchmark
 (batch 64 at 56x56 with 4 groups of 32 channels down to 7x7 with 32x32; batch 1 at high resolution with 4-8
-groups of 16-64 channels). For each shape, dtype and op it measures in one run forward and forward+backward
+groups of 16-64 channels). For each shape, dtype and op it measures in one run, interleaved (one call of each
+candidate per round), forward and forward+backward
 (grad of input, offsets and modulation) of every requested backend and of the ``grid_sample (all P)``
 baseline: the formulation of InternImage's ``dcnv3_core_pytorch`` (one ``grid_sample`` over all P points,
 then a weighted sum; written here from the definition), which materialises P copies of the output.
@@ -12,12 +13,13 @@ Offsets are random with a standard deviation of 2 pixels (many samples of the bo
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from dynconv.bench.timing import fwd_bwd_columns, markdown_table, measure
+from dynconv.bench.timing import fwd_bwd_columns, markdown_table, measure_interleaved, no_grad_call
 from dynconv.functional import dcnv3, dcnv4
 
 FULL_SHAPES = [
@@ -115,12 +117,15 @@ def run(args: argparse.Namespace) -> str:
                         t.grad = None
                     fn(*inputs).backward(grad_y)
 
+                candidates = _candidates(op, backends, G, not args.no_grid_sample)
+                calls = {}
+                for name, fn in candidates.items():
+                    calls[name + " fwd"] = functools.partial(no_grad_call, fn, *inputs)
+                    calls[name + " both"] = functools.partial(step, fn)
+                timed = measure_interleaved(calls, device, args.repeats, warmup=2)
                 results = {}
-                for name, fn in _candidates(op, backends, G, not args.no_grid_sample).items():
-                    with torch.no_grad():
-                        fwd = measure(lambda fn=fn: fn(*inputs), device, repeats=args.repeats)
-                    both = measure(lambda fn=fn: step(fn), device, repeats=args.repeats)
-                    results[name] = (fwd, both)
+                for name in candidates:
+                    fwd, both = results[name] = (timed[name + " fwd"], timed[name + " both"])
                     # progress on stderr: a full run takes long on CPU
                     times = f"fwd {fwd.median_ms:.3g} ms, fwd+bwd {both.median_ms:.3g} ms"
                     print(f"{shape} {dtype_name} {op} {name}: {times}", file=sys.stderr, flush=True)

@@ -14,11 +14,12 @@ back to back, the same forward varied 88-592 ms between consecutive runs here).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 
 import torch
 
-from dynconv.bench.timing import fwd_bwd_columns, markdown_table, measure_interleaved
+from dynconv.bench.timing import fwd_bwd_columns, markdown_table, measure_interleaved, no_grad_call
 from dynconv.functional import deform_conv2d
 
 DCNV2_SHAPES = [(8, 64, 56, 56), (2, 256, 64, 64)]
@@ -63,11 +64,6 @@ def _inputs(shape, dtype, device):
     return x, offset, weight, bias, mask
 
 
-def _no_grad_call(fn, tensors):
-    with torch.no_grad():
-        return fn(*tensors)
-
-
 def _fwd_bwd(fn, tensors):
     def step():
         for t in tensors:
@@ -94,7 +90,7 @@ def run(args: argparse.Namespace) -> str:
                 )
             fwd_calls, both_calls = {}, {}
             for name, fn in candidates.items():
-                fwd_calls[name + " fwd"] = lambda fn=fn: _no_grad_call(fn, tensors)
+                fwd_calls[name + " fwd"] = functools.partial(no_grad_call, fn, *tensors)
                 both_calls[name + " both"] = _fwd_bwd(fn, tensors)
             timed = measure_interleaved({**fwd_calls, **both_calls}, device, args.repeats)
             results = {name: (timed[name + " fwd"], timed[name + " both"]) for name in candidates}

@@ -1,8 +1,9 @@
 """``dynconv bench local_filter``: dynamic local filtering against the unfold formulation.
 
 Shapes are the DFN / involution ones from the foundation issue, ``(B, C, H, W, k, G)``. For each shape and
-dtype it measures, in one run, forward and forward+backward of every available backend and of the
-baselines: ``unfold`` (unfold, multiply, sum: what most code copies) and, with ``--compile``,
+dtype it measures, in one run and interleaved (one call of each candidate per round), forward and
+forward+backward of every available backend and of the baselines: ``unfold`` (unfold, multiply, sum:
+what most code copies) and, with ``--compile``,
 ``torch.compile`` of the plain shift-and-accumulate loop (on CUDA, inductor generates Triton for it: the
 baseline a hand-written kernel has to beat).
 
@@ -15,11 +16,12 @@ bandwidth is in :data:`PEAK_BANDWIDTH_GBS` (or given with ``--peak-gbs``) also i
 from __future__ import annotations
 
 import argparse
+import functools
 
 import torch
 import torch.nn.functional as F
 
-from dynconv.bench.timing import markdown_table, measure
+from dynconv.bench.timing import markdown_table, measure_interleaved, no_grad_call
 from dynconv.functional import local_filter2d
 
 DEFAULT_SHAPES = [(8, 64, 64, 64, 5, 1), (4, 128, 56, 56, 7, 8), (16, 3, 64, 64, 9, 1)]
@@ -128,12 +130,12 @@ def run(args: argparse.Namespace) -> str:
             if args.compile:
                 torch._dynamo.reset()  # a fresh cache per shape, or dynamo's recompile limit falls back to eager
                 candidates["compiled shift"] = torch.compile(lambda x, f: shift_local_filter(x, f, k))
-            results = {}
+            calls = {}
             for name, fn in candidates.items():
-                with torch.no_grad():
-                    fwd = measure(lambda: fn(x, f), device, repeats=args.repeats)
-                both = measure(_fwd_bwd(fn, x, f, grad_y), device, repeats=args.repeats)
-                results[name] = (fwd, both)
+                calls[name + " fwd"] = functools.partial(no_grad_call, fn, x, f)
+                calls[name + " both"] = _fwd_bwd(fn, x, f, grad_y)
+            timed = measure_interleaved(calls, device, args.repeats, warmup=2)
+            results = {name: (timed[name + " fwd"], timed[name + " both"]) for name in candidates}
             base_fwd, base_both = results["unfold"]
             torch_fwd, torch_both = results.get("torch", (None, None))
             for name, (fwd, both) in results.items():

@@ -149,6 +149,12 @@ def measure_interleaved(
     }
 
 
+def no_grad_call(fn: Callable, *args: object) -> object:
+    """``fn(*args)`` under ``torch.no_grad()``: the forward-only candidate of a benchmark."""
+    with torch.no_grad():
+        return fn(*args)
+
+
 def fwd_bwd_columns(fwd: Measurement, both: Measurement, base_fwd: Measurement, base_both: Measurement) -> list:
     """The columns every forward / forward+backward table shares: ms, speed-up over the baseline, peak MB."""
     return [

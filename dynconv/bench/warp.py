@@ -11,11 +11,12 @@ against ``torch``; achieved GB/s counts the bytes of ``x``, ``flow`` and ``y`` o
 from __future__ import annotations
 
 import argparse
+import functools
 
 import torch
 
-from dynconv.bench.deform import _fwd_bwd, _no_grad_call
-from dynconv.bench.timing import markdown_table, measure_interleaved
+from dynconv.bench.deform import _fwd_bwd
+from dynconv.bench.timing import markdown_table, measure_interleaved, no_grad_call
 from dynconv.functional import warp
 
 # Deep Feature Flow: ResNet-101 conv5 features of a 1024x2048 Cityscapes frame (stride 16), and an ImageNet-VID
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> str:
                     )
             calls = {}
             for name, fn in candidates.items():
-                calls[name + " fwd"] = lambda fn=fn: _no_grad_call(fn, tensors)
+                calls[name + " fwd"] = functools.partial(no_grad_call, fn, *tensors)
                 calls[name + " both"] = _fwd_bwd(fn, tensors)
             timed = measure_interleaved(calls, device, args.repeats)
             base = "torch" if "torch" in candidates else next(iter(candidates))
