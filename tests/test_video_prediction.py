@@ -399,6 +399,17 @@ def test_resume_continues_exactly(tmp_path):
     assert resumed == pytest.approx(full[2:], rel=1e-6, abs=1e-7)
 
 
+def test_time_limit_stops_after_a_checkpoint_and_resume_continues_exactly(tmp_path):
+    full = vp.train(_cfg(tmp_path / "a", max_steps=4, save_every=3))["losses"]
+    # A limit of 0 s: stop after the first step, with a checkpoint although save_every is 3.
+    first = vp.train(_cfg(tmp_path / "b", max_steps=4, save_every=3, time_limit=0.0))
+    assert first["step"] == 1 and len(first["losses"]) == 1
+    assert load_checkpoint(str(tmp_path / "b" / "run" / "last.pt"))["step"] == 1
+    rest = vp.train(_cfg(tmp_path / "b", max_steps=4, save_every=3))
+    assert rest["step"] == 4
+    assert first["losses"] + rest["losses"] == pytest.approx(full, rel=1e-6, abs=1e-7)
+
+
 def test_init_from_starts_from_the_weights_with_a_fresh_optimizer(tmp_path):
     src = _cfg(tmp_path / "src", max_steps=2)
     vp.train(src)

@@ -17,7 +17,8 @@ files), or ``--frames-dir`` with one folder of frames per sequence (KITTI layout
 paper: Adam, learning rate 1e-3 halved every 20 epochs, batch 16, binary cross-entropy on outputs clipped to
 ``[eps, 1 - eps]``; optional warm-up and gradient clipping. Every ``--save-every`` steps the run folder gets
 an atomically written ``last.pt``; ``--resume`` continues from it exactly (training batches are a pure
-function of the seed and the step); ``--init-from`` starts a new run from the weights of a checkpoint file or
+function of the seed and the step), and ``--time-limit SECONDS`` stops a run cleanly after a checkpoint, for
+jobs with a wall-clock limit; ``--init-from`` starts a new run from the weights of a checkpoint file or
 a shipped checkpoint's name, with a fresh optimizer (use another ``--seed`` to draw new batches). Evaluation
 reports the paper's BCE summed over the pixels of a frame, averaged over the 10 predicted frames, and
 per-pixel BCE, MSE, MAE, PSNR and SSIM.
@@ -75,6 +76,7 @@ class Config:
     device: str = "cpu"
     threads: int | None = None
     init_from: str | None = None
+    time_limit: float | None = None
 
     @property
     def total_steps(self) -> int:
@@ -251,6 +253,8 @@ def train(cfg: Config) -> dict:
         progress = Progress(cfg.total_steps, start, info.is_main)
         log = open(os.path.join(cfg.run_dir, "log.jsonl"), "a") if info.is_main else None
         losses = []
+        started = time.monotonic()
+        done = start
         for step in range(start, cfg.total_steps):
             frames = batches(step).to(device)
             for group in opt.param_groups:
@@ -268,7 +272,12 @@ def train(cfg: Config) -> dict:
             if log is not None:
                 log.write(json.dumps({"step": step + 1, "loss": value, "lr": learning_rate(cfg, step)}) + "\n")
             done = step + 1
-            if info.is_main and (done % cfg.save_every == 0 or done == cfg.total_steps):
+            # --time-limit: every rank stops at the same step (rank 0's clock decides), after a checkpoint.
+            out_of_time = (
+                cfg.time_limit is not None
+                and all_reduce_mean(float(info.is_main and time.monotonic() - started > cfg.time_limit), info) > 0
+            )
+            if info.is_main and (done % cfg.save_every == 0 or done == cfg.total_steps or out_of_time):
                 save_checkpoint(
                     ckpt_path,
                     {
@@ -280,9 +289,14 @@ def train(cfg: Config) -> dict:
                     },
                 )
                 log.flush()
+            if out_of_time:
+                if info.is_main:
+                    print(f"time limit of {cfg.time_limit:g} s reached at step {done}: saved {ckpt_path}; "
+                          "continue with --resume", file=sys.stderr)  # fmt: skip
+                break
         if log is not None:
             log.close()
-        return {"losses": losses, "step": cfg.total_steps}
+        return {"losses": losses, "step": done}
     finally:
         cleanup(info)
 
@@ -321,8 +335,12 @@ def load_model(path: str, device: str = "cpu") -> tuple[nn.Module, Config]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, sequences: torch.Tensor, observed: int = 10, batch_size: int = 64) -> dict:
+    device = next(model.parameters(), torch.empty(0)).device
     preds = torch.cat(
-        [rollout(model, sequences[i : i + batch_size], observed) for i in range(0, len(sequences), batch_size)]
+        [
+            rollout(model, sequences[i : i + batch_size].to(device), observed).cpu()
+            for i in range(0, len(sequences), batch_size)
+        ]
     )
     return metrics.summarize(preds, sequences[:, observed:])
 
@@ -486,7 +504,9 @@ def main(command: str, argv: list[str]) -> int:
             raise SystemExit(f"{cfg.run_dir}/last.pt exists: pass --resume to continue it, or choose another --run-dir")
         result = train(cfg)
         if int(os.environ.get("RANK", "0")) == 0:
-            m = evaluate(load_model(os.path.join(cfg.run_dir, "last.pt"))[0], test_set(cfg), cfg.observed)
+            eval_device = "cuda" if cfg.device.startswith("cuda") else cfg.device
+            model = load_model(os.path.join(cfg.run_dir, "last.pt"), eval_device)[0]
+            m = evaluate(model, test_set(cfg), cfg.observed)
             m["final_train_loss"] = result["losses"][-1] if result["losses"] else None
             with open(os.path.join(cfg.run_dir, "metrics.json"), "w") as fh:
                 json.dump(m, fh, indent=2)
@@ -498,10 +518,11 @@ def main(command: str, argv: list[str]) -> int:
         p.add_argument("--num-sequences", type=int, default=None, help="default: the training config's")
         p.add_argument("--copy-last", action=argparse.BooleanOptionalAction, default=True)
         p.add_argument("--output", help="also write the markdown table here")
+        p.add_argument("--device", default="cpu", help="where the models run (cpu, cuda)")
         args = p.parse_args(argv)
         rows, cfg = [], None
         for path in args.checkpoint:
-            model, cfg = load_model(path)
+            model, cfg = load_model(path, args.device)
             seqs = test_set(cfg, args.test_npy, args.num_sequences)
             rows.append((f"{cfg.model} ({path})", evaluate(model, seqs, cfg.observed)))
         if args.copy_last:
