@@ -271,10 +271,11 @@ def _string_padding(conv: nn.Conv2d) -> tuple[int, int]:
 
 
 def _per_sample_formulation(x: torch.Tensor) -> str:
-    # On CPU (oneDNN, one thread) a few samples per convolution beat one convolution with B*groups groups at
-    # batch 64 (whole-model forward, grouped / per-sample loop ms: ResNet-18 224x224 9672 / 4741, MobileNetV2
-    # 224x224 4625 / 2257) and one sample per convolution (docs/benchmarks.md). On CUDA the single grouped
-    # launch is the usual choice (not measured here: no GPU on the development machine).
+    # On CPU (oneDNN, one thread) at batch 64, a few samples per convolution beat one convolution with B*groups
+    # groups where kernels are large (ResNet-18 224x224 forward, grouped / chunked ms: 8932 / 5619; per layer,
+    # C=256 at 14x14: x3.4 / x1.9 of static) and are within noise of it elsewhere (MobileNetV2 224x224: 3433 /
+    # 3855 in one run, 3813 / 3035 in another); docs/benchmarks.md. On CUDA the single grouped launch is the
+    # usual choice (not measured here: no GPU on the development machine).
     return "chunked" if x.device.type == "cpu" and x.shape[0] > 1 else "grouped"
 
 
