@@ -96,3 +96,17 @@ def test_modules_under_autocast():
             y = model(x)
         assert y.dtype == LOW
         torch.testing.assert_close(y.float(), model(x), rtol=0.05, atol=0.05)
+
+
+def test_autocast_inside_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    x, f = torch.randn(1, 2, 6, 6), torch.randn(1, 1, 9, 6, 6).to(LOW)
+
+    def fn(x, f):
+        with torch.autocast("cpu", dtype=LOW):
+            return dynconv.local_filter2d(x, f, 3)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="eager")
+    out = compiled(x, f)
+    assert out.dtype == LOW
+    torch.testing.assert_close(out, fn(x, f), rtol=0, atol=0)
