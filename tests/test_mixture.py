@@ -361,3 +361,29 @@ def test_torch_compile_fullgraph():
             layer.formulation = formulation
             compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
             assert_close(compiled(x), layer(x))
+
+
+@pytest.mark.parametrize(
+    "cin,cout,groups,hw",
+    [(4, 6, 2, 9), (6, 6, 3, 10), (8, 8, 1, 2)],
+    ids=["attention-in-kernel", "depthwise-ish-in-kernel", "attention-on-activations"],
+)
+def test_odconv_channel_attention_in_kernel_or_on_activations(cin, cout, groups, hw):
+    """ODConv multiplies each channel attention into the kernel where that is cheaper (large maps, small
+    kernels: P < C*H*W) and into the activations otherwise; either way it equals the explicit kernel."""
+    torch.manual_seed(3)
+    case = dict(cin=cin, cout=cout, k=3, stride=1, padding=1, dilation=1, groups=groups, bias=True, K=2)
+    layer = build(dynconv.ODConv2d, case, temperature=0.7)
+    for fc in layer._heads().values():
+        torch.nn.init.normal_(fc.weight)  # attentions far from uniform, different per channel
+    x = torch.randn(3, cin, hw, hw + 1, dtype=torch.float64, requires_grad=True)
+    ref = explicit_output(layer, x)
+    gy = torch.randn_like(ref)
+    params = [x] + list(layer.parameters())
+    ref_grads = torch.autograd.grad(ref, params, gy)
+    for formulation in ("grouped", "chunked"):
+        layer.formulation = formulation
+        out = layer(x)
+        assert_close(out, ref, what=formulation)
+        for g, gr in zip(torch.autograd.grad(out, params, gy), ref_grads):
+            assert_close(g, gr, what=f"{formulation} gradient")

@@ -555,9 +555,10 @@ class ODConv2d(_KernelMixtureConv2d):
 
         ``W[b] = sum_k a_w[b,k] * a_f[b,:,None,None,None] * a_c[b,None,:,None,None] * a_s[b,None,None,:] * W_k``
 
-    The channel attentions are applied to the input and output instead of the kernel (the official code
-    does the same): for a per-sample kernel this is the same product, and it costs ``B*C*H*W`` instead of
-    ``B*P`` multiplies. Heads are omitted as in the official code: the spatial one for 1x1 kernels, the
+    Each channel attention is multiplied into whichever is smaller, the per-sample kernel (``P`` weights) or
+    the activation it scales (``C_in*H*W`` of the input, ``C_out*H_out*W_out`` of the output; the official
+    code always scales the activations): the product is the same, and on early layers of large maps the
+    kernel is the cheaper one. Heads are omitted as in the official code: the spatial one for 1x1 kernels, the
     output-channel one for depthwise layers, the kernel one for ``K = 1``. The bias (one per layer, not
     mixed) is added after the output-channel attention.
 
@@ -665,8 +666,14 @@ class ODConv2d(_KernelMixtureConv2d):
         """Args: x (Tensor[B, C_in, H, W]). Returns: Tensor[B, C_out, H_out, W_out]."""
         self._check_input(x)
         att = self.attention(x)
-        x = x * att["in_channel"][:, :, None, None]
-        if "spatial" not in att and "kernel" not in att:
+        per_sample_kernel = "spatial" in att or "kernel" in att
+        P = self.weight[0].numel()
+        Ho, Wo = self._output_size(x)
+        fold_in = per_sample_kernel and P < x[0].numel()
+        fold_out = per_sample_kernel and "out_channel" in att and P < self.out_channels * Ho * Wo
+        if not fold_in:
+            x = x * att["in_channel"][:, :, None, None]
+        if not per_sample_kernel:
             # Nothing per-sample inside the kernel (ODConv 1x on a 1x1 layer): one static convolution.
             y = F.conv2d(x, self.weight[0], None, self.stride, self.padding, self.dilation, self.groups)
         else:
@@ -681,10 +688,16 @@ class ODConv2d(_KernelMixtureConv2d):
                     weight = self.weight[0].expand(n, *self.weight.shape[1:])
                 if "spatial" in att:
                     weight = weight * att["spatial"][lo:hi].view(n, 1, 1, *self.kernel_size)
+                if fold_in:  # kernel column i of group g's rows reads input channel g * C_in/G + i
+                    G = self.groups
+                    a_in = att["in_channel"][lo:hi].view(n, G, 1, -1).expand(-1, -1, self.out_channels // G, -1)
+                    weight = weight * a_in.reshape(n, self.out_channels, -1, 1, 1)
+                if fold_out:
+                    weight = weight * att["out_channel"][lo:hi].view(n, -1, 1, 1, 1)
                 return weight, None
 
             y = self._per_sample_conv(x, self.choose_formulation(x), kernels)
-        if "out_channel" in att:
+        if "out_channel" in att and not fold_out:
             y = y * att["out_channel"][:, :, None, None]
         if self.bias is not None:
             y = y + self.bias[:, None, None]
