@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import dynconv
 from dynconv.bench.timing import markdown_table, measure_interleaved
 from dynconv.models import mobilenet_v2, resnet18
-from dynconv.nn.mixture import ODConv2d, _CoefficientMixture
+from dynconv.nn.mixture import FORMULATIONS, ODConv2d, _CoefficientMixture
 
 MODELS = {"resnet18": resnet18, "mobilenet_v2": mobilenet_v2}
 LABELS = {"static": "static", "condconv": "CondConv", "dynamic": "DY-CNN", "odconv": "ODConv", "dynet": "DyNet"}
@@ -85,7 +85,7 @@ def run_layers(args: argparse.Namespace, device: torch.device) -> str:
             x = torch.randn(batch, C, HW, HW, device=device)
             static = layer.weight[0].detach()
             candidates = {"static": lambda x=x, w=static: F.conv2d(x, w, None, 1, 1)}
-            for form in ("grouped", "experts", "chunked", "loop"):
+            for form in FORMULATIONS[1:]:  # every formulation but "auto", which the table marks instead
                 candidates[form] = functools.partial(_forward, layer, x, form, True)
             timed = measure_interleaved(candidates, device, args.repeats)
             layer.formulation = "auto"
@@ -143,9 +143,9 @@ def run(args: argparse.Namespace) -> str:
                 x = torch.randn(batch, 3, size, size, device=device)
                 candidates = {}
                 for kind, model in variants.items():
-                    forms = ["auto", "grouped", "experts", "chunked", "loop"] if kind in formulation_kinds else ["auto"]
-                    if kind == "odconv" and kind in formulation_kinds:
-                        forms = ["auto", "grouped", "chunked", "loop"]
+                    forms = list(FORMULATIONS) if kind in formulation_kinds else ["auto"]
+                    if kind == "odconv":  # ODConv has no batched-experts form
+                        forms = [f for f in forms if f != "experts"]
                     for form in forms:
                         candidates[(kind, form)] = functools.partial(_forward, model, x, form, kind != "static")
                 timed = measure_interleaved(candidates, device, repeats)

@@ -103,31 +103,6 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> float:
         _restore_glibc()
 
 
-def measure(
-    fn: Callable[[], object],
-    device: torch.device | str,
-    *,
-    repeats: int = 10,
-    warmup: int = 2,
-    max_seconds: float = 20.0,
-) -> Measurement:
-    """Median wall time of ``fn`` over ``repeats`` runs (fewer if they pass ``max_seconds``) and its peak memory."""
-    device = torch.device(device)
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times: list[float] = []
-    start = time.perf_counter()
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        if time.perf_counter() - start > max_seconds and len(times) >= 3:
-            break
-    return Measurement(statistics.median(times), peak_memory(fn, device))
-
-
 def measure_interleaved(
     candidates: dict[str, Callable[[], object]], device: torch.device | str, repeats: int, warmup: int = 1
 ) -> dict[str, Measurement]:

@@ -301,13 +301,18 @@ def train(cfg: Config) -> dict:
         cleanup(info)
 
 
+def _load_state(path: str, device: torch.device | str, what: str = "") -> dict:
+    """The contents of a checkpoint file or of a shipped checkpoint named ``path``; ``what`` prefixes the error."""
+    resolved = checkpoints.resolve(path)
+    if not os.path.exists(resolved):
+        raise CheckpointError(what + checkpoints.describe_missing(path))
+    return load_checkpoint(resolved, map_location=device)
+
+
 def _init_weights(model: nn.Module, cfg: Config, channels: int, device: torch.device) -> None:
     """``--init-from``: the weights of another run's checkpoint or of a shipped one (fine-tuning, or a longer
     run continued with a fresh optimizer); the model kind and channel count must match."""
-    resolved = checkpoints.resolve(cfg.init_from)
-    if not os.path.exists(resolved):
-        raise CheckpointError(f"init_from: {checkpoints.describe_missing(cfg.init_from)}")
-    state = load_checkpoint(resolved, map_location=device)
+    state = _load_state(cfg.init_from, device, what="init_from: ")
     src_model, src_channels = state["config"]["model"], state.get("channels", 1)
     if (src_model, src_channels) != (cfg.model, channels):
         raise ValueError(
@@ -323,10 +328,7 @@ def _init_weights(model: nn.Module, cfg: Config, channels: int, device: torch.de
 def load_model(path: str, device: str = "cpu") -> tuple[nn.Module, Config]:
     """The model and training config of a checkpoint file, or of a checkpoint shipped in the package by name
     (:mod:`dynconv.checkpoints`)."""
-    resolved = checkpoints.resolve(path)
-    if not os.path.exists(resolved):
-        raise CheckpointError(checkpoints.describe_missing(path))
-    state = load_checkpoint(resolved, map_location=device)
+    state = _load_state(path, device)
     cfg = Config(**state["config"])
     model = build_model(cfg.model, state.get("channels", 1))
     model.load_state_dict(state["model"])
