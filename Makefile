@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_CPU ?= torch==2.13.0
-EXTRAS ?= dev,triton,viz,data
+EXTRAS ?= dev,triton,viz,data,onnx
 STAMP := $(VENV)/.dynconv-installed
 
 .PHONY: setup test lint demo bench clean

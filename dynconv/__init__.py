@@ -3,7 +3,7 @@
 Ops live in :mod:`dynconv.functional` and are re-exported here; layers live in :mod:`dynconv.nn`.
 """
 
-from dynconv import ops  # noqa: F401  (registers the dynconv:: custom ops)
+from dynconv import onnx, ops  # noqa: F401  (ops registers the dynconv:: custom ops)
 from dynconv.backends import BackendError, choose_backend
 from dynconv.functional import dcnv3, dcnv4, deform_conv2d, local_filter2d, sample_conv2d, warp
 from dynconv.nn import (
