@@ -101,6 +101,32 @@ def test_triton_bfloat16_and_dcnv4_layout():
     assert_close_lowp(out, lowp, ref, atol=2e-2)
 
 
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_triton_cuda_past_int32_offsets():
+    """value of 2 * 1025 * 1024 * 1024 > 2**31 elements (bf16; ~35 GB with the gradients): the second sample,
+    reached only through int64 offsets, equals the same sample run alone (offsets that fit in int32)."""
+    if DEVICE != "cuda":
+        pytest.skip("needs a CUDA device with ~40 GB free")
+    B, H, W, G, Cg, P = 2, 1025, 1024, 32, 32, 9
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(B, H, W, G * Cg, generator=g, device="cuda", dtype=torch.bfloat16)
+    off = torch.rand(B, H, W, G * P * 2, generator=g, device="cuda", dtype=torch.bfloat16) * 2 - 1
+    m = torch.rand(B, H, W, G * P, generator=g, device="cuda", dtype=torch.bfloat16)
+    assert x.numel() > 2**31
+    kwargs = dict(kernel_size=3, group=G)
+    inputs = [t.requires_grad_() for t in (x, off, m)]
+    out = dynconv.dcnv3(*inputs, backend="triton", **kwargs)
+    gy = torch.ones_like(out)
+    grads = torch.autograd.grad(out, inputs, gy)
+    tail = [t.detach()[1:].clone().requires_grad_() for t in (x, off, m)]
+    out_tail = dynconv.dcnv3(*tail, backend="triton", **kwargs)
+    grads_tail = torch.autograd.grad(out_tail, tail, gy[1:])
+    assert torch.equal(out[1:], out_tail)
+    for name, a, e in zip(("input", "offset", "mask"), grads, grads_tail):
+        assert_close(a[1:].float(), e.float(), rtol=1e-2, atol=1e-2, what=f"grad {name} of the second sample")
+
+
 _COMPILE_SCRIPT = r"""
 import triton.language as tl
 

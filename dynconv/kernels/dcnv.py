@@ -32,7 +32,7 @@ BLOCK_Q = 64
 @triton.jit
 def _corner(value_ptr, row_base, yy, xx, H, W, C, c, qmask, cmask):
     valid = qmask & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
-    ptr = value_ptr + row_base + ((yy * W + xx) * C)[:, None] + c[None, :]
+    ptr = value_ptr + row_base + ((yy * W + xx).to(tl.int64) * C)[:, None] + c[None, :]
     return tl.load(ptr, mask=valid[:, None] & cmask[None, :], other=0.0), valid
 
 
@@ -66,7 +66,7 @@ def _dcn_forward_kernel(value_ptr, offset_ptr, mask_ptr, out_ptr, H, W, HO, WO, 
                         BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
     pid_q = tl.program_id(0)
     g = tl.program_id(1)
-    b = tl.program_id(2)
+    b = tl.program_id(2).to(tl.int64)  # with it every offset below is int64: tensors may pass 2**31 elements
     C = G * CG
     q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     qmask = q < HO * WO
@@ -104,7 +104,7 @@ def _scatter(grad_value_ptr, contrib_ptr, rows_ptr, slot, row_base, yy, xx, vali
         row = tl.where(valid, b * H * W + yy * W + xx, -1)
         tl.store(rows_ptr + slot, row, mask=qmask)
     else:
-        ptr = grad_value_ptr + row_base + ((yy * W + xx) * C)[:, None] + c[None, :]
+        ptr = grad_value_ptr + row_base + ((yy * W + xx).to(tl.int64) * C)[:, None] + c[None, :]
         tl.atomic_add(ptr, contrib, mask=valid[:, None] & cmask[None, :])
 
 
@@ -118,7 +118,7 @@ def _dcn_backward_kernel(value_ptr, offset_ptr, mask_ptr, grad_out_ptr, grad_val
                          DETERMINISTIC: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
     pid_q = tl.program_id(0)
     g = tl.program_id(1)
-    b = tl.program_id(2)
+    b = tl.program_id(2).to(tl.int64)  # with it every offset below is int64: tensors may pass 2**31 elements
     C = G * CG
     q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     qmask = q < HO * WO
