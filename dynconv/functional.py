@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from dynconv import reference
 from dynconv._checks import autocast_op, check_same, check_tensor, conv_out_size, pair
@@ -324,7 +325,9 @@ def sample_conv2d(
     Backends: ``"reference"`` loops over the samples with ``F.conv2d``; ``"torch"`` folds the batch into the
     groups of one ``F.conv2d`` call (input ``[1, B*C_in, H, W]``, weight ``[B*C_out, C_in/groups, kh, kw]``,
     ``groups = B*groups``), which is one kernel launch and differentiable through ``F.conv2d``'s own backward.
-    There is no Triton kernel for this op: the grouped convolution already runs on cuDNN/oneDNN.
+    There is no Triton kernel for this op: the grouped convolution already runs on cuDNN/oneDNN. Under
+    ``torch.export`` (ONNX export, :mod:`dynconv.onnx`) the ``"torch"`` backend traces as ``unfold`` + a batched
+    matmul instead, so an exported graph keeps the batch dynamic (ONNX's ``Conv`` has a static group count).
 
     Args:
         x (Tensor[B, C_in, H, W]): input; any strides.
@@ -383,7 +386,11 @@ def sample_conv2d(
     args = ((sh, sw), (ph, pw), (dh, dw), groups)
     if chosen == "reference":
         return reference.sample_conv2d(x, weight, bias, *args)
-    out = torch.nn.functional.conv2d(
+    if is_exporting():
+        # ONNX's Conv takes its group count as a static attribute, so the grouped call below would fix the batch
+        # size of an exported graph (for CondInst's mask heads the batch is the number of instances).
+        return sample_conv2d_unfold(x, weight, bias, *args)
+    out = F.conv2d(
         x.reshape(1, B * C, H, W),
         weight.reshape(B * C_out, C // groups, kh, kw),
         None if bias is None else bias.reshape(B * C_out),
@@ -393,6 +400,34 @@ def sample_conv2d(
         B * groups,
     )
     return out.view(B, C_out, Ho, Wo)
+
+
+def is_exporting() -> bool:
+    """Whether ``torch.export`` (and with it ``torch.onnx.export(dynamo=True)``) is tracing the call."""
+    check = getattr(torch.compiler, "is_exporting", None)
+    return bool(check and check())
+
+
+def sample_conv2d_unfold(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+) -> torch.Tensor:
+    """:func:`sample_conv2d` on validated arguments as ``unfold`` + a batched matmul: no operator whose
+    attributes depend on the batch size (what :func:`sample_conv2d` traces to under ``torch.export``, for
+    ONNX graphs with a dynamic batch). It holds the ``kh*kw`` times larger columns, so it is not the eager
+    path."""
+    B, C, H, W = x.shape
+    _, C_out, _, kh, kw = weight.shape
+    cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # [B, C*kh*kw, L]
+    cols = cols.unflatten(1, (groups, -1))  # [B, groups, C/groups*kh*kw, L]
+    out = weight.unflatten(1, (groups, -1)).flatten(3) @ cols  # [B, groups, C_out/groups, L]
+    out = out.flatten(1, 2).unflatten(2, (conv_out_size(H, kh, stride[0], padding[0], dilation[0]), -1))
+    return out if bias is None else out + bias[:, :, None, None]
 
 
 def _dcn_geometry(value, kernel_size, stride, padding, dilation, group, offset_scale, remove_center):

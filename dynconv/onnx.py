@@ -15,10 +15,9 @@ ONNX translation written with standard operators only, so an exported model runs
                               plain ``grid_sample`` and export without help
 ============================  ===============================================================================
 
-Everything else dynconv builds (the kernel mixtures, :func:`dynconv.sample_conv2d`, the modules' predictors)
-is made of ordinary torch ops. The translations read the channel counts from the traced shapes (they become
-ONNX attributes); batch and spatial sizes may be dynamic (``dynamic_shapes``). fp16/bf16 inputs are computed
-in fp32, as the ops accumulate, and cast back.
+The translations read the channel counts from the traced shapes (they become ONNX attributes); batch and
+spatial sizes may be dynamic (``dynamic_shapes``). fp16/bf16 inputs are computed in fp32, as the ops
+accumulate, and cast back.
 
 Use :func:`export` (``torch.onnx.export`` with the table added and opset >= 19) or pass
 :func:`translation_table` yourself::
@@ -30,9 +29,11 @@ Use :func:`export` (``torch.onnx.export`` with the table added and opset >= 19) 
 Needs the optional packages ``onnx`` and ``onnxscript`` (``pip install dynconv[onnx]``; ``onnxruntime`` to
 run the result). Tested against ONNX Runtime in ``tests/test_onnx.py``.
 
-Limits: the mixture layers' ``grouped``, ``chunked`` and ``loop`` formulations fold the batch into the groups
-of a convolution (a static attribute in ONNX) or loop over it in Python, so a converted model exports with the
-batch size it was traced with; ``formulation="experts"`` (CondConv, DY-CNN, DyNet) keeps the batch dynamic.
+Everything else is made of ordinary torch ops. :func:`dynconv.sample_conv2d` (``DynamicFilterLayer``,
+``DynamicMaskHead``, the kernel mixtures) folds the batch into the groups of a convolution in eager mode; under
+``torch.export`` it traces as ``unfold`` + a batched matmul and the mixtures' ``"auto"`` formulation is
+``"grouped"``, so their graphs keep the batch (CondInst: the number of instances) and image size dynamic too.
+The explicit ``"chunked"`` and ``"loop"`` formulations loop over the batch in Python and export with a fixed one.
 Channel counts must be static. ``warp(mode="nearest")`` may round a position within float error of a
 half-pixel tie the other way than eager mode (the graph normalises coordinates for ``GridSample``).
 """

@@ -204,16 +204,51 @@ def test_warp_torch_backend_exports_natively():
     export_and_compare(Fn(dynconv.warp, backend="torch"), (x, flow), ({0: batch}, {0: batch}))
 
 
-@pytest.mark.parametrize("kind", ["condconv", "dynamic", "odconv"])
-def test_converted_resnet18_static_batch(kind):
-    # The default (auto) formulations fold the batch into the convolution's groups: a static batch.
+def _randomise_attention(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):  # attention layers start at zero (uniform mixture): make them matter
+                m.weight.normal_(0, 0.3)
+            if isinstance(m, nn.BatchNorm2d):  # non-trivial running statistics
+                m.running_mean.uniform_(-0.1, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["condconv", "dynamic", "odconv", "dynet"])
+def test_converted_model_dynamic_batch_and_size(kind):
+    # Under torch.export the mixtures run "grouped" and sample_conv2d traces as unfold + matmul: no Conv whose
+    # group count is the batch, so batch and image size stay dynamic.
     torch.manual_seed(0)
-    model = resnet18(num_classes=10)
-    dynconv.convert(model, kind, num_experts=2)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):  # non-trivial running statistics
-            m.running_mean.uniform_(-0.1, 0.1)
-    export_and_compare(model, (torch.randn(2, 3, 32, 32),), atol=1e-4)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1, groups=2),
+        nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 8, 1),
+    )  # fmt: skip
+    _randomise_attention(dynconv.convert(model, kind, num_experts=3))
+    x = torch.randn(2, 3, 12, 11)
+    dims = ({0: batch, 2: height, 3: width},)
+    export_and_compare(model, (x,), dims, other_inputs=[(torch.randn(5, 3, 9, 16),)])
+
+
+def test_converted_resnet18_dynamic_batch_and_size():
+    torch.manual_seed(0)
+    model = _randomise_attention(dynconv.convert(resnet18(num_classes=10), "dynamic", num_experts=2))
+    dims = ({0: batch, 2: height, 3: width},)
+    other = [(torch.randn(5, 3, 40, 24),)]
+    export_and_compare(model, (torch.randn(2, 3, 32, 32),), dims, other_inputs=other, atol=1e-3, rtol=1e-3)
+
+
+def test_sample_conv2d_and_condinst_mask_head_dynamic_instances():
+    # CondInst's "batch" is the number of detected instances: it must stay dynamic in a deployed graph.
+    torch.manual_seed(0)
+    model = Fn(lambda x, w, b: dynconv.sample_conv2d(x, w, b, stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2))
+    x, w, b = torch.randn(3, 4, 9, 9), torch.randn(3, 6, 2, 3, 3), torch.randn(3, 6)
+    other = (torch.randn(5, 4, 13, 9), torch.randn(5, 6, 2, 3, 3), torch.randn(5, 6))
+    instances = torch.export.Dim("instances", min=1, max=512)
+    export_and_compare(model, (x, w, b), ({0: instances, 2: height}, {0: instances}, {0: instances}), [other])
+    head = dynconv.DynamicMaskHead()
+    feats, params = torch.randn(4, 10, 16, 20), torch.randn(4, head.num_params) * 0.3
+    other = (torch.randn(7, 10, 16, 20), torch.randn(7, head.num_params) * 0.3)
+    export_and_compare(head, (feats, params), ({0: instances}, {0: instances}), other_inputs=[other])
 
 
 def test_experts_formulation_exports_a_dynamic_batch():

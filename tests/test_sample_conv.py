@@ -96,6 +96,23 @@ def test_torch_matches_reference_forward_backward(case, dtype):
         assert_close(g, gr, what=f"grad {name} {case}")
 
 
+@pytest.mark.parametrize("case", CASES, ids=[str(i) for i in range(len(CASES))])
+def test_export_formulation_matches_reference(case, monkeypatch):
+    """What sample_conv2d traces to under torch.export (unfold + matmul, for ONNX graphs with a dynamic batch)."""
+    import dynconv.functional
+
+    monkeypatch.setattr(dynconv.functional, "is_exporting", lambda: True)
+    inputs = make_inputs(case, torch.float64)
+    out = call(*inputs, case, "torch")
+    gy = torch.randn_like(out)
+    grads = _grads(out, inputs, gy)
+    ref_inputs = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
+    ref = call(*ref_inputs, case, "reference")
+    assert_close(out, ref, what=f"output {case}")
+    for name, g, gr in zip(("x", "weight", "bias"), grads, _grads(ref, ref_inputs, gy)):
+        assert_close(g, gr, what=f"grad {name} {case}")
+
+
 @pytest.mark.parametrize("case", CASES[:6], ids=[str(i) for i in range(6)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision(case, dtype):

@@ -41,7 +41,9 @@ Formulations (the ``formulation`` argument of the coefficient mixtures):
   ``K * H_out * W_out``): 72 (C=512, 4x4) 9.3 / 5.4; 23.5 (C=512, 7x7) 4.7 / 4.9; 9 (C=256, 8x8) 2.8 / 3.8;
   2.9 (C=256, 14x14) 1.9 / 5.9; below that chunked 0.8-1.4, experts 3.9-4.8 (``docs/benchmarks.md``; these
   per-layer timings vary by about 20% between runs). ``r = 2`` elsewhere, calibrated against the grouped
-  formulation on CPU before the chunked one existed; not yet measured on a GPU.
+  formulation on CPU before the chunked one existed; not yet measured on a GPU. Under ``torch.export`` (ONNX
+  export, :mod:`dynconv.onnx`) ``"auto"`` is ``"grouped"``, which :func:`dynconv.sample_conv2d` then traces
+  as unfold + matmul, so the exported graph keeps the batch and image size dynamic.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynconv._checks import conv_out_size, pair
-from dynconv.functional import sample_conv2d
+from dynconv.functional import is_exporting, sample_conv2d
 
 __all__ = [
     "CondConv2d",
@@ -168,8 +170,10 @@ class _KernelMixtureConv2d(nn.Module):
         None)`` of samples ``lo:hi``, so at most one chunk of kernels exists at a time.
         """
         B = x.shape[0]
-        chunk = _chunk_size(formulation, B, self.weight[0].numel() * self.weight.element_size())
         args = (self.stride, self.padding, self.dilation, self.groups)
+        if formulation == "grouped":  # one call, no Python loop over a (possibly symbolic, in export) batch
+            return sample_conv2d(x, *kernels(0, B), *args, backend="torch")
+        chunk = _chunk_size(formulation, B, self.weight[0].numel() * self.weight.element_size())
         outs = []
         for lo in range(0, max(B, 1), chunk):  # B = 0: one empty chunk
             hi = min(lo + chunk, B)
@@ -276,6 +280,8 @@ def _per_sample_formulation(x: torch.Tensor) -> str:
     # C=256 at 14x14: x3.4 / x1.9 of static) and are within noise of it elsewhere (MobileNetV2 224x224: 3433 /
     # 3855 in one run, 3813 / 3035 in another); docs/benchmarks.md. On CUDA the single grouped launch is the
     # usual choice (not measured here: no GPU on the development machine).
+    if is_exporting():
+        return "grouped"
     return "chunked" if x.device.type == "cpu" and x.shape[0] > 1 else "grouped"
 
 
@@ -300,6 +306,8 @@ class _CoefficientMixture(_KernelMixtureConv2d):
         """The formulation ``"auto"`` picks for input ``x`` (the rule in the module docstring)."""
         if self.formulation != "auto":
             return self.formulation
+        if is_exporting():
+            return "grouped"  # the one formulation without shape-dependent choices or Python loops (dynconv.onnx)
         Ho, Wo = self._output_size(x)
         per_sample_kernel = self.weight.shape[2] * self.kernel_size[0] * self.kernel_size[1]
         ratio = EXPERTS_RATIO.get(x.device.type, EXPERTS_RATIO_DEFAULT)
