@@ -56,7 +56,7 @@ def _onnx_modules():
     try:
         from onnxscript import ir
         from onnxscript import opset19 as op
-    except ImportError as e:  # pragma: no cover - exercised only without the optional packages
+    except ImportError as e:
         raise ImportError(
             "dynconv.onnx needs the optional packages onnx and onnxscript: pip install 'dynconv[onnx]'"
         ) from e

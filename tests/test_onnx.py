@@ -277,3 +277,11 @@ def test_translation_table_covers_every_forward_custom_op():
         if isinstance(getattr(torch.ops.dynconv, name), torch._ops.OpOverloadPacket) and "backward" not in name
     }
     assert forward_ops and forward_ops == set(dynconv.onnx.translation_table())
+
+
+def test_missing_onnxscript_gives_an_install_hint(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # what an environment without the package imports
+    with pytest.raises(ImportError, match=r"pip install 'dynconv\[onnx\]'"):
+        dynconv.onnx.translation_table()
