@@ -1,6 +1,7 @@
 """dynconv: dynamic (content-adaptive) convolution for PyTorch.
 
-Ops live in :mod:`dynconv.functional` and are re-exported here; layers live in :mod:`dynconv.nn`.
+Ops live in :mod:`dynconv.functional` and are re-exported here; layers live in :mod:`dynconv.nn`; ONNX export of
+models that use them in :mod:`dynconv.onnx`.
 """
 
 from dynconv import onnx, ops  # noqa: F401  (ops registers the dynconv:: custom ops)
