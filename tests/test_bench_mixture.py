@@ -48,3 +48,14 @@ def test_layers_sweep_times_every_formulation_and_marks_auto():
         "static", "grouped", "experts (auto)", "chunked", "loop"
     ]  # fmt: skip
     assert all(float(line.split(" | ")[6]) > 0 for line in lines)
+
+
+def test_layers_sweep_odconv_offers_the_experts_formulation():
+    parser = argparse.ArgumentParser()
+    mixture.add_arguments(parser)
+    args = parser.parse_args(["--layers", "64,2", "--batches", "3", "--layer-kind", "odconv"])
+    args.device, args.repeats = "cpu", 1
+    table = mixture.run(args)
+    forms = [line.split(" | ")[4] for line in table.splitlines() if line.startswith("| 64 ")]
+    assert forms == ["static", "grouped", "experts (auto)", "chunked", "loop"]  # 64*9 / (4*4) = 36 > 32
+    assert "layer=ODConv2d" in table

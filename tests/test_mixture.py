@@ -85,7 +85,7 @@ def build(cls, case, **kwargs):
 
 
 def _formulations(cls):
-    return [f for f in FORMULATIONS if not (cls is dynconv.ODConv2d and f == "experts")]
+    return list(FORMULATIONS)
 
 
 @pytest.mark.parametrize("cls", LAYERS, ids=lambda c: c.__name__)
@@ -299,7 +299,6 @@ def test_repr_and_reset(cls):
     "cls, kwargs, exc, match",
     [
         (dynconv.CondConv2d, dict(formulation="fast"), ValueError, r"formulation must be one of"),
-        (dynconv.ODConv2d, dict(formulation="experts"), ValueError, r"does not apply to ODConv2d"),
         (
             dynconv.DynamicConv2d,
             dict(groups=3),

@@ -30,6 +30,12 @@ from dynconv.models import mobilenet_v2, resnet18
 from dynconv.nn.mixture import FORMULATIONS, ODConv2d, _CoefficientMixture
 
 MODELS = {"resnet18": resnet18, "mobilenet_v2": mobilenet_v2}
+LAYER_CLASSES = {
+    "condconv": dynconv.CondConv2d,
+    "dynamic": dynconv.DynamicConv2d,
+    "odconv": dynconv.ODConv2d,
+    "dynet": dynconv.DyNetConv2d,
+}
 LABELS = {"static": "static", "condconv": "CondConv", "dynamic": "DY-CNN", "odconv": "ODConv", "dynet": "DyNet"}
 
 
@@ -48,8 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--layers",
         default="",
-        help="'C,HW;...': instead of the models, time one DynamicConv2d(C, C, 3) on HWxHW maps per entry, every "
+        help="'C,HW;...': instead of the models, time one mixture layer (C, C, 3) on HWxHW maps per entry, every "
         "formulation against the static convolution (the calibration of the auto rule)",
+    )
+    parser.add_argument(
+        "--layer-kind", default="dynamic", choices=["condconv", "dynamic", "odconv", "dynet"], help="for --layers"
     )
 
 
@@ -62,7 +71,7 @@ def count_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 def _set_formulation(model: torch.nn.Module, formulation: str) -> None:
     for m in model.modules():
-        if isinstance(m, _CoefficientMixture) or (isinstance(m, ODConv2d) and formulation != "experts"):
+        if isinstance(m, (_CoefficientMixture, ODConv2d)):
             m.formulation = formulation
 
 
@@ -74,13 +83,17 @@ def _forward(model: torch.nn.Module, x: torch.Tensor, formulation: str, dynamic:
 
 
 def run_layers(args: argparse.Namespace, device: torch.device) -> str:
-    """``--layers``: one ``DynamicConv2d(C, C, 3, padding=1)`` per entry, each formulation vs the static conv."""
+    """``--layers``: one ``--layer-kind`` layer ``(C, C, 3, padding=1)`` per entry (default ``DynamicConv2d``),
+    each formulation vs the static convolution."""
     rows = []
     for item in (i for i in args.layers.split(";") if i):
         C, HW = (int(v) for v in item.split(","))
         torch.manual_seed(0)
-        layer = dynconv.DynamicConv2d(C, C, 3, padding=1, num_experts=args.experts).to(device).eval()
-        torch.nn.init.normal_(layer.fc2.weight)  # a non-uniform attention, as after training
+        layer = LAYER_CLASSES[args.layer_kind](C, C, 3, padding=1, num_experts=args.experts).to(device).eval()
+        with torch.no_grad():  # a non-uniform attention, as after training
+            for m in layer.modules():
+                if isinstance(m, torch.nn.Linear):
+                    m.weight.normal_(0, m.in_features**-0.5)
         for batch in (int(b) for b in args.batches.split(",")):
             x = torch.randn(batch, C, HW, HW, device=device)
             static = layer.weight[0].detach()
@@ -105,7 +118,10 @@ def run_layers(args: argparse.Namespace, device: torch.device) -> str:
                     ]
                 )
     header = ["C", "map", "batch", "C*9 / (K*H*W)", "formulation", "median ms", "vs static", "peak extra MB"]
-    note = f"device={device}, torch threads={torch.get_num_threads()}, K={args.experts}, repeats={args.repeats}"
+    note = (
+        f"layer={LAYER_CLASSES[args.layer_kind].__name__}, device={device}, torch threads={torch.get_num_threads()}, "
+        f"K={args.experts}, repeats={args.repeats}"
+    )
     return markdown_table(header, rows) + "\n\n" + note
 
 
@@ -144,8 +160,6 @@ def run(args: argparse.Namespace) -> str:
                 candidates = {}
                 for kind, model in variants.items():
                     forms = list(FORMULATIONS) if kind in formulation_kinds else ["auto"]
-                    if kind == "odconv":  # ODConv has no batched-experts form
-                        forms = [f for f in forms if f != "experts"]
                     for form in forms:
                         candidates[(kind, form)] = functools.partial(_forward, model, x, form, kind != "static")
                 timed = measure_interleaved(candidates, device, repeats)

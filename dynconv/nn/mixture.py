@@ -20,13 +20,15 @@
 Every layer takes the ``nn.Conv2d`` arguments and computes, for sample ``b``,
 ``y[b] = conv2d(x[b], sum_k a[b, k] * W_k) + sum_k a[b, k] * bias_k`` with :func:`dynconv.sample_conv2d`.
 
-Formulations (the ``formulation`` argument of the coefficient mixtures):
+Formulations (the ``formulation`` argument of every layer here):
 
 * ``"grouped"``: mix the kernels per sample (``B x K x P`` multiply-adds for ``P`` kernel weights), then one
   convolution with the batch folded into the groups. Fewest FLOPs, but it materialises ``B`` kernels.
 * ``"experts"`` ("batched experts", CondConv's mixture-of-experts view): ``K`` static convolutions of the
   whole batch as one convolution with ``K * C_out`` outputs, then the coefficient-weighted sum of the outputs.
-  ``K`` times the convolution FLOPs, but dense (ungrouped) convolutions and no per-sample kernel.
+  ``K`` times the convolution FLOPs, but dense (ungrouped) convolutions and no per-sample kernel. (ODConv
+  runs it as one matmul over the im2col columns, its spatial attention scaling their taps: see
+  :class:`ODConv2d`.)
 * ``"chunked"``: the grouped formulation over chunks of at most 4 samples whose kernels together take at most
   8 MB (one sample per chunk for kernels above 4 MB): only one chunk's kernels exist at a time, and they are
   still in cache when the convolution reads them.
@@ -181,6 +183,19 @@ class _KernelMixtureConv2d(nn.Module):
             outs.append(sample_conv2d(x[lo:hi], weight, bias, *args, backend="torch"))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
+    def choose_formulation(self, x: torch.Tensor) -> str:
+        """The formulation ``"auto"`` picks for input ``x`` (the rule in the module docstring)."""
+        if self.formulation != "auto":
+            return self.formulation
+        if is_exporting():
+            return "grouped"  # the one formulation without shape-dependent choices or Python loops (dynconv.onnx)
+        Ho, Wo = self._output_size(x)
+        per_sample_kernel = self.weight.shape[2] * self.kernel_size[0] * self.kernel_size[1]
+        ratio = EXPERTS_RATIO.get(x.device.type, EXPERTS_RATIO_DEFAULT)
+        if x.shape[0] > 1 and per_sample_kernel > ratio * self.num_experts * Ho * Wo:
+            return "experts"
+        return _per_sample_formulation(x)
+
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -301,19 +316,6 @@ class _CoefficientMixture(_KernelMixtureConv2d):
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         """The mixing coefficients: Tensor[B, K] or Tensor[B, K, C_out]."""
         raise NotImplementedError
-
-    def choose_formulation(self, x: torch.Tensor) -> str:
-        """The formulation ``"auto"`` picks for input ``x`` (the rule in the module docstring)."""
-        if self.formulation != "auto":
-            return self.formulation
-        if is_exporting():
-            return "grouped"  # the one formulation without shape-dependent choices or Python loops (dynconv.onnx)
-        Ho, Wo = self._output_size(x)
-        per_sample_kernel = self.weight.shape[2] * self.kernel_size[0] * self.kernel_size[1]
-        ratio = EXPERTS_RATIO.get(x.device.type, EXPERTS_RATIO_DEFAULT)
-        if x.shape[0] > 1 and per_sample_kernel > ratio * self.num_experts * Ho * Wo:
-            return "experts"
-        return _per_sample_formulation(x)
 
     def mixed_kernel(self, coeff: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-sample kernels from coefficients.
@@ -575,9 +577,11 @@ class ODConv2d(_KernelMixtureConv2d):
         reduction (float): trunk width ratio. Default 1/16.
         min_channels (int): minimum trunk width. Default 16.
         temperature (float): attention temperature. Default 1.
-        formulation (str): ``"grouped"`` (one grouped convolution), ``"chunked"``, ``"loop"`` or ``"auto"``
-            (chunked on CPU at batch > 1, grouped otherwise); the batched experts formulation does not apply
-            (the spatial attention changes every expert per sample).
+        formulation (str): as for the other mixtures (module docstring), with the same ``"auto"`` rule. In the
+            ``"experts"`` formulation the spatial attention, which scales tap ``t`` of every expert alike, scales
+            tap ``t`` of the input's im2col columns instead, and the ``K`` experts run as one matmul over them
+            (no per-sample kernel; the columns take ``kh*kw`` times the input's memory, which the rule only
+            allows on small maps).
 
     Shape:
         - x: ``[B, C_in, H, W]``; output: ``[B, C_out, H_out, W_out]``.
@@ -603,11 +607,6 @@ class ODConv2d(_KernelMixtureConv2d):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        if formulation == "experts":
-            raise ValueError(
-                "formulation='experts' does not apply to ODConv2d (the spatial attention changes every expert "
-                "per sample); use 'auto', 'grouped', 'chunked' or 'loop'"
-            )
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, num_experts,
             formulation, mixed_bias=False, device=device, dtype=dtype,
@@ -657,10 +656,6 @@ class ODConv2d(_KernelMixtureConv2d):
             out[name] = z.softmax(1) if name == "kernel" else torch.sigmoid(z)
         return out
 
-    def choose_formulation(self, x: torch.Tensor) -> str:
-        """The forced formulation, else the device rule of the coefficient mixtures (never ``"experts"``)."""
-        return self.formulation if self.formulation != "auto" else _per_sample_formulation(x)
-
     def uniform_attention_gain(self) -> float:
         sigmoid_heads = sum(1 for name in self._heads() if name != "kernel")
         return 0.5**sigmoid_heads
@@ -675,13 +670,17 @@ class ODConv2d(_KernelMixtureConv2d):
         self._check_input(x)
         att = self.attention(x)
         per_sample_kernel = "spatial" in att or "kernel" in att
+        formulation = self.choose_formulation(x) if per_sample_kernel else "static"
         P = self.weight[0].numel()
         Ho, Wo = self._output_size(x)
-        fold_in = per_sample_kernel and P < x[0].numel()
-        fold_out = per_sample_kernel and "out_channel" in att and P < self.out_channels * Ho * Wo
+        per_sample = formulation not in ("static", "experts")  # a kernel per sample is materialised
+        fold_in = per_sample and P < x[0].numel()
+        fold_out = per_sample and "out_channel" in att and P < self.out_channels * Ho * Wo
         if not fold_in:
             x = x * att["in_channel"][:, :, None, None]
-        if not per_sample_kernel:
+        if formulation == "experts":
+            y = self._experts_forward(x, att)
+        elif formulation == "static":
             # Nothing per-sample inside the kernel (ODConv 1x on a 1x1 layer): one static convolution.
             y = F.conv2d(x, self.weight[0], None, self.stride, self.padding, self.dilation, self.groups)
         else:
@@ -704,12 +703,34 @@ class ODConv2d(_KernelMixtureConv2d):
                     weight = weight * att["out_channel"][lo:hi].view(n, -1, 1, 1, 1)
                 return weight, None
 
-            y = self._per_sample_conv(x, self.choose_formulation(x), kernels)
+            y = self._per_sample_conv(x, formulation, kernels)
         if "out_channel" in att and not fold_out:
             y = y * att["out_channel"][:, :, None, None]
         if self.bias is not None:
             y = y + self.bias[:, None, None]
         return y
+
+    def _experts_forward(self, x: torch.Tensor, att: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The batched experts formulation: ``K`` static convolutions of the batch as one matmul over its
+        im2col columns, then the kernel-attention-weighted sum. The spatial attention scales tap ``t`` of every
+        expert alike, so it scales tap ``t`` of the columns instead: no per-sample kernel exists. ``x`` is
+        already scaled by the input-channel attention; the output-channel attention and bias come after."""
+        B, K, G, C_out = x.shape[0], self.num_experts, self.groups, self.out_channels
+        taps = self.kernel_size[0] * self.kernel_size[1]
+        Ho, Wo = self._output_size(x)
+        L = Ho * Wo
+        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # [B, C_in * taps, L]
+        if "spatial" in att:
+            cols = cols.view(B, self.in_channels, taps, L) * att["spatial"][:, None, :, None]
+        # [G, B * L, C_in/G * taps] @ [G, C_in/G * taps, K * C_out/G]: one GEMM per group, experts side by side.
+        cols = cols.reshape(B, G, -1, L).permute(1, 0, 3, 2).reshape(G, B * L, -1)
+        w = self.weight.view(K, G, C_out // G, -1).permute(1, 3, 0, 2).reshape(G, -1, K * (C_out // G))
+        y = torch.bmm(cols, w).view(G, B, L, K, C_out // G)
+        if "kernel" in att:
+            y = (y * att["kernel"][None, :, None, :, None]).sum(3)
+        else:
+            y = y.squeeze(3)
+        return y.permute(1, 0, 3, 2).reshape(B, C_out, Ho, Wo)
 
     def extra_repr(self) -> str:
         return self._conv_extra_repr() + f", temperature={float(self.temperature):g}"
