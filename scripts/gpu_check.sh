@@ -5,6 +5,8 @@
 #   OUT=gpu_out PY=.venv/bin/python scripts/gpu_check.sh [STEP ...]
 #
 # STEP: tests local_filter deform dcnv warp mixture (default: all). One file per step in $OUT, ending "rc=N".
+# Not in the default list: mixture_layers and mixture_layers_odconv (DY-CNN's and ODConv's per-layer timings of
+# every formulation, to calibrate EXPERTS_RATIO for CUDA in dynconv/nn/mixture.py), dfn and dfn_eval (below).
 #
 # Issue 6's result (DFN <= 285 BCE per frame) needs GPU training: the steps `dfn` and `dfn_eval` (not in the
 # default list). `dfn` trains, or resumes, runs/dfn-gpu with the paper's recipe (batch 16) on CUDA for
@@ -30,6 +32,10 @@ for step in "${steps[@]}"; do
     dcnv) cmd=("$PY" -m dynconv bench dcnv "${common[@]}" --backends torch,triton) ;;
     warp) cmd=("$PY" -m dynconv bench warp "${common[@]}" --backends torch,triton --deterministic) ;;
     mixture) cmd=("$PY" -m dynconv bench mixture --device cuda --sizes 32,224 --batches 1,64) ;;
+    mixture_layers | mixture_layers_odconv)  # the per-layer calibration of the `auto` rule's r on CUDA
+      kind=dynamic; [ "$step" = mixture_layers_odconv ] && kind=odconv
+      cmd=("$PY" -m dynconv bench mixture --device cuda --batches 64 --layer-kind "$kind"
+           --layers "64,56;128,28;256,14;512,7;64,32;128,16;256,8;512,4") ;;
     dfn)
       resume=(); [ -f runs/dfn-gpu/last.pt ] && resume=(--resume)
       cmd=("$PY" -m dynconv train video-prediction --model dfn --run-dir runs/dfn-gpu --device cuda --batch-size 16
