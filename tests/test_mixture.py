@@ -351,12 +351,35 @@ def test_low_precision_forward(cls, dtype):
             assert_close_lowp(out, ref_lowp, ref32, atol=1e-2, what=formulation)
 
 
+@pytest.mark.parametrize("cls", LAYERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("k,K", [(3, 3), (1, 1)], ids=["3x3-K3", "1x1-K1"])
+def test_autocast_every_formulation(cls, k, K):
+    """Under CPU autocast (bfloat16) every formulation returns what nn.Conv2d returns there, a bfloat16 output
+    (the float32 attention must not promote it), close to the float32 result, with float32 gradients."""
+    torch.manual_seed(4)
+    layer = cls(6, 8, k, padding=k // 2, groups=2, num_experts=K)
+    conv = torch.nn.Conv2d(6, 8, k, padding=k // 2, groups=2)
+    x = torch.randn(3, 6, 7, 7, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected_dtype = conv(x).dtype
+    assert expected_dtype == torch.bfloat16
+    for formulation in _formulations(cls):
+        layer.formulation = formulation
+        ref = layer(x).detach()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x)
+        assert out.dtype == expected_dtype, formulation
+        torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05, msg=formulation)
+        grads = torch.autograd.grad(out.float().sum(), [x, layer.weight])
+        assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads), formulation
+
+
 @pytest.mark.slow
 def test_torch_compile_fullgraph():
     torch._dynamo.reset()
     x = torch.randn(2, 8, 6, 6)
     for layer in (dynconv.DynamicConv2d(8, 8, 3, padding=1).eval(), dynconv.ODConv2d(8, 8, 3, padding=1).eval()):
-        for formulation in ("grouped", "chunked", "loop"):
+        for formulation in ("grouped", "experts", "chunked", "loop"):
             layer.formulation = formulation
             compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
             assert_close(compiled(x), layer(x))

@@ -344,10 +344,12 @@ class _CoefficientMixture(_KernelMixtureConv2d):
         y = y.unflatten(1, (G, K, C_out // G))  # [B, G, K, C_out/G, Ho, Wo]
         c = coeff if coeff.dim() == 3 else coeff.unsqueeze(-1).expand(-1, -1, C_out)
         c = c.unflatten(2, (G, C_out // G)).transpose(1, 2)  # [B, G, K, C_out/G]
-        out = (y * c[..., None, None]).sum(2).flatten(1, 2)
+        # Under autocast y is in the low precision while the attention is float32: keep y's dtype, as
+        # nn.Conv2d's output has it there.
+        out = (y * c.to(y.dtype)[..., None, None]).sum(2).flatten(1, 2)
         if self.bias is not None:
             bias = coeff @ self.bias if coeff.dim() == 2 else (coeff * self.bias).sum(1)
-            out = out + bias[:, :, None, None]
+            out = out + bias.to(out.dtype)[:, :, None, None]
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -677,7 +679,7 @@ class ODConv2d(_KernelMixtureConv2d):
         fold_in = per_sample and P < x[0].numel()
         fold_out = per_sample and "out_channel" in att and P < self.out_channels * Ho * Wo
         if not fold_in:
-            x = x * att["in_channel"][:, :, None, None]
+            x = x * att["in_channel"].to(x.dtype)[:, :, None, None]
         if formulation == "experts":
             y = self._experts_forward(x, att)
         elif formulation == "static":
@@ -694,20 +696,21 @@ class ODConv2d(_KernelMixtureConv2d):
                 else:
                     weight = self.weight[0].expand(n, *self.weight.shape[1:])
                 if "spatial" in att:
-                    weight = weight * att["spatial"][lo:hi].view(n, 1, 1, *self.kernel_size)
+                    weight = weight * att["spatial"][lo:hi].to(weight.dtype).view(n, 1, 1, *self.kernel_size)
                 if fold_in:  # kernel column i of group g's rows reads input channel g * C_in/G + i
                     G = self.groups
-                    a_in = att["in_channel"][lo:hi].view(n, G, 1, -1).expand(-1, -1, self.out_channels // G, -1)
+                    a_in = att["in_channel"][lo:hi].to(weight.dtype).view(n, G, 1, -1)
+                    a_in = a_in.expand(-1, -1, self.out_channels // G, -1)
                     weight = weight * a_in.reshape(n, self.out_channels, -1, 1, 1)
                 if fold_out:
-                    weight = weight * att["out_channel"][lo:hi].view(n, -1, 1, 1, 1)
+                    weight = weight * att["out_channel"][lo:hi].to(weight.dtype).view(n, -1, 1, 1, 1)
                 return weight, None
 
             y = self._per_sample_conv(x, formulation, kernels)
         if "out_channel" in att and not fold_out:
-            y = y * att["out_channel"][:, :, None, None]
+            y = y * att["out_channel"].to(y.dtype)[:, :, None, None]  # y's dtype under autocast too
         if self.bias is not None:
-            y = y + self.bias[:, None, None]
+            y = y + self.bias.to(y.dtype)[:, None, None]
         return y
 
     def _experts_forward(self, x: torch.Tensor, att: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -721,13 +724,13 @@ class ODConv2d(_KernelMixtureConv2d):
         L = Ho * Wo
         cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # [B, C_in * taps, L]
         if "spatial" in att:
-            cols = cols.view(B, self.in_channels, taps, L) * att["spatial"][:, None, :, None]
+            cols = cols.view(B, self.in_channels, taps, L) * att["spatial"].to(cols.dtype)[:, None, :, None]
         # [G, B * L, C_in/G * taps] @ [G, C_in/G * taps, K * C_out/G]: one GEMM per group, experts side by side.
         cols = cols.reshape(B, G, -1, L).permute(1, 0, 3, 2).reshape(G, B * L, -1)
         w = self.weight.view(K, G, C_out // G, -1).permute(1, 3, 0, 2).reshape(G, -1, K * (C_out // G))
         y = torch.bmm(cols, w).view(G, B, L, K, C_out // G)
         if "kernel" in att:
-            y = (y * att["kernel"][None, :, None, :, None]).sum(3)
+            y = (y * att["kernel"].to(y.dtype)[None, :, None, :, None]).sum(3)
         else:
             y = y.squeeze(3)
         return y.permute(1, 0, 3, 2).reshape(B, C_out, Ho, Wo)
