@@ -74,11 +74,19 @@ def ssim_per_frame(
 
 
 def summarize(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-    """Every metric, averaged over all frames of ``[N, T, C, H, W]`` tensors (channels summed for BCE/frame)."""
+    """Every metric, averaged over all frames of ``[N, T, C, H, W]`` tensors (channels summed for BCE/frame).
+
+    ``bce_per_frame_sem`` is the standard error of ``bce_per_frame`` over the ``N`` sequences (the sample
+    standard deviation of the per-sequence means over ``sqrt(N)``; ``None`` for one sequence): how far an
+    evaluation on ``N`` sequences may be from one on many more.
+    """
     bce = bce_per_frame(pred, target).sum(-1) if pred.dim() == 5 else bce_per_frame(pred, target)
     psnr = psnr_per_frame(pred, target)
+    per_sequence = bce.flatten(1).mean(1)
+    n = per_sequence.numel()
     return {
         "bce_per_frame": bce.mean().item(),
+        "bce_per_frame_sem": (per_sequence.std() / math.sqrt(n)).item() if n > 1 else None,
         "bce_per_pixel": bce.mean().item()
         / (pred.shape[-1] * pred.shape[-2] * (pred.shape[2] if pred.dim() == 5 else 1)),
         "mse": mse_per_frame(pred, target).mean().item(),

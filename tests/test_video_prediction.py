@@ -281,6 +281,19 @@ def test_ssim_in_chunks_equals_all_at_once():
     assert torch.equal(metrics.ssim_per_frame(pred, target, frames_per_chunk=4), whole)
 
 
+def test_bce_standard_error_on_hand_computed_cases():
+    """Two sequences of two 2x2 frames: one at p = 0.5 everywhere (4 ln 2 per frame), one at 0.5 in one frame and
+    exact in the other (4 ln 2 and about 0): per-sequence means 4 ln 2 and 2 ln 2, mean 3 ln 2, and the
+    standard error of two values is half their difference, ln 2."""
+    target = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).expand(2, 2, 1, 2, 2).clone()
+    pred = torch.full_like(target, 0.5)
+    pred[1, 1] = target[1, 1]
+    m = metrics.summarize(pred, target)
+    assert m["bce_per_frame"] == pytest.approx(3 * math.log(2), abs=1e-5)
+    assert m["bce_per_frame_sem"] == pytest.approx(math.log(2), abs=1e-5)
+    assert metrics.summarize(pred[:1], target[:1])["bce_per_frame_sem"] is None
+
+
 def test_metrics_on_hand_computed_cases():
     pred = torch.tensor([[[0.5, 0.5], [0.5, 0.5]]])
     target = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])

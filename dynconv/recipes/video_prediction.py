@@ -375,9 +375,14 @@ def export_checkpoint(src: str, dst: str, info: dict | None = None) -> dict:
 
 def markdown(rows: list[tuple[str, dict]]) -> str:
     cols = ["bce_per_frame", "bce_per_pixel", "mse", "mae", "psnr", "ssim"]
-    lines = ["| model | BCE/frame | BCE/pixel | MSE | MAE | PSNR dB | SSIM |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | BCE/frame | (standard error) | BCE/pixel | MSE | MAE | PSNR dB | SSIM |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, m in rows:
-        lines.append(f"| {name} | " + " | ".join(f"{m[c]:.4g}" for c in cols) + " |")
+        sem = m.get("bce_per_frame_sem")
+        cells = [f"{m[cols[0]]:.4g}", "-" if sem is None else f"{sem:.2g}"] + [f"{m[c]:.4g}" for c in cols[1:]]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
