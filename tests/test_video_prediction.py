@@ -517,3 +517,13 @@ def test_torchrun_two_processes(tmp_path):
     assert state["step"] == 3
     log = [json.loads(line) for line in open(tmp_path / "ddp" / "log.jsonl")]
     assert [r["step"] for r in log] == [1, 2, 3]
+
+
+def test_training_batches_split_across_ranks_like_one_process():
+    """Under torchrun, rank r of W with batch B draws sequences (step*W + r)*B ...: the W ranks of a step together
+    draw the batch W*B of one process, so a run can move between 1 and W processes (--resume) on the same data."""
+    one = vp.TrainBatches(vp.Config(digits="squares", batch_size=4, frames=3), rank=0, world=1)
+    two = [vp.TrainBatches(vp.Config(digits="squares", batch_size=2, frames=3), rank=r, world=2) for r in (0, 1)]
+    for step in (0, 5):
+        assert torch.equal(torch.cat([b(step) for b in two]), one(step))
+    assert not torch.equal(one(0), one(1))
