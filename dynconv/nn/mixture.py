@@ -42,7 +42,9 @@ Formulations (the ``formulation`` argument of every layer here):
   (``DynamicConv2d(C, C, 3)``, latency over the static convolution, chunked / experts, with the left side over
   ``K * H_out * W_out``): 72 (C=512, 4x4) 9.3 / 5.4; 23.5 (C=512, 7x7) 4.7 / 4.9; 9 (C=256, 8x8) 2.8 / 3.8;
   2.9 (C=256, 14x14) 1.9 / 5.9; below that chunked 0.8-1.4, experts 3.9-4.8 (``docs/benchmarks.md``; these
-  per-layer timings vary by about 20% between runs). ``r = 2`` elsewhere, calibrated against the grouped
+  per-layer timings vary by about 20% between runs). ODConv's experts formulation (``--layer-kind odconv``)
+  crosses over at the same place: 72: chunked 21.8 / experts 8.5; 23.5: 4.5 / 7.7; 9: 3.0 / 7.6. ``r = 2``
+  elsewhere, calibrated against the grouped
   formulation on CPU before the chunked one existed; not yet measured on a GPU. Under ``torch.export`` (ONNX
   export, :mod:`dynconv.onnx`) ``"auto"`` is ``"grouped"``, which :func:`dynconv.sample_conv2d` then traces
   as unfold + matmul, so the exported graph keeps the batch and image size dynamic.
