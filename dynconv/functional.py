@@ -270,8 +270,8 @@ def local_filter2d(
     else:
         ph, pw = pair(padding, "padding", minimum=0)
     B, C, H, W = x.shape
-    if min(B, C, H, W) < 1:
-        raise ValueError(f"x must have positive sizes [B, C, H, W], got shape {tuple(x.shape)}")
+    if min(C, H, W) < 1:
+        raise ValueError(f"x must have positive sizes [B, C, H, W] (B may be 0), got shape {tuple(x.shape)}")
     Ho, Wo = conv_out_size(H, kh, sh, ph, dh), conv_out_size(W, kw, sw, pw, dw)
     if Ho < 1 or Wo < 1:
         raise ValueError(
@@ -344,7 +344,8 @@ def sample_conv2d(
         TypeError: a non-tensor, a non-floating dtype, ``weight``/``bias`` of another dtype than ``x``, or a
             non-int ``groups``.
         ValueError: a wrong rank, a batch/channel/group mismatch, tensors on different devices, non-positive
-            sizes, an input too small for the kernel, or ``backend="triton"`` (no kernel for this op).
+            sizes (the batch may be 0, as in ``F.conv2d``), an input too small for the kernel, or
+            ``backend="triton"`` (no kernel for this op).
     """
     x = check_tensor(x, "x", ndim=4, shape_hint="[B, C_in, H, W]")
     weight = check_tensor(weight, "weight", ndim=5, shape_hint="[B, C_out, C_in/groups, kh, kw]")
@@ -360,8 +361,8 @@ def sample_conv2d(
     ph, pw = pair(padding, "padding", minimum=0)
     dh, dw = pair(dilation, "dilation")
     B, C, H, W = x.shape
-    if min(B, C, H, W) < 1:
-        raise ValueError(f"x must have positive sizes [B, C_in, H, W], got shape {tuple(x.shape)}")
+    if min(C, H, W) < 1:
+        raise ValueError(f"x must have positive sizes [B, C_in, H, W] (B may be 0), got shape {tuple(x.shape)}")
     if C % groups != 0:
         raise ValueError(f"x channels ({C}) must be divisible by groups ({groups})")
     _, C_out, _, kh, kw = weight.shape
@@ -384,6 +385,10 @@ def sample_conv2d(
     tensors = (x, weight) if bias is None else (x, weight, bias)
     chosen = choose_backend("sample_conv2d", *tensors, backend=backend)
     args = ((sh, sw), (ph, pw), (dh, dw), groups)
+    if B == 0:
+        # An empty batch (CondInst with no instances), as F.conv2d takes one: an empty output, still in the
+        # autograd graph of x and weight (the grouped call below would have 0 groups).
+        return sample_conv2d_unfold(x, weight, bias, *args)
     if chosen == "reference":
         return reference.sample_conv2d(x, weight, bias, *args)
     if is_exporting():
@@ -446,8 +451,8 @@ def _dcn_geometry(value, kernel_size, stride, padding, dilation, group, offset_s
     if remove_center and (kh % 2 == 0 or kw % 2 == 0):
         raise ValueError(f"remove_center needs an odd kernel_size (it has a centre point), got {(kh, kw)}")
     B, H, W, C = value.shape
-    if min(B, H, W, C) < 1:
-        raise ValueError(f"input must have positive sizes [B, H, W, C], got shape {tuple(value.shape)}")
+    if min(H, W, C) < 1:
+        raise ValueError(f"input must have positive sizes [B, H, W, C] (B may be 0), got shape {tuple(value.shape)}")
     if C % group != 0:
         raise ValueError(f"input channels ({C}) must be divisible by group ({group})")
     Ho, Wo = conv_out_size(H, kh, sh, ph, dh), conv_out_size(W, kw, sw, pw, dw)

@@ -477,3 +477,20 @@ def test_bench_baseline_matches_dcnv3_and_bench_runs():
     args.device, args.repeats = "cpu", 1
     table = bench.run(args)
     assert table.count("| (1, 4, 5, 2, 2) |") == 5  # dcnv3: torch, reference, grid_sample; dcnv4: torch, reference
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_batch_of_zero(backend):
+    """An empty batch gives an empty output (as F.conv2d and torchvision's deform_conv2d do), empty gradients."""
+    value = torch.randn(0, 6, 6, 8, requires_grad=True)
+    offset = torch.randn(0, 6, 6, 2 * 9 * 2, requires_grad=True)
+    mask = torch.randn(0, 6, 6, 2 * 9, requires_grad=True)
+    out = dynconv.dcnv3(value, offset, mask, 3, group=2, backend=backend)
+    assert out.shape == (0, 6, 6, 8)
+    out.sum().backward()
+    assert value.grad.shape == value.shape and offset.grad.shape == offset.shape and mask.grad.shape == mask.shape
+    offset_mask = torch.randn(0, 3, 3, 2 * 9 * 3, requires_grad=True)
+    out = dynconv.dcnv4(value, offset_mask, 3, stride=2, group=2, backend=backend)
+    assert out.shape == (0, 3, 3, 8)
+    out.sum().backward()
+    assert offset_mask.grad.shape == offset_mask.shape

@@ -162,3 +162,14 @@ def test_hdfnet_gradcheck_and_errors():
     with pytest.raises(ValueError, match="dilations must be a non-empty sequence of positive ints"):
         dynconv.DynamicDilatedFilter(4, 2, dilations=(0,))
     assert "dilations=(1, 3)" in repr(m)
+
+
+def test_mask_head_with_no_instances():
+    """CondInst with no detected instance: empty masks, and the graph still backpropagates into the features."""
+    head = dynconv.DynamicMaskHead()
+    feats = torch.randn(0, head.in_channels, 8, 8, requires_grad=True)
+    params = torch.randn(0, head.num_params, requires_grad=True)
+    masks = head(feats, params)
+    assert masks.shape == (0, 1, 8, 8)
+    masks.sum().backward()
+    assert feats.grad.shape == feats.shape and params.grad.shape == params.shape

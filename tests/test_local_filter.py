@@ -238,7 +238,7 @@ def _x():
         (dict(dilation=(1, 0)), ValueError, r"dilation must be >= 1"),
         (dict(padding=-1), ValueError, r"padding must be >= 0, got -1"),
         (dict(kernel_size=2.5), TypeError, r"kernel_size must be an int or a pair of ints, got 2.5"),
-        (dict(x=torch.randn(0, 4, 8, 8), filters=torch.randn(0, 1, 9, 8, 8)), ValueError, r"positive sizes"),
+        (dict(x=torch.randn(2, 0, 8, 8), filters=torch.randn(2, 1, 9, 8, 8)), ValueError, r"positive sizes"),
         (
             dict(x=torch.randn(2, 4, 2, 2), filters=torch.randn(2, 1, 81, 1, 1), kernel_size=9, padding=0),
             ValueError,
@@ -385,3 +385,14 @@ def test_torch_matches_reference_property(B, G, cg, H, W, kh, kw, sh, sw, dh, dw
     gy = torch.randn_like(out)
     for g, gr in zip(torch.autograd.grad(out, (x, f), gy), torch.autograd.grad(ref, (x, f), gy)):
         assert_close(g, gr)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_batch_of_zero(backend):
+    """An empty batch gives an empty output of the right shape (as F.conv2d), and empty gradients."""
+    x = torch.randn(0, 4, 9, 9, requires_grad=True)
+    filters = torch.randn(0, 2, 9, 5, 5, requires_grad=True)
+    out = dynconv.local_filter2d(x, filters, 3, stride=2, padding=1, backend=backend)
+    assert out.shape == (0, 4, 5, 5)
+    out.sum().backward()
+    assert x.grad.shape == x.shape and filters.grad.shape == filters.shape

@@ -330,3 +330,12 @@ def test_bench_reports_bandwidth_and_ratios():
         args.device, args.repeats = DEVICE, 1
         text = bench.run(args)
         assert "fwd GB/s" in text and "frac. of peak" not in text and "nan" not in text
+
+
+def test_triton_batch_of_zero():
+    x = torch.randn(0, 4, 9, 9, device=DEVICE, requires_grad=True)
+    filters = torch.randn(0, 2, 9, 5, 5, device=DEVICE, requires_grad=True)
+    out = dynconv.local_filter2d(x, filters, 3, stride=2, padding=1, backend="triton")
+    assert out.shape == (0, 4, 5, 5)
+    out.sum().backward()
+    assert x.grad.shape == x.shape and filters.grad.shape == filters.shape

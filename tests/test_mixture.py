@@ -409,3 +409,20 @@ def test_odconv_channel_attention_in_kernel_or_on_activations(cin, cout, groups,
         assert_close(out, ref, what=formulation)
         for g, gr in zip(torch.autograd.grad(out, params, gy), ref_grads):
             assert_close(g, gr, what=f"{formulation} gradient")
+
+
+@pytest.mark.parametrize("cls", LAYERS, ids=lambda c: c.__name__)
+def test_batch_of_zero(cls):
+    """An empty batch (zero detections, a fully filtered batch) gives nn.Conv2d's empty output in every
+    formulation, in training and in evaluation, and backpropagates."""
+    conv = torch.nn.Conv2d(4, 6, 3, stride=2, padding=1)
+    layer = cls(4, 6, 3, stride=2, padding=1, num_experts=2)
+    x = torch.randn(0, 4, 7, 7, requires_grad=True)
+    for training in (True, False):
+        layer.train(training)
+        for formulation in _formulations(cls):
+            layer.formulation = formulation
+            out = layer(x)
+            assert out.shape == conv(x).shape == (0, 6, 4, 4), formulation
+            out.sum().backward()
+            assert x.grad.shape == x.shape

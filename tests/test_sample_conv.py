@@ -192,7 +192,7 @@ def test_triton_backend_is_refused_with_reason():
         (dict(padding=-1), ValueError, r"padding must be >= 0, got -1"),
         (dict(dilation=(1, 0)), ValueError, r"dilation must be >= 1"),
         (dict(weight=torch.randn(2, 4, 4, 9, 9)), ValueError, r"too small for kernel size \(9, 9\)"),
-        (dict(x=torch.randn(0, 4, 8, 8), weight=torch.randn(0, 4, 4, 3, 3)), ValueError, r"positive sizes"),
+        (dict(x=torch.randn(2, 4, 8, 0), weight=torch.randn(2, 4, 4, 3, 3)), ValueError, r"positive sizes"),
         (dict(backend="cuda"), ValueError, r"backend must be one of"),
     ],
 )
@@ -206,3 +206,15 @@ def test_bad_input_raises_named_error(kwargs, exc, match):
 def test_reference_module_function_exists_and_matches():
     x, w = torch.randn(2, 3, 6, 6), torch.randn(2, 5, 3, 3, 3)
     assert_close(reference.sample_conv2d(x, w, None, (1, 1), (1, 1), (1, 1), 1), dynconv.sample_conv2d(x, w, padding=1))
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_batch_of_zero(backend):
+    """An empty batch (CondInst with no instances) gives the empty output F.conv2d gives, and empty gradients."""
+    x = torch.randn(0, 4, 8, 8, requires_grad=True)
+    weight = torch.randn(0, 6, 2, 3, 3, requires_grad=True)
+    bias = torch.randn(0, 6, requires_grad=True)
+    out = dynconv.sample_conv2d(x, weight, bias, stride=2, padding=1, groups=2, backend=backend)
+    assert out.shape == F.conv2d(x, torch.randn(6, 2, 3, 3), stride=2, padding=1, groups=2).shape == (0, 6, 4, 4)
+    out.sum().backward()
+    assert x.grad.shape == x.shape and weight.grad.shape == weight.shape and bias.grad.shape == bias.shape

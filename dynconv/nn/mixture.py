@@ -678,7 +678,7 @@ class ODConv2d(_KernelMixtureConv2d):
         P = self.weight[0].numel()
         Ho, Wo = self._output_size(x)
         per_sample = formulation not in ("static", "experts")  # a kernel per sample is materialised
-        fold_in = per_sample and P < x[0].numel()
+        fold_in = per_sample and P < x.shape[1:].numel()
         fold_out = per_sample and "out_channel" in att and P < self.out_channels * Ho * Wo
         if not fold_in:
             x = x * att["in_channel"].to(x.dtype)[:, :, None, None]
@@ -728,8 +728,9 @@ class ODConv2d(_KernelMixtureConv2d):
         if "spatial" in att:
             cols = cols.view(B, self.in_channels, taps, L) * att["spatial"].to(cols.dtype)[:, None, :, None]
         # [G, B * L, C_in/G * taps] @ [G, C_in/G * taps, K * C_out/G]: one GEMM per group, experts side by side.
-        cols = cols.reshape(B, G, -1, L).permute(1, 0, 3, 2).reshape(G, B * L, -1)
-        w = self.weight.view(K, G, C_out // G, -1).permute(1, 3, 0, 2).reshape(G, -1, K * (C_out // G))
+        depth = self.in_channels // G * taps  # one group's column length (explicit: B may be 0)
+        cols = cols.reshape(B, G, depth, L).permute(1, 0, 3, 2).reshape(G, B * L, depth)
+        w = self.weight.view(K, G, C_out // G, depth).permute(1, 3, 0, 2).reshape(G, depth, K * (C_out // G))
         y = torch.bmm(cols, w).view(G, B, L, K, C_out // G)
         if "kernel" in att:
             y = (y * att["kernel"].to(y.dtype)[None, :, None, :, None]).sum(3)

@@ -69,7 +69,8 @@ class _Geometry:
 
     def grid(self, k0: int, k1: int) -> torch.Tensor:
         """The grid of points ``k0 .. k1 - 1``: ``[B*G, H_out*W_out, k1 - k0, 2]``."""
-        off = self.offset[..., k0:k1, :].to(self.acc).permute(0, 3, 1, 2, 4, 5).reshape(self.B * self.G, self.Q, -1, 2)
+        off = self.offset[..., k0:k1, :].to(self.acc).permute(0, 3, 1, 2, 4, 5)
+        off = off.reshape(self.B * self.G, self.Q, k1 - k0, 2)  # explicit sizes: B may be 0
         loc = self.base + (self.points[k0:k1] + off) * self.scale
         # align_corners=False maps pixel coordinate p to (2p + 1) / size - 1.
         return (2 * loc + 1) / self.size - 1
