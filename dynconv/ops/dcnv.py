@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from dynconv.backends import TRITON_OPS
+from dynconv.ops._autograd import refuse_double_backward
 from dynconv.reference import dcn_kernel_points
 
 __all__ = ["dcn_sample_op"]
@@ -233,3 +234,4 @@ def _backward(ctx, grad_out):
 
 
 dcn_sample_op.register_autograd(_backward, setup_context=_setup_context)
+refuse_double_backward(dcn_sample_backward_op, "dcnv3/dcnv4")

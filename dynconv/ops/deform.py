@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from dynconv.backends import TRITON_OPS
+from dynconv.ops._autograd import refuse_double_backward
 
 __all__ = ["COLUMN_BUDGET_BYTES", "deform_conv2d_op", "images_per_chunk", "sampling_corners"]
 
@@ -362,3 +363,4 @@ def _backward(ctx, grad_out):
 
 
 deform_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+refuse_double_backward(deform_conv2d_backward_op, "deform_conv2d")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from dynconv.backends import TRITON_OPS
+from dynconv.ops._autograd import refuse_double_backward
 
 __all__ = ["local_filter2d_op"]
 
@@ -173,3 +174,4 @@ def _backward(ctx, grad_out):
 
 
 local_filter2d_op.register_autograd(_backward, setup_context=_setup_context)
+refuse_double_backward(local_filter2d_backward_op, "local_filter2d")

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from dynconv.backends import TRITON_OPS
+from dynconv.ops._autograd import refuse_double_backward
 
 __all__ = ["flow_to_grid", "warp_torch", "warp_triton_op"]
 
@@ -104,3 +105,4 @@ def _backward(ctx, grad_out):
 
 
 warp_triton_op.register_autograd(_backward, setup_context=_setup_context)
+refuse_double_backward(warp_triton_backward_op, "warp", "the 'triton' backend has", "'torch' or 'reference'")
