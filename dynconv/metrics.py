@@ -73,7 +73,7 @@ def ssim_per_frame(
     return (torch.cat(out) if out else xs.new_empty(0, dtype=torch.float64)).reshape(lead)
 
 
-def summarize(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+def summarize(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float | None]:
     """Every metric, averaged over all frames of ``[N, T, C, H, W]`` tensors (channels summed for BCE/frame).
 
     ``bce_per_frame_sem`` is the standard error of ``bce_per_frame`` over the ``N`` sequences (the sample
