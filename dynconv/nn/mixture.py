@@ -678,7 +678,7 @@ class ODConv2d(_KernelMixtureConv2d):
         P = self.weight[0].numel()
         Ho, Wo = self._output_size(x)
         per_sample = formulation not in ("static", "experts")  # a kernel per sample is materialised
-        fold_in = per_sample and P < x.shape[1:].numel()
+        fold_in = per_sample and P < x.shape[1] * x.shape[2] * x.shape[3]  # not Size.numel(): export specialises
         fold_out = per_sample and "out_channel" in att and P < self.out_channels * Ho * Wo
         if not fold_in:
             x = x * att["in_channel"].to(x.dtype)[:, :, None, None]
