@@ -673,6 +673,11 @@ class ODConv2d(_KernelMixtureConv2d):
         """Args: x (Tensor[B, C_in, H, W]). Returns: Tensor[B, C_out, H_out, W_out]."""
         self._check_input(x)
         att = self.attention(x)
+        if torch.is_autocast_enabled(x.device.type):
+            # The attention (float32 from its sigmoids/softmax) in the convolution's low precision, so that
+            # scaling the output by it keeps the dtype nn.Conv2d returns under autocast.
+            low = torch.get_autocast_dtype(x.device.type)
+            att = {name: a.to(low) for name, a in att.items()}
         per_sample_kernel = "spatial" in att or "kernel" in att
         formulation = self.choose_formulation(x) if per_sample_kernel else "static"
         P = self.weight[0].numel()
@@ -681,9 +686,9 @@ class ODConv2d(_KernelMixtureConv2d):
         fold_in = per_sample and P < x.shape[1] * x.shape[2] * x.shape[3]  # not Size.numel(): export specialises
         fold_out = per_sample and "out_channel" in att and P < self.out_channels * Ho * Wo
         if not fold_in:
-            x = x * att["in_channel"].to(x.dtype)[:, :, None, None]
+            x = x * att["in_channel"][:, :, None, None]
         if formulation == "experts":
-            y = self._experts_forward(x, att)
+            y = self._experts_forward(x, att, Ho, Wo)
         elif formulation == "static":
             # Nothing per-sample inside the kernel (ODConv 1x on a 1x1 layer): one static convolution.
             y = F.conv2d(x, self.weight[0], None, self.stride, self.padding, self.dilation, self.groups)
@@ -698,42 +703,40 @@ class ODConv2d(_KernelMixtureConv2d):
                 else:
                     weight = self.weight[0].expand(n, *self.weight.shape[1:])
                 if "spatial" in att:
-                    weight = weight * att["spatial"][lo:hi].to(weight.dtype).view(n, 1, 1, *self.kernel_size)
+                    weight = weight * att["spatial"][lo:hi].view(n, 1, 1, *self.kernel_size)
                 if fold_in:  # kernel column i of group g's rows reads input channel g * C_in/G + i
                     G = self.groups
-                    a_in = att["in_channel"][lo:hi].to(weight.dtype).view(n, G, 1, -1)
-                    a_in = a_in.expand(-1, -1, self.out_channels // G, -1)
+                    a_in = att["in_channel"][lo:hi].view(n, G, 1, -1).expand(-1, -1, self.out_channels // G, -1)
                     weight = weight * a_in.reshape(n, self.out_channels, -1, 1, 1)
                 if fold_out:
-                    weight = weight * att["out_channel"][lo:hi].to(weight.dtype).view(n, -1, 1, 1, 1)
+                    weight = weight * att["out_channel"][lo:hi].view(n, -1, 1, 1, 1)
                 return weight, None
 
             y = self._per_sample_conv(x, formulation, kernels)
         if "out_channel" in att and not fold_out:
-            y = y * att["out_channel"].to(y.dtype)[:, :, None, None]  # y's dtype under autocast too
+            y = y * att["out_channel"][:, :, None, None]
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)[:, None, None]
         return y
 
-    def _experts_forward(self, x: torch.Tensor, att: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _experts_forward(self, x: torch.Tensor, att: dict[str, torch.Tensor], Ho: int, Wo: int) -> torch.Tensor:
         """The batched experts formulation: ``K`` static convolutions of the batch as one matmul over its
         im2col columns, then the kernel-attention-weighted sum. The spatial attention scales tap ``t`` of every
         expert alike, so it scales tap ``t`` of the columns instead: no per-sample kernel exists. ``x`` is
         already scaled by the input-channel attention; the output-channel attention and bias come after."""
         B, K, G, C_out = x.shape[0], self.num_experts, self.groups, self.out_channels
         taps = self.kernel_size[0] * self.kernel_size[1]
-        Ho, Wo = self._output_size(x)
         L = Ho * Wo
         cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # [B, C_in * taps, L]
         if "spatial" in att:
-            cols = cols.view(B, self.in_channels, taps, L) * att["spatial"].to(cols.dtype)[:, None, :, None]
+            cols = cols.view(B, self.in_channels, taps, L) * att["spatial"][:, None, :, None]
         # [G, B * L, C_in/G * taps] @ [G, C_in/G * taps, K * C_out/G]: one GEMM per group, experts side by side.
         depth = self.in_channels // G * taps  # one group's column length (explicit: B may be 0)
         cols = cols.reshape(B, G, depth, L).permute(1, 0, 3, 2).reshape(G, B * L, depth)
         w = self.weight.view(K, G, C_out // G, depth).permute(1, 3, 0, 2).reshape(G, depth, K * (C_out // G))
         y = torch.bmm(cols, w).view(G, B, L, K, C_out // G)
         if "kernel" in att:
-            y = (y * att["kernel"].to(y.dtype)[None, :, None, :, None]).sum(3)
+            y = (y * att["kernel"][None, :, None, :, None]).sum(3)
         else:
             y = y.squeeze(3)
         return y.permute(1, 0, 3, 2).reshape(B, C_out, Ho, Wo)
