@@ -23,6 +23,7 @@ import torch
 class Measurement:
     median_s: float
     peak_extra_bytes: float
+    runs: int = 1  # timed runs the median is over
 
     @property
     def median_ms(self) -> float:
@@ -104,15 +105,28 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def measure_interleaved(
-    candidates: dict[str, Callable[[], object]], device: torch.device | str, repeats: int, warmup: int = 1
+    candidates: dict[str, Callable[[], object]],
+    device: torch.device | str,
+    repeats: int,
+    warmup: int = 1,
+    time_cap_s: float | None = 60.0,
 ) -> dict[str, Measurement]:
     """Median wall time of each candidate over ``repeats`` rounds that call every candidate once, and its peak
     memory. On a shared machine a burst of someone else's load then slows every candidate alike instead of
-    one of them (timed back to back, the same forward varied 88-592 ms between consecutive runs here)."""
+    one of them (timed back to back, the same forward varied 88-592 ms between consecutive runs here).
+
+    A candidate whose timed runs add up to more than ``time_cap_s`` seconds sits out the remaining rounds
+    (its median is over the runs it had, at least one; ``Measurement.runs`` says how many), so one slow
+    baseline such as a reference backend does not multiply the cost of the whole table. ``None``: no cap.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
     device = torch.device(device)
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for round_ in range(warmup + repeats):
         for name, fn in candidates.items():
+            if time_cap_s is not None and sum(times[name]) > time_cap_s:
+                continue
             _sync(device)
             t0 = time.perf_counter()
             fn()
@@ -120,7 +134,8 @@ def measure_interleaved(
             if round_ >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return {
-        name: Measurement(statistics.median(times[name]), peak_memory(fn, device)) for name, fn in candidates.items()
+        name: Measurement(statistics.median(times[name]), peak_memory(fn, device), len(times[name]))
+        for name, fn in candidates.items()
     }
 
 
