@@ -102,7 +102,7 @@ def video_demo(out_dir: str, steps: int) -> list[str]:
     return written
 
 
-def main(out_dir: str = "demo_out", steps: int = 120, operators_only: bool = False) -> int:
+def main(out_dir: str = "demo_out", steps: int = 60, operators_only: bool = False) -> int:
     os.makedirs(out_dir, exist_ok=True)
     written = [] if operators_only else video_demo(out_dir, steps)
     print("\n== dynamic local filtering of a real image")
