@@ -114,3 +114,29 @@ def test_triton_opcheck():
     x, offset, weight, bias, mask = (t.detach().requires_grad_() for t in tensors)
     args = (x, offset, weight, bias, mask, [1, 1], [1, 1], [1, 1], "triton", False)
     torch.library.opcheck(torch.ops.dynconv.deform_conv2d.default, args)
+
+
+_COMPILE_SCRIPT = r"""
+import dynconv.kernels.deform as K
+from dynconv.testing import compile_ptx
+
+geometry = dict(K=9, KW=3, BLOCK_R=32, BLOCK_C=32)
+backward = dict(geometry, NEED_X=True, NEED_OFFSET=True, NEED_MASK=True)
+variants = [
+    (K._deform_columns_kernel, "bf16", dict(geometry, HAS_MASK=True)),
+    (K._deform_columns_kernel, "fp32", dict(geometry, HAS_MASK=False)),
+    (K._deform_backward_kernel, "fp16", dict(backward, HAS_MASK=True, ATOMIC=True)),
+    (K._deform_backward_kernel, "fp32", dict(backward, HAS_MASK=True, ATOMIC=False)),
+    (K._deform_backward_kernel, "bf16", dict(backward, HAS_MASK=False, ATOMIC=True, NEED_MASK=False)),
+]
+fp32 = ("cols_ptr", "gcols_ptr", "gx_ptr", "goff_ptr", "gmask_ptr")
+print("compiled", compile_ptx(variants, {"gidx_ptr": "*i64", **{n: "*fp32" for n in fp32}}))
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """The interpreter never runs Triton's compiler: compile every kernel variant to PTX for sm_90 (no GPU needed)."""
+    from dynconv.testing import run_without_interpreter
+
+    assert "compiled 5" in run_without_interpreter(_COMPILE_SCRIPT)
