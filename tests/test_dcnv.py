@@ -1,6 +1,8 @@
 """DCNv3/DCNv4 (dynconv.dcnv3, dynconv.dcnv4, DCNv3, DCNv4): the torch backend against the bilinear reference."""
 
 import random
+import sys
+import types
 
 import pytest
 import torch
@@ -477,6 +479,49 @@ def test_bench_baseline_matches_dcnv3_and_bench_runs():
     args.device, args.repeats = "cpu", 1
     table = bench.run(args)
     assert table.count("| (1, 4, 5, 2, 2) |") == 5  # dcnv3: torch, reference, grid_sample; dcnv4: torch, reference
+
+
+def _fake_official_dcnv4_package(monkeypatch, calls):
+    """A stand-in for the official ``DCNv4`` package (its CUDA kernels cannot be built here): ``DCNv4Function``
+    with the official argument order and checks, computing through our reference."""
+
+    class DCNv4Function:
+        @staticmethod
+        def apply(value, offset_mask, kh, kw, sh, sw, ph, pw, dh, dw, group, group_channels, offset_scale, step, rc):
+            assert value.is_contiguous() and offset_mask.is_contiguous()  # the official op asserts both
+            assert value.shape[-1] == group * group_channels
+            assert value.shape[0] % min(value.shape[0], step) == 0
+            calls.append((kh, kw, sh, sw, ph, pw, dh, dw, group, group_channels, offset_scale, step, rc))
+            return dynconv.dcnv4(
+                value, offset_mask, (kh, kw), (sh, sw), (ph, pw), (dh, dw), group, offset_scale, bool(rc),
+                backend="reference",
+            )  # fmt: skip
+
+    package, functions = types.ModuleType("DCNv4"), types.ModuleType("DCNv4.functions")
+    functions.DCNv4Function = DCNv4Function
+    package.functions = functions
+    monkeypatch.setitem(sys.modules, "DCNv4", package)
+    monkeypatch.setitem(sys.modules, "DCNv4.functions", functions)
+
+
+def test_bench_official_dcnv4_candidate(monkeypatch):
+    """The bench calls the official op with its argument order and layout, on the bench's geometry."""
+    from dynconv.bench import dcnv as bench
+
+    monkeypatch.delitem(sys.modules, "DCNv4", raising=False)
+    assert bench.official_dcnv4(2) is None  # not installed here
+    assert bench.OFFICIAL not in bench._candidates("dcnv4", ["torch"], 2, True, with_official=True)
+    calls = []
+    _fake_official_dcnv4_package(monkeypatch, calls)
+    g = torch.Generator().manual_seed(0)
+    value = torch.randn(2, 5, 6, 32, generator=g, dtype=torch.float64)
+    offset_mask = torch.randn(2, 5, 6, 56, generator=g, dtype=torch.float64)  # ceil(3 * 2 * 9 / 8) * 8
+    candidates = bench._candidates("dcnv4", ["torch"], 2, True, with_official=True)
+    assert list(candidates) == ["torch", bench.OFFICIAL]
+    assert_close(candidates[bench.OFFICIAL](value, offset_mask), candidates["torch"](value, offset_mask))
+    assert calls == [(3, 3, 1, 1, 1, 1, 1, 1, 2, 16, 1.0, 256, False)]
+    assert bench.OFFICIAL not in bench._candidates("dcnv3", ["torch"], 2, True, with_official=True)
+    assert bench.OFFICIAL not in bench._candidates("dcnv4", ["torch"], 2, True)  # CPU runs leave it out
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])

@@ -8,6 +8,10 @@ candidate per round), forward and forward+backward
 baseline: the formulation of InternImage's ``dcnv3_core_pytorch`` (one ``grid_sample`` over all P points,
 then a weighted sum; written here from the definition), which materialises P copies of the output.
 Offsets are random with a standard deviation of 2 pixels (many samples of the border rows fall outside).
+
+On CUDA, when the official DCNv4 package imports (``pip install DCNv4`` compiles its CUDA kernels; it needs
+a GPU and nvcc, and runs on CUDA tensors only), its ``DCNv4Function`` joins the dcnv4 rows as
+``official DCNv4`` (``--no-official`` leaves it out): the baseline the issue names for DCNv4's forward.
 """
 
 from __future__ import annotations
@@ -67,6 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--backends", default="torch,reference", help="comma-separated dynconv backends; the first is the baseline"
     )
     parser.add_argument("--no-grid-sample", action="store_true", help="leave out the grid_sample (all P) baseline")
+    parser.add_argument(
+        "--no-official", action="store_true", help="leave out the official DCNv4 CUDA op (used when it imports)"
+    )
 
 
 def _parse_shapes(args) -> list[tuple[int, ...]]:
@@ -78,7 +85,29 @@ def _parse_shapes(args) -> list[tuple[int, ...]]:
     return [tuple(int(v) for v in item.split(",")) for item in text.split(";") if item]
 
 
-def _candidates(op, backends, group, with_grid_sample):
+OFFICIAL = "official DCNv4"
+
+
+def official_dcnv4(group: int):
+    """The official DCNv4 op for this bench's geometry (3x3, stride 1, padding 1, dilation 1, offset scale 1,
+    all 9 points), as its ``DCNv4`` module calls it (``im2col_step`` 256); None when the package does not
+    import (not installed, or its compiled extension missing)."""
+    try:
+        from DCNv4.functions import DCNv4Function
+    except ImportError:
+        return None
+
+    def fn(value, offset_mask):
+        # (input, offset_mask, kernel h/w, stride h/w, pad h/w, dilation h/w, group, group_channels,
+        #  offset_scale, im2col_step, remove_center): the argument order of DCNv4Function.forward
+        return DCNv4Function.apply(
+            value, offset_mask, 3, 3, 1, 1, 1, 1, 1, 1, group, value.shape[-1] // group, 1.0, 256, False
+        )
+
+    return fn
+
+
+def _candidates(op, backends, group, with_grid_sample, with_official=False):
     out = {}
     for name in backends:
         if op == "dcnv3":
@@ -87,12 +116,18 @@ def _candidates(op, backends, group, with_grid_sample):
             out[name] = lambda v, om, name=name: dcnv4(v, om, 3, group=group, backend=name)
     if with_grid_sample and op == "dcnv3":
         out["grid_sample (all P)"] = lambda v, o, m: grid_sample_all_points(v, o, m, group)
+    official = official_dcnv4(group) if with_official and op == "dcnv4" else None
+    if official is not None:
+        out[OFFICIAL] = official
     return out
 
 
 def run(args: argparse.Namespace) -> str:
     device = torch.device(args.device)
     backends = args.backends.split(",")
+    with_official = device.type == "cuda" and not args.no_official and "dcnv4" in args.ops.split(",")
+    if with_official and official_dcnv4(1) is None:
+        print("official DCNv4 not importable (pip install DCNv4 builds its CUDA kernels): left out", file=sys.stderr)
     rows = []
     for shape in _parse_shapes(args):
         B, H, W, G, Cg = shape
@@ -117,7 +152,7 @@ def run(args: argparse.Namespace) -> str:
                         t.grad = None
                     fn(*inputs).backward(grad_y)
 
-                candidates = _candidates(op, backends, G, not args.no_grid_sample)
+                candidates = _candidates(op, backends, G, not args.no_grid_sample, with_official)
                 calls = {}
                 for name, fn in candidates.items():
                     calls[name + " fwd"] = functools.partial(no_grad_call, fn, *inputs)
