@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = sub.add_parser("demo", help="the demonstration that 'make demo' runs")
     demo.add_argument("--out", default="demo_out")
-    demo.add_argument("--steps", type=int, default=60, help="training steps of the DFN video demo (about 5 s each on 2 CPU cores)")
+    demo.add_argument(
+        "--steps", type=int, default=60, help="training steps of the DFN video demo (about 5 s each on 2 CPU cores)"
+    )
     demo.add_argument("--operators-only", action="store_true", help="skip the video-prediction training")
 
     # Benchmarks add their own options; parse in two passes so 'dynconv bench NAME --help' shows them.
