@@ -150,6 +150,28 @@ def test_uniform_attention_equals_static_conv(cls, conv_args, num_experts):
         assert_close(layer(x), conv(x), what=formulation)
 
 
+@pytest.mark.parametrize("cls", LAYERS, ids=lambda c: c.__name__)
+def test_string_padding_as_nn_conv2d(cls):
+    """padding="same"/"valid" as nn.Conv2d takes them: the same layer as with the explicit pair."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 9, 8, dtype=torch.float64)
+    for padding, explicit, kernel_size, dilation in (("same", (2, 4), (3, 5), 2), ("valid", (0, 0), 3, 1)):
+        layer = cls(4, 6, kernel_size, padding=padding, dilation=dilation).double().eval()
+        assert layer.padding == explicit
+        twin = cls(4, 6, kernel_size, padding=explicit, dilation=dilation).double().eval()
+        twin.load_state_dict(layer.state_dict())
+        out = layer(x)
+        assert_close(out, twin(x))
+        if padding == "same":
+            assert out.shape[-2:] == x.shape[-2:]
+    with pytest.raises(ValueError, match=r"padding='same' is not supported for strided convolutions"):
+        cls(4, 6, 3, stride=2, padding="same")
+    with pytest.raises(ValueError, match=r"padding='same' with kernel_size \(2, 2\) .* pads unevenly"):
+        cls(4, 6, 2, padding="same")
+    with pytest.raises(ValueError, match=r"padding must be an int, a pair of ints, 'valid' or 'same', got 'full'"):
+        cls(4, 6, 3, padding="full")
+
+
 def test_one_expert_dynamic_conv_is_the_static_conv():
     """DY-CNN with K = 1: softmax over one kernel is 1 whatever the input, so it is F.conv2d with that kernel."""
     layer = dynconv.DynamicConv2d(5, 7, 3, stride=2, padding=1, num_experts=1).double()

@@ -17,7 +17,9 @@
   was not re-checked against its text when this was written: ``per_channel=False`` gives the per-kernel
   variant. Either way the computation is CondConv's mixture, tested by the same oracle.)
 
-Every layer takes the ``nn.Conv2d`` arguments and computes, for sample ``b``,
+Every layer takes the ``nn.Conv2d`` arguments (``padding`` also as ``"valid"`` or ``"same"``; ``"same"`` needs
+stride 1, as in ``nn.Conv2d``, and an even ``dilation * (kernel_size - 1)``, i.e. symmetric padding) and
+computes, for sample ``b``,
 ``y[b] = conv2d(x[b], sum_k a[b, k] * W_k) + sum_k a[b, k] * bias_k`` with :func:`dynconv.sample_conv2d`.
 
 Formulations (the ``formulation`` argument of every layer here):
@@ -100,7 +102,7 @@ class _KernelMixtureConv2d(nn.Module):
         out_channels: int,
         kernel_size: int | Sequence[int],
         stride: int | Sequence[int] = 1,
-        padding: int | Sequence[int] = 0,
+        padding: int | Sequence[int] | str = 0,
         dilation: int | Sequence[int] = 1,
         groups: int = 1,
         bias: bool = True,
@@ -125,8 +127,10 @@ class _KernelMixtureConv2d(nn.Module):
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size = pair(kernel_size, "kernel_size")
         self.stride = pair(stride, "stride")
-        self.padding = pair(padding, "padding", minimum=0)
         self.dilation = pair(dilation, "dilation")
+        if isinstance(padding, str):  # nn.Conv2d's "valid" / "same"
+            padding = _string_padding(padding, self.kernel_size, self.stride, self.dilation)
+        self.padding = pair(padding, "padding", minimum=0)
         self.num_experts = num_experts
         self.formulation = formulation
         factory = {"device": device, "dtype": dtype}
@@ -256,9 +260,6 @@ class _KernelMixtureConv2d(nn.Module):
     def from_conv(cls, conv: nn.Conv2d, expert_noise: float = 0.0, **kwargs) -> _KernelMixtureConv2d:
         """A layer with ``conv``'s arguments, device and dtype that computes ``conv``
         (see :meth:`load_static_weight`)."""
-        padding = conv.padding
-        if isinstance(padding, str):
-            padding = _string_padding(conv)
         if conv.padding_mode != "zeros":
             raise ValueError(f"only padding_mode='zeros' can be converted, got {conv.padding_mode!r}")
         layer = cls(
@@ -266,7 +267,7 @@ class _KernelMixtureConv2d(nn.Module):
             conv.out_channels,
             conv.kernel_size,
             stride=conv.stride,
-            padding=padding,
+            padding=conv.padding,
             dilation=conv.dilation,
             groups=conv.groups,
             bias=conv.bias is not None,
@@ -279,14 +280,21 @@ class _KernelMixtureConv2d(nn.Module):
         return layer
 
 
-def _string_padding(conv: nn.Conv2d) -> tuple[int, int]:
-    if conv.padding == "valid":
+def _string_padding(
+    padding: str, kernel_size: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int]
+) -> tuple[int, int]:
+    """nn.Conv2d's ``padding="valid"`` (none) or ``"same"`` (output size = input size, stride 1) as a pair."""
+    if padding == "valid":
         return (0, 0)
-    total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+    if padding != "same":
+        raise ValueError(f"padding must be an int, a pair of ints, 'valid' or 'same', got {padding!r}")
+    if stride != (1, 1):
+        raise ValueError(f"padding='same' is not supported for strided convolutions (stride {stride}), as in nn.Conv2d")
+    total = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
     if any(t % 2 for t in total):
         raise ValueError(
-            f"padding='same' with kernel_size {conv.kernel_size} and dilation {conv.dilation} pads unevenly; "
-            "only symmetric padding can be converted"
+            f"padding='same' with kernel_size {kernel_size} and dilation {dilation} pads unevenly; "
+            "only symmetric padding is supported"
         )
     return (total[0] // 2, total[1] // 2)
 
@@ -386,7 +394,7 @@ class CondConv2d(_CoefficientMixture):
         out_channels: int,
         kernel_size: int | Sequence[int],
         stride: int | Sequence[int] = 1,
-        padding: int | Sequence[int] = 0,
+        padding: int | Sequence[int] | str = 0,
         dilation: int | Sequence[int] = 1,
         groups: int = 1,
         bias: bool = True,
@@ -449,7 +457,7 @@ class DynamicConv2d(_CoefficientMixture):
         out_channels: int,
         kernel_size: int | Sequence[int],
         stride: int | Sequence[int] = 1,
-        padding: int | Sequence[int] = 0,
+        padding: int | Sequence[int] | str = 0,
         dilation: int | Sequence[int] = 1,
         groups: int = 1,
         bias: bool = True,
@@ -517,7 +525,7 @@ class DyNetConv2d(_CoefficientMixture):
         out_channels: int,
         kernel_size: int | Sequence[int],
         stride: int | Sequence[int] = 1,
-        padding: int | Sequence[int] = 0,
+        padding: int | Sequence[int] | str = 0,
         dilation: int | Sequence[int] = 1,
         groups: int = 1,
         bias: bool = True,
@@ -599,7 +607,7 @@ class ODConv2d(_KernelMixtureConv2d):
         out_channels: int,
         kernel_size: int | Sequence[int],
         stride: int | Sequence[int] = 1,
-        padding: int | Sequence[int] = 0,
+        padding: int | Sequence[int] | str = 0,
         dilation: int | Sequence[int] = 1,
         groups: int = 1,
         bias: bool = True,
