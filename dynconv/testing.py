@@ -63,6 +63,40 @@ def assert_close_lowp(
         raise AssertionError(_report(bad, f, r, what + " (vs fp32 reference)"))
 
 
+# ------------------------------------------------------------------------------ offsets past int32, on CPU
+
+
+def huge_strided(values: torch.Tensor, dim: int, stride: int = 2**30) -> torch.Tensor:
+    """A view equal to ``values`` whose ``dim`` has the given element stride (other dims packed below it), so
+    that ``index * stride`` passes ``2**31`` for the third index along ``dim`` while the view stays small.
+
+    The storage (``(size - 1) * stride`` elements and more: several GB of address space) is allocated
+    uninitialised and only the pages the view covers are written, so a kernel that addresses its inputs
+    through their strides must compute those offsets in int64 to read the right elements; under
+    ``TRITON_INTERPRET=1`` this checks the int64 index math of Triton kernels on CPU. Skips the calling test
+    when the address space cannot be reserved.
+    """
+    import pytest
+
+    shape = list(values.shape)
+    inner = [i for i in range(values.dim()) if i != dim]
+    strides = [0] * values.dim()
+    step = 1
+    for i in reversed(inner):
+        strides[i] = step
+        step *= shape[i]
+    if step > stride:
+        raise ValueError(f"the other dims span {step} elements, more than the stride {stride}")
+    strides[dim] = stride
+    try:
+        base = torch.empty(1 + sum((n - 1) * s for n, s in zip(shape, strides)), dtype=values.dtype)
+    except RuntimeError as err:  # e.g. overcommit disabled
+        pytest.skip(f"cannot reserve {stride * shape[dim] * values.element_size() / 2**30:.0f} GB: {err}")
+    view = base.as_strided(shape, strides)
+    view.copy_(values)
+    return view
+
+
 # ------------------------------------------------------------------------------ GPU compilation, no GPU
 
 

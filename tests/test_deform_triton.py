@@ -69,6 +69,30 @@ def test_triton_matches_reference(case, deterministic, monkeypatch):
         assert_close(g, e, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="views over 8 GB of address space: a CPU check")
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_triton_past_int32_offsets_through_strides(deterministic):
+    """Input, offset and mask with elements past 2**31 through their strides (views over a lazily allocated
+    storage): offsets into them must be int64. Forward and all gradients against the reference."""
+    from dynconv.testing import huge_strided
+
+    tensors, geometry = make((3, 3, 4, 5, 6, 3, 1, 1, 1, 1, 1, True, True), torch.float32)
+    x, offset, weight, bias, mask = (t.detach() for t in tensors)
+    # channel c of x, and image b of offset and mask, at element c * 2**30 or b * 2**30 of their storage
+    huge = [huge_strided(x, 1), huge_strided(offset, 0), weight, bias, huge_strided(mask, 0)]
+    results = {}
+    for backend, tensors in (("triton", huge), ("reference", [t.contiguous() for t in huge])):
+        # detach, not clone: clone() packs a view with gaps into a contiguous tensor
+        x, offset, weight, bias, mask = leaves = [t.detach().requires_grad_() for t in tensors]
+        kw = {"deterministic": deterministic} if backend == "triton" else {}
+        out = dynconv.deform_conv2d(x, offset, weight, bias, mask=mask, **geometry, backend=backend, **kw)
+        gy = torch.linspace(-1, 1, out.numel()).view_as(out)
+        results[backend] = (out, *torch.autograd.grad(out, leaves, gy))
+    assert huge[0].stride(1) == 2**30 and huge[1].stride(0) == 2**30
+    for name, a, e in zip(("output", "input", "offset", "weight", "bias", "mask"), *results.values()):
+        assert_close(a, e, rtol=1e-5, atol=1e-4, what=name if name == "output" else f"grad {name}")
+
+
 def test_triton_deterministic_flag_follows_torch(monkeypatch):
     """Under torch.use_deterministic_algorithms(True) the backward takes the sorted path: bitwise repeatable."""
     from dynconv.kernels import deform as kernels

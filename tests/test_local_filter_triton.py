@@ -165,6 +165,29 @@ def test_triton_int64_offsets(monkeypatch):
     check_fp32(dict(CASES[1], stride=2))
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="views over 8 GB of address space: a CPU check")
+def test_triton_past_int32_offsets_through_strides():
+    """Inputs whose strides put elements past 2**31 (views over a lazily allocated storage, a few pages of it
+    written): the kernels must decide on int64 offsets from the strides, not the element count, and read
+    those elements right. Forward and both gradients against the reference on contiguous copies."""
+    from dynconv.testing import huge_strided
+
+    g = torch.Generator().manual_seed(0)
+    k, stride, dilation = 3, (1, 2), (2, 1)
+    x = huge_strided(torch.randn(1, 3, 9, 11, generator=g), dim=1)  # channel c at element c * 2**30
+    Ho, Wo = _out_size(9, k, 1, 2, 2), _out_size(11, k, 2, 1, 1)
+    f = huge_strided(torch.randn(1, 3, k * k, Ho, Wo, generator=g), dim=1)  # one filter group per channel
+    assert x.numel() < 2**10 and x.stride(1) * 2 >= 2**31
+    gy = torch.randn(1, 3, Ho, Wo, generator=g)
+    outs = {}
+    for backend, (xb, fb) in (("triton", (x, f)), ("reference", (x.contiguous(), f.contiguous()))):
+        xb, fb = xb.detach().requires_grad_(), fb.detach().requires_grad_()
+        out = dynconv.local_filter2d(xb, fb, k, stride, (2, 1), dilation, backend=backend)
+        outs[backend] = (out, *torch.autograd.grad(out, (xb, fb), gy))
+    for what, a, e in zip(("output", "grad x", "grad filters"), outs["triton"], outs["reference"]):
+        assert_close(a, e, what=what)
+
+
 @pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the autotuned path is what every other test runs")
 def test_autotuned_launch_path(monkeypatch):
     """The GPU launch path (autotuner, config pruning, grids from the chosen tile) under the interpreter: a stub
