@@ -460,6 +460,33 @@ def test_cli_train_eval_predict(tmp_path, capsys):
     assert os.path.exists(gif) and os.path.exists(gif[:-4] + ".png")
 
 
+def test_cli_resume_keeps_the_runs_config(tmp_path, capsys):
+    """`--run-dir DIR --resume` alone continues the run with its own settings, not the flags' defaults (which
+    differ here in batch size, learning rate, schedule and seed, so any one of them taken would change the
+    losses); flags given again change the run (here --max-steps, to go on)."""
+    from dynconv.cli import main
+
+    flags = ["--frames", "6", "--observed", "3", "--batch-size", "3", "--test-sequences", "2", "--lr", "0.004"]
+    flags += ["--steps-per-epoch", "1", "--lr-halve-every", "1", "--seed", "5", "--save-every", "1"]
+
+    def train(run, *extra):
+        assert main(["train", "video-prediction", "--run-dir", str(tmp_path / run), *extra]) == 0
+        return [json.loads(line) for line in open(tmp_path / run / "log.jsonl")]
+
+    full = train("full", *flags, "--max-steps", "4")
+    train("part", *flags, "--max-steps", "2")
+    capsys.readouterr()
+    resumed = train("part", "--resume", "--max-steps", "4")
+    assert "resuming with the run's config; changed: max_steps 2 -> 4" in capsys.readouterr().err
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert [r["lr"] for r in resumed] == [r["lr"] for r in full] == [0.004 * 0.5**i for i in range(4)]
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in full], rel=1e-6, abs=1e-7)
+    config = json.load(open(tmp_path / "part" / "config.json"))
+    assert (config["batch_size"], config["seed"], config["max_steps"]) == (3, 5, 4)
+    with pytest.raises(SystemExit, match=r"--model convlstm: .* holds a 'dfn' run"):
+        main(["train", "video-prediction", "--run-dir", str(tmp_path / "part"), "--resume", "--model", "convlstm"])
+
+
 def test_export_and_load_a_shipped_checkpoint_by_name(tmp_path, monkeypatch):
     from dynconv import checkpoints
 

@@ -16,11 +16,13 @@ Data: Moving MNIST generated on the fly (``--digits embedded|idx|squares``; ``--
 files), or ``--frames-dir`` with one folder of frames per sequence (KITTI layout). Training follows the
 paper: Adam, learning rate 1e-3 halved every 20 epochs, batch 16, binary cross-entropy on outputs clipped to
 ``[eps, 1 - eps]``; optional warm-up and gradient clipping. Every ``--save-every`` steps the run folder gets
-an atomically written ``last.pt``; ``--resume`` continues from it exactly (training batches are a pure
-function of the seed and the step), and ``--time-limit SECONDS`` stops a run cleanly after a checkpoint, for
-jobs with a wall-clock limit; ``--init-from`` starts a new run from the weights of a checkpoint file or
-a shipped checkpoint's name, with a fresh optimizer (use another ``--seed`` to draw new batches). Evaluation
-reports the paper's BCE summed over the pixels of a frame, averaged over the 10 predicted frames, and
+an atomically written ``last.pt``; ``--resume`` continues from it exactly, with the run's own config (saved
+in the checkpoint; flags given again change it, e.g. ``--lr`` for a drop or ``--max-steps`` to go on;
+training batches are a pure function of the seed and the step), and ``--time-limit SECONDS`` stops a run
+cleanly after a checkpoint, for jobs with a wall-clock limit; ``--init-from`` starts a new run from the
+weights of a checkpoint file or a shipped checkpoint's name, with a fresh optimizer (use another ``--seed``
+to draw new batches). Evaluation reports the paper's BCE summed over the pixels of a frame, averaged over
+the 10 predicted frames, and
 per-pixel BCE, MSE, MAE, PSNR and SSIM.
 """
 
@@ -488,10 +490,11 @@ def load_input(path: str, cfg: Config, index: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-def _add_config_arguments(p: argparse.ArgumentParser) -> None:
+def _add_config_arguments(p: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """One flag per :class:`Config` field; ``defaults=False`` leaves a flag not given out of the namespace."""
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
-        default = f.default
+        default = f.default if defaults else argparse.SUPPRESS
         kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)  # "int | None" -> int
         if f.name == "model":
             p.add_argument(flag, default=default, choices=MODELS)
@@ -499,6 +502,28 @@ def _add_config_arguments(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, default=default, choices=("bce", "composite"))
         else:
             p.add_argument(flag, type=kind, default=default)
+
+
+def _resumed_config(ckpt_path: str, given: Config, argv: list[str]) -> Config:
+    """The config a ``--resume`` continues with: the run's own (saved in its checkpoint), with the flags given on
+    this command line changed (``--lr`` for a learning-rate drop, ``--max-steps`` to go on, ``--batch-size``
+    with another process count, ...). Flags left out keep the run's values, not the defaults, so
+    ``--run-dir DIR --resume`` alone continues the run as it was."""
+    saved = load_checkpoint(ckpt_path, map_location="cpu").get("config") or {}
+    names = {f.name for f in dataclasses.fields(Config)}
+    flags = argparse.ArgumentParser(add_help=False)
+    _add_config_arguments(flags, defaults=False)
+    explicit = vars(flags.parse_known_args(argv)[0])
+    if "model" in explicit and saved.get("model", explicit["model"]) != explicit["model"]:
+        raise SystemExit(f"--model {explicit['model']}: {ckpt_path} holds a {saved['model']!r} run; resume it as one")
+    values = {**dataclasses.asdict(given), **{k: v for k, v in saved.items() if k in names and k not in explicit}}
+    values["run_dir"] = given.run_dir  # wherever the run folder is now
+    changed = [
+        f"{k} {saved[k]!r} -> {v!r}" for k, v in values.items() if k in saved and saved[k] != v and k != "run_dir"
+    ]
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"resuming with the run's config{'; changed: ' + ', '.join(changed) if changed else ''}", file=sys.stderr)
+    return Config(**values)
 
 
 def main(command: str, argv: list[str]) -> int:
@@ -512,8 +537,11 @@ def main(command: str, argv: list[str]) -> int:
         p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt (required if it exists)")
         args = p.parse_args(argv)
         cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
-        if os.path.exists(os.path.join(cfg.run_dir, "last.pt")) and not args.resume:
+        ckpt_path = os.path.join(cfg.run_dir, "last.pt")
+        if os.path.exists(ckpt_path) and not args.resume:
             raise SystemExit(f"{cfg.run_dir}/last.pt exists: pass --resume to continue it, or choose another --run-dir")
+        if args.resume and os.path.exists(ckpt_path):
+            cfg = _resumed_config(ckpt_path, cfg, argv)
         result = train(cfg)
         if int(os.environ.get("RANK", "0")) == 0:
             eval_device = "cuda" if cfg.device.startswith("cuda") else cfg.device
