@@ -22,8 +22,7 @@ training batches are a pure function of the seed and the step), and ``--time-lim
 cleanly after a checkpoint, for jobs with a wall-clock limit; ``--init-from`` starts a new run from the
 weights of a checkpoint file or a shipped checkpoint's name, with a fresh optimizer (use another ``--seed``
 to draw new batches). Evaluation reports the paper's BCE summed over the pixels of a frame, averaged over
-the 10 predicted frames, and
-per-pixel BCE, MSE, MAE, PSNR and SSIM.
+the 10 predicted frames, and per-pixel BCE, MSE, MAE, PSNR and SSIM.
 """
 
 from __future__ import annotations
