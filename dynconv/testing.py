@@ -97,6 +97,18 @@ def huge_strided(values: torch.Tensor, dim: int, stride: int = 2**30) -> torch.T
     return view
 
 
+def output_and_grads(fn, tensors, grad_out: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    """``(fn(*leaves), *grads of every leaf)`` for leaves made from ``tensors`` by ``detach()`` (not ``clone()``,
+    which packs a view with gaps, such as :func:`huge_strided`'s, into a contiguous tensor). ``grad_out`` defaults
+    to a fixed ramp over the output; a leaf ``fn`` does not use gets a zero gradient."""
+    leaves = [t.detach().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    if grad_out is None:
+        grad_out = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).view_as(out)
+    grads = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
+    return (out, *(torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)))
+
+
 # ------------------------------------------------------------------------------ GPU compilation, no GPU
 
 

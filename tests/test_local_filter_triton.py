@@ -21,6 +21,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import functools  # noqa: E402
 import random  # noqa: E402
 
 import dynconv  # noqa: E402
@@ -170,7 +171,7 @@ def test_triton_past_int32_offsets_through_strides():
     """Inputs whose strides put elements past 2**31 (views over a lazily allocated storage, a few pages of it
     written): the kernels must decide on int64 offsets from the strides, not the element count, and read
     those elements right. Forward and both gradients against the reference on contiguous copies."""
-    from dynconv.testing import huge_strided
+    from dynconv.testing import huge_strided, output_and_grads
 
     g = torch.Generator().manual_seed(0)
     k, stride, dilation = 3, (1, 2), (2, 1)
@@ -180,10 +181,9 @@ def test_triton_past_int32_offsets_through_strides():
     assert x.numel() < 2**10 and x.stride(1) * 2 >= 2**31
     gy = torch.randn(1, 3, Ho, Wo, generator=g)
     outs = {}
-    for backend, (xb, fb) in (("triton", (x, f)), ("reference", (x.contiguous(), f.contiguous()))):
-        xb, fb = xb.detach().requires_grad_(), fb.detach().requires_grad_()
-        out = dynconv.local_filter2d(xb, fb, k, stride, (2, 1), dilation, backend=backend)
-        outs[backend] = (out, *torch.autograd.grad(out, (xb, fb), gy))
+    for backend, tensors in (("triton", (x, f)), ("reference", (x.contiguous(), f.contiguous()))):
+        geometry = dict(kernel_size=k, stride=stride, padding=(2, 1), dilation=dilation, backend=backend)
+        outs[backend] = output_and_grads(functools.partial(dynconv.local_filter2d, **geometry), tensors, gy)
     for what, a, e in zip(("output", "grad x", "grad filters"), outs["triton"], outs["reference"]):
         assert_close(a, e, what=what)
 

@@ -73,19 +73,15 @@ def test_triton_matches_reference(case, mode, padding_mode, deterministic, monke
 def test_triton_past_int32_offsets_through_strides(mode, deterministic):
     """x and flow with elements past 2**31 through their strides (views over a lazily allocated storage):
     offsets into them must be int64. Output and both gradients against the reference."""
-    from dynconv.testing import huge_strided
+    from dynconv.testing import huge_strided, output_and_grads
 
     x, flow = make((3, 3, 5, 6, "contiguous"), torch.float32)
     # channel c of x and image b of flow at element c * 2**30 or b * 2**30 of their storage
     huge = (huge_strided(x, 1), huge_strided(flow.contiguous(), 0))
     results = {}
     for backend, tensors in (("triton", huge), ("reference", [t.contiguous() for t in huge])):
-        leaves = [t.detach().requires_grad_() for t in tensors]  # not clone(): it packs a view with gaps
         kw = {"deterministic": deterministic} if backend == "triton" else {}
-        out = dynconv.warp(*leaves, mode, "zeros", backend=backend, **kw)
-        gy = torch.linspace(-1, 1, out.numel()).view_as(out)
-        grads = torch.autograd.grad(out, leaves, gy, allow_unused=True)
-        results[backend] = (out, grads[0], torch.zeros_like(flow) if grads[1] is None else grads[1])
+        results[backend] = output_and_grads(lambda x, f: dynconv.warp(x, f, mode, backend=backend, **kw), tensors)
     for name, a, e in zip(("output", "grad x", "grad flow"), *results.values()):
         assert_close(a, e, what=name)
 
