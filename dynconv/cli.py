@@ -13,13 +13,16 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 
 from dynconv.bench import BENCHMARKS
+from dynconv.errors import UserError
+from dynconv.recipes.checkpoint import CheckpointError
 
-# Only recipes that exist are listed (classification on CIFAR-10 and Deep Feature Flow segmentation will be
-# added here as dynconv.recipes.classification and dynconv.recipes.dff).
 RECIPES = {
     "video-prediction": "dynconv.recipes.video_prediction",
+    "classification": "dynconv.recipes.classification",
+    "video-segmentation": "dynconv.recipes.video_segmentation",
 }
 
 
@@ -33,8 +36,26 @@ def _import(table: dict[str, str], name: str, what: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; a user's mistake (:class:`UserError`, a bad checkpoint) is one line on stderr, exit 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="dynconv", description="dynamic convolution: benchmarks and recipes")
+    debug = "--debug" in argv
+    if debug:
+        argv.remove("--debug")
+    try:
+        return _main(argv)
+    except (UserError, CheckpointError) as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"dynconv: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="dynconv",
+        description="dynamic convolution: benchmarks and recipes",
+        epilog="--debug anywhere on the line shows the traceback of a user error too",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     bench = sub.add_parser("bench", help="operator benchmarks")
