@@ -17,6 +17,7 @@ import traceback
 
 from dynconv.bench import BENCHMARKS
 from dynconv.errors import UserError
+from dynconv.recipes.args import positive_int
 from dynconv.recipes.checkpoint import CheckpointError
 
 RECIPES = {
@@ -63,8 +64,8 @@ def _main(argv: list[str]) -> int:
     for name in BENCHMARKS:
         p = bench_sub.add_parser(name, help=f"benchmark {name}")
         p.add_argument("--device", default="cpu")
-        p.add_argument("--repeats", type=int, default=10, help="timed runs per measurement (median)")
-        p.add_argument("--output", help="also write the markdown table to this file")
+        p.add_argument("--repeats", type=positive_int, default=10, help="timed runs per measurement (median)")
+        p.add_argument("--output", help="also write the markdown table to this file, row by row as measured")
         p.set_defaults(_bench=name)
 
     for command in ("train", "eval", "predict"):
@@ -86,11 +87,10 @@ def _main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "bench":
-        table = _import(BENCHMARKS, args.name, "benchmark").run(args)
-        print(table)
-        if args.output:
-            with open(args.output, "w") as fh:
-                fh.write(table + "\n")
+        # Each row is printed (and appended to --output) as soon as it is measured: a run stopped by a time
+        # limit keeps what it measured.
+        args.stream = sys.stdout
+        _import(BENCHMARKS, args.name, "benchmark").run(args)
         return 0
     if args.command in ("train", "eval", "predict"):
         return _import(RECIPES, args.task, "recipe").main(args.command, args.rest) or 0

@@ -625,9 +625,20 @@ def test_bench_deform_runs_and_ratios_are_against_the_baseline():
     bench.add_arguments(parser)
     args = parser.parse_args(["--shapes", "1,4,7,6", "--no-torchvision"])
     args.device, args.repeats = "cpu", 1
-    lines = [line for line in bench.run(args).splitlines() if line.startswith("| DCNv2 (1, 4, 7, 6)")]
-    cells = {line.split(" | ")[2]: [float(v) for v in line.strip(" |").split(" | ")[3:]] for line in lines}
-    assert sorted(cells) == ["reference", "torch"]
-    assert cells["torch"][2:4] == [1.0, 1.0]  # the baseline against itself (no torchvision)
-    ref = cells["reference"]
-    assert ref[2] == pytest.approx(cells["torch"][0] / ref[0], rel=0.02)  # speed-up = baseline ms / own ms
+    lines = [line for line in bench.run(args).splitlines() if line.startswith("|")]
+    header = [h.strip() for h in lines[0].strip("|").split("|")]
+    col = {name: header.index(name) for name in header}
+    rows = {r[2]: r for r in ([v.strip() for v in line.strip("|").split("|")] for line in lines[2:])}
+    assert sorted(rows) == ["reference", "torch"] and rows["torch"][0] == "DCNv2 (1, 4, 7, 6)"
+    torch_row, ref = rows["torch"], rows["reference"]
+    # the baseline against itself (no torchvision)
+    assert float(torch_row[col["fwd speed-up vs torch"]]) == float(torch_row[col["fwd+bwd speed-up vs torch"]]) == 1.0
+    # speed-up = baseline ms / own ms
+    expected = float(torch_row[col["fwd ms"]]) / float(ref[col["fwd ms"]])
+    assert float(ref[col["fwd speed-up vs torch"]]) == pytest.approx(expected, rel=0.02)
+    # bytes of x, offset, mask, weight, bias and y once: 168 + 756 + 378 + 144 + 4 + 168 fp32 values
+    fwd_bytes = (168 + 756 + 378 + 144 + 4 + 168) * 4
+    assert float(ref[col["fwd GB/s"]]) == pytest.approx(fwd_bytes / float(ref[col["fwd ms"]]) / 1e6, rel=0.02)
+    assert float(ref[col["fwd+bwd GB/s"]]) == pytest.approx(
+        2 * fwd_bytes / float(ref[col["fwd+bwd ms"]]) / 1e6, rel=0.02
+    )

@@ -11,19 +11,34 @@ Offsets are random with a standard deviation of 2 pixels (many samples of the bo
 
 On CUDA, when the official DCNv4 package imports (``pip install DCNv4`` compiles its CUDA kernels; it needs
 a GPU and nvcc, and runs on CUDA tensors only), its ``DCNv4Function`` joins the dcnv4 rows as
-``official DCNv4`` (``--no-official`` leaves it out): the baseline the issue names for DCNv4's forward.
+``official DCNv4`` (``--no-official`` leaves it out): the baseline the issue names for DCNv4's forward; when it
+does not import, a row says so. Each row is printed as soon as it is measured; on CUDA the kernel time by
+CUDA-graph replay stands beside the eager per-call time. GB/s counts every input and the output once, and for
+forward+backward twice that (their gradients).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import sys
 
 import torch
 import torch.nn.functional as F
 
-from dynconv.bench.timing import fwd_bwd_columns, markdown_table, measure_interleaved, no_grad_call
+from dynconv.bench.report import (
+    Report,
+    device_name,
+    parse_dtypes,
+    parse_list,
+    parse_shapes,
+    row_note,
+    speedup,
+    time_cells,
+    time_header,
+    timing_note,
+)
+from dynconv.bench.timing import describe, gbs, measure_interleaved, no_grad_call, tensor_bytes
+from dynconv.errors import UserError
 from dynconv.functional import dcnv3, dcnv4
 
 FULL_SHAPES = [
@@ -38,6 +53,15 @@ FULL_SHAPES = [
 ]
 # The same shapes at batch 4 (and the two largest high-resolution ones left out): minutes on 2 CPU cores.
 QUICK_SHAPES = [(4, 56, 56, 4, 32), (4, 14, 14, 16, 32), (1, 100, 160, 8, 16), (1, 25, 40, 8, 64)]
+# Seconds on a CPU, with the reference backend too.
+SMALL_SHAPES = [(2, 14, 14, 4, 16), (1, 20, 24, 2, 32)]
+NAMED_SHAPES = {
+    "default": FULL_SHAPES,
+    "full": FULL_SHAPES,
+    "issue": FULL_SHAPES,
+    "quick": QUICK_SHAPES,
+    "small": SMALL_SHAPES,
+}
 
 
 def grid_sample_all_points(value, offset, mask, group):
@@ -63,9 +87,14 @@ def grid_sample_all_points(value, offset, mask, group):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shapes", default=None, help="'full' (default), 'quick' or 'B,H,W,G,Cg;...' (3x3 kernel)")
+    parser.add_argument(
+        "--shapes",
+        default=None,
+        help="'default' (= 'full' = 'issue': the official DCNv4 benchmark's), 'quick', 'small' or "
+        "'B,H,W,G,Cg;...' (3x3 kernel)",
+    )
     parser.add_argument("--quick", action="store_true", help="the quick subset, unless --shapes is given")
-    parser.add_argument("--dtypes", default="float32", help="comma-separated: float32,bfloat16,float16")
+    parser.add_argument("--dtypes", default="float32", help="comma-separated: float32,bfloat16,float16,float64")
     parser.add_argument("--ops", default="dcnv3,dcnv4", help="comma-separated: dcnv3,dcnv4")
     parser.add_argument(
         "--backends", default="torch,reference", help="comma-separated dynconv backends; the first is the baseline"
@@ -77,12 +106,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _parse_shapes(args) -> list[tuple[int, ...]]:
-    text = args.shapes or ("quick" if args.quick else "full")
-    if text == "full":
-        return FULL_SHAPES
-    if text == "quick":
-        return QUICK_SHAPES
-    return [tuple(int(v) for v in item.split(",")) for item in text.split(";") if item]
+    text = args.shapes or ("quick" if args.quick else "default")
+    return parse_shapes(text, NAMED_SHAPES, 5, "B,H,W,G,Cg")
 
 
 OFFICIAL = "official DCNv4"
@@ -124,30 +149,56 @@ def _candidates(op, backends, group, with_grid_sample, with_official=False):
 
 def run(args: argparse.Namespace) -> str:
     device = torch.device(args.device)
-    backends = args.backends.split(",")
-    with_official = device.type == "cuda" and not args.no_official and "dcnv4" in args.ops.split(",")
-    if with_official and official_dcnv4(1) is None:
-        print("official DCNv4 not importable (pip install DCNv4 builds its CUDA kernels): left out", file=sys.stderr)
-    rows = []
-    for shape in _parse_shapes(args):
+    cuda = device.type == "cuda"
+    shapes, dtypes = _parse_shapes(args), parse_dtypes(args.dtypes)
+    backends = parse_list(args.backends, "--backends")
+    ops = parse_list(args.ops, "--ops")
+    if set(ops) - {"dcnv3", "dcnv4"}:
+        raise UserError(f"--ops: expected a comma-separated list of dcnv3, dcnv4, got {args.ops!r}")
+    with_official = cuda and not args.no_official and "dcnv4" in ops
+    # The official op cannot run without its package: a row per dcnv4 measurement says so (not a crash).
+    official_missing = with_official and official_dcnv4(1) is None
+    header = [
+        "(B,H,W,G,C/G)",
+        "dtype",
+        "op",
+        "impl",
+        *time_header(cuda),
+        "fwd GB/s",
+        "fwd+bwd GB/s",
+        f"fwd speed-up vs {backends[0]}",
+        f"fwd+bwd speed-up vs {backends[0]}",
+        "fwd peak extra MB",
+        "fwd+bwd peak extra MB",
+    ]
+    note = f"device: {device_name(device)}; 3x3 kernel, stride 1, padding 1\n{timing_note(device)}"
+    report = Report.from_args(args, header, note)
+    for shape in shapes:
         B, H, W, G, Cg = shape
         P = 9
-        for dtype_name in args.dtypes.split(","):
+        for dtype_name in dtypes:
             dtype = getattr(torch, dtype_name)
             gen = torch.Generator(device="cpu").manual_seed(0)
             value = torch.randn(B, H, W, G * Cg, generator=gen)
             offset = 2 * torch.randn(B, H, W, G * P * 2, generator=gen)
             mask = torch.softmax(torch.randn(B, H, W, G, P, generator=gen), -1).flatten(-2)
-            grad_y = torch.randn(B, H, W, G * Cg, generator=gen).to(device, dtype)
-            for op in args.ops.split(","):
+            grad_y_cpu = torch.randn(B, H, W, G * Cg, generator=gen)
+            for op in ops:
                 if op == "dcnv3":
                     inputs = [value, offset, mask]
                 else:  # the official DCNv4 layout: per group 2P offsets then P scalars, padded to a multiple of 8
                     om = torch.cat([offset.unflatten(-1, (G, 2 * P)), mask.unflatten(-1, (G, P))], -1).flatten(-2)
                     inputs = [value, F.pad(om, (0, -om.shape[-1] % 8))]
-                inputs = [t.to(device, dtype).requires_grad_() for t in inputs]
+                try:
+                    inputs = [t.to(device, dtype).requires_grad_() for t in inputs]
+                    grad_y = grad_y_cpu.to(device, dtype)
+                except Exception as exc:  # out of memory for this shape: say so and go on with the next
+                    report.failed([str(shape), dtype_name, op, "inputs"], describe(exc))
+                    continue
+                # every input and the output (the size of value) once; the backward as much again
+                fwd_bytes = tensor_bytes(*inputs, inputs[0])
 
-                def step(fn=None):
+                def step(fn=None, inputs=inputs, grad_y=grad_y):
                     for t in inputs:
                         t.grad = None
                     fn(*inputs).backward(grad_y)
@@ -158,27 +209,27 @@ def run(args: argparse.Namespace) -> str:
                     calls[name + " fwd"] = functools.partial(no_grad_call, fn, *inputs)
                     calls[name + " both"] = functools.partial(step, fn)
                 timed = measure_interleaved(calls, device, args.repeats, warmup=2)
-                results = {}
-                for name in candidates:
-                    fwd, both = results[name] = (timed[name + " fwd"], timed[name + " both"])
-                    # progress on stderr: a full run takes long on CPU
-                    times = f"fwd {fwd.median_ms:.3g} ms, fwd+bwd {both.median_ms:.3g} ms"
-                    print(f"{shape} {dtype_name} {op} {name}: {times}", file=sys.stderr, flush=True)
+                results = {name: (timed[name + " fwd"], timed[name + " both"]) for name in candidates}
                 base_fwd, base_both = results[backends[0]]
                 for name, (fwd, both) in results.items():
-                    columns = fwd_bwd_columns(fwd, both, base_fwd, base_both)
-                    rows.append([str(shape), dtype_name, op, name, *columns])
-    header = [
-        "(B,H,W,G,C/G)",
-        "dtype",
-        "op",
-        "impl",
-        "fwd ms",
-        "fwd+bwd ms",
-        f"fwd speed-up vs {backends[0]}",
-        f"fwd+bwd speed-up vs {backends[0]}",
-        "fwd peak extra MB",
-        "fwd+bwd peak extra MB",
-    ]
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return f"device: {name}; 3x3 kernel, stride 1, padding 1\n\n" + markdown_table(header, rows)
+                    cells = [
+                        str(shape),
+                        dtype_name,
+                        op,
+                        name,
+                        *time_cells(fwd, both, cuda),
+                        gbs(fwd_bytes, fwd),
+                        gbs(2 * fwd_bytes, both),
+                        speedup(base_fwd, fwd),
+                        speedup(base_both, both),
+                        fwd.peak_extra_mb,
+                        both.peak_extra_mb,
+                    ]
+                    report.row(cells, row_note(fwd=fwd, both=both))
+                if op == "dcnv4" and official_missing:
+                    report.failed(
+                        [str(shape), dtype_name, op, OFFICIAL],
+                        "the DCNv4 package does not import (pip install DCNv4 builds its CUDA kernels; "
+                        "--no-official leaves this row out)",
+                    )
+    return report.close()

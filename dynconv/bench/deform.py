@@ -4,7 +4,10 @@ DCNv2 shapes are ``(B, C, H, W)`` with a 3x3 kernel, ``C_out = C``, one offset g
 random offsets of a few pixels (so samples fall between pixels and past the border, as after training). For
 each shape and dtype it measures, in one run, forward and forward+backward (gradients of input, offset,
 mask, weight and bias) of each requested dynconv backend and of ``torchvision.ops.deform_conv2d`` when it
-imports; ratios are against torchvision when present, otherwise against our ``torch`` backend.
+imports; ratios are against torchvision when present, and against the first dynconv backend. A candidate that
+cannot run (torchvision has no CUDA kernel for bfloat16) is a row saying why; each row is printed as soon as it
+is measured, and on CUDA the kernel time by CUDA-graph replay stands beside the eager per-call time. GB/s
+counts every input and the output once, and for forward+backward twice that (their gradients).
 
 The candidates are timed interleaved, one call of each per round, and the medians taken over rounds: on a
 shared machine a burst of someone else's load then slows every candidate alike instead of one of them (timed
@@ -19,7 +22,19 @@ import importlib
 
 import torch
 
-from dynconv.bench.timing import fwd_bwd_columns, markdown_table, measure_interleaved, no_grad_call
+from dynconv.bench.report import (
+    Report,
+    device_name,
+    parse_dtypes,
+    parse_list,
+    parse_shapes,
+    row_note,
+    speedup,
+    time_cells,
+    time_header,
+    timing_note,
+)
+from dynconv.bench.timing import describe, gbs, measure_interleaved, no_grad_call, tensor_bytes
 from dynconv.functional import deform_conv2d
 
 DCNV2_SHAPES = [(8, 64, 56, 56), (2, 256, 64, 64)]
@@ -27,18 +42,17 @@ DCNV2_SMALL_SHAPES = [(2, 16, 24, 24), (1, 32, 20, 20)]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shapes", default="default", help="'default', 'small' or 'B,C,H,W;...' (DCNv2, 3x3)")
-    parser.add_argument("--dtypes", default="float32", help="comma-separated: float32,bfloat16,float16")
+    parser.add_argument(
+        "--shapes", default="default", help="'default' (= 'issue'), 'small' or 'B,C,H,W;...' (DCNv2, 3x3)"
+    )
+    parser.add_argument("--dtypes", default="float32", help="comma-separated: float32,bfloat16,float16,float64")
     parser.add_argument("--backends", default="torch,reference", help="comma-separated dynconv backends to time")
     parser.add_argument("--no-torchvision", action="store_true", help="skip torchvision even when it imports")
 
 
 def _parse_shapes(text: str) -> list[tuple[int, ...]]:
-    if text == "default":
-        return DCNV2_SHAPES
-    if text == "small":
-        return DCNV2_SMALL_SHAPES
-    return [tuple(int(v) for v in item.split(",")) for item in text.split(";") if item]
+    named = {"default": DCNV2_SHAPES, "small": DCNV2_SMALL_SHAPES, "issue": DCNV2_SHAPES}
+    return parse_shapes(text, named, 4, "B,C,H,W")
 
 
 def _torchvision_op():
@@ -75,41 +89,67 @@ def _fwd_bwd(fn, tensors):
 
 def run(args: argparse.Namespace) -> str:
     device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    shapes, dtypes = _parse_shapes(args.shapes), parse_dtypes(args.dtypes)
+    backends = parse_list(args.backends, "--backends")
     tv_op, tv_reason = (None, "--no-torchvision") if args.no_torchvision else _torchvision_op()
-    rows = []
-    for shape in _parse_shapes(args.shapes):
-        for dtype_name in args.dtypes.split(","):
-            dtype = getattr(torch, dtype_name)
-            tensors = _inputs(shape, dtype, device)
-            candidates = {}
-            if tv_op is not None:
-                candidates["torchvision"] = lambda x, o, w, b, m: tv_op(x, o, w, b, padding=1, mask=m)
-            for name in args.backends.split(","):
-                candidates[name] = lambda x, o, w, b, m, name=name: deform_conv2d(
-                    x, o, w, b, padding=1, mask=m, backend=name
-                )
-            fwd_calls, both_calls = {}, {}
-            for name, fn in candidates.items():
-                fwd_calls[name + " fwd"] = functools.partial(no_grad_call, fn, *tensors)
-                both_calls[name + " both"] = _fwd_bwd(fn, tensors)
-            timed = measure_interleaved({**fwd_calls, **both_calls}, device, args.repeats)
-            results = {name: (timed[name + " fwd"], timed[name + " both"]) for name in candidates}
-            base_name = "torchvision" if "torchvision" in results else "torch"
-            base_fwd, base_both = results.get(base_name, next(iter(results.values())))
-            for name, (fwd, both) in results.items():
-                rows.append(["DCNv2 " + str(shape), dtype_name, name, *fwd_bwd_columns(fwd, both, base_fwd, base_both)])
+    # With torchvision the ratios are against it and also against the first dynconv backend (torchvision has no
+    # kernel for some dtypes: bf16 on CUDA); without, against the first backend alone.
+    bases = (["torchvision"] if tv_op is not None else []) + backends[:1]
+    ratio_header = []
+    for base in bases:
+        ratio_header += [f"fwd speed-up vs {base}", f"fwd+bwd speed-up vs {base}"]
     header = [
         "op (B,C,H,W), 3x3",
         "dtype",
         "impl",
-        "fwd ms",
-        "fwd+bwd ms",
-        f"fwd speed-up vs {base_name}",
-        f"fwd+bwd speed-up vs {base_name}",
+        *time_header(cuda),
+        "fwd GB/s",
+        "fwd+bwd GB/s",
+        *ratio_header,
         "fwd peak extra MB",
         "fwd+bwd peak extra MB",
     ]
-    table = markdown_table(header, rows)
+    report = Report.from_args(args, header, f"device: {device_name(device)}\n{timing_note(device)}")
+    for shape in shapes:
+        for dtype_name in dtypes:
+            dtype = getattr(torch, dtype_name)
+            try:
+                tensors = _inputs(shape, dtype, device)
+            except Exception as exc:  # out of memory for this shape: say so and go on with the next
+                report.failed(["DCNv2 " + str(shape), dtype_name, "inputs"], describe(exc))
+                continue
+            # every input and the output (the size of x: C_out = C, stride 1) once; the backward as much again
+            fwd_bytes = tensor_bytes(*tensors, tensors[0])
+            candidates = {}
+            if tv_op is not None:
+                candidates["torchvision"] = lambda x, o, w, b, m: tv_op(x, o, w, b, padding=1, mask=m)
+            for name in backends:
+                candidates[name] = lambda x, o, w, b, m, name=name: deform_conv2d(
+                    x, o, w, b, padding=1, mask=m, backend=name
+                )
+            calls = {}
+            for name, fn in candidates.items():
+                calls[name + " fwd"] = functools.partial(no_grad_call, fn, *tensors)
+                calls[name + " both"] = _fwd_bwd(fn, tensors)
+            timed = measure_interleaved(calls, device, args.repeats)
+            results = {name: (timed[name + " fwd"], timed[name + " both"]) for name in candidates}
+            for name, (fwd, both) in results.items():
+                ratios = []
+                for base in bases:
+                    ratios += [speedup(results[base][0], fwd), speedup(results[base][1], both)]
+                cells = [
+                    "DCNv2 " + str(shape),
+                    dtype_name,
+                    name,
+                    *time_cells(fwd, both, cuda),
+                    gbs(fwd_bytes, fwd),
+                    gbs(2 * fwd_bytes, both),
+                    *ratios,
+                    fwd.peak_extra_mb,
+                    both.peak_extra_mb,
+                ]
+                report.row(cells, row_note(fwd=fwd, both=both))
     if tv_op is None:
-        table += f"\n\ntorchvision not measured ({tv_reason})."
-    return table
+        report.footnote(f"torchvision not measured ({tv_reason}).")
+    return report.close()

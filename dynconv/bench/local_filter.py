@@ -7,6 +7,8 @@ what most code copies) and, with ``--compile``,
 ``torch.compile`` of the plain shift-and-accumulate loop (on CUDA, inductor generates Triton for it: the
 baseline a hand-written kernel has to beat).
 
+Each row is printed as soon as it is measured (see :class:`dynconv.bench.report.Report`); on CUDA the kernel
+time by CUDA-graph replay stands beside the eager per-call time, and the bandwidth and speed-ups use it.
 Besides times and peak memory it reports the achieved bandwidth: the forward counts the bytes of ``x``,
 ``filters`` and ``y`` once, forward+backward also those of ``grad_y``, ``grad_x`` and ``grad_filters``
 (twice the forward's), a lower bound on the traffic of any implementation; on a GPU whose memory
@@ -17,12 +19,26 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
 
-from dynconv.bench.timing import markdown_table, measure_interleaved, no_grad_call
+from dynconv.bench.report import (
+    Report,
+    device_name,
+    parse_dtypes,
+    parse_list,
+    parse_shapes,
+    row_note,
+    speedup,
+    time_cells,
+    time_header,
+    timing_note,
+)
+from dynconv.bench.timing import describe, gbs, measure_interleaved, no_grad_call, tensor_bytes
 from dynconv.functional import local_filter2d
+from dynconv.recipes.args import positive_float
 
 DEFAULT_SHAPES = [(8, 64, 64, 64, 5, 1), (4, 128, 56, 56, 7, 8), (16, 3, 64, 64, 9, 1)]
 SMALL_SHAPES = [(2, 16, 32, 32, 5, 1), (2, 32, 24, 24, 7, 4)]
@@ -53,9 +69,9 @@ def peak_bandwidth_gbs(device: torch.device) -> float:
     if device.type != "cuda":
         return float("nan")
     name = torch.cuda.get_device_name(device)
-    for pattern, gbs in PEAK_BANDWIDTH_GBS:
+    for pattern, peak in PEAK_BANDWIDTH_GBS:
         if pattern in name:
-            return gbs
+            return peak
     return float("nan")
 
 
@@ -81,23 +97,30 @@ def shift_local_filter(x: torch.Tensor, filters: torch.Tensor, k: int) -> torch.
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shapes", default="default", help="'default', 'small' or 'B,C,H,W,k,G;...'")
-    parser.add_argument("--dtypes", default="float32", help="comma-separated: float32,bfloat16,float16")
+    parser.add_argument(
+        "--shapes",
+        default="default",
+        help="'default' (on CUDA: 'issue'), 'small', 'issue' (= 'gpu': issue 3's shapes) or 'B,C,H,W,k,G;...'",
+    )
+    parser.add_argument("--dtypes", default="float32", help="comma-separated: float32,bfloat16,float16,float64")
     parser.add_argument("--backends", default="torch", help="comma-separated dynconv backends to time")
     parser.add_argument("--compile", action="store_true", help="add torch.compile of the shift loop as a baseline")
     parser.add_argument(
-        "--peak-gbs", type=float, default=None, help="the device's memory bandwidth in GB/s (default: known GPUs)"
+        "--peak-gbs",
+        type=positive_float,
+        default=None,
+        help="the device's memory bandwidth in GB/s (default: known GPUs)",
     )
 
 
 def _parse_shapes(text: str, device: torch.device) -> list[tuple[int, ...]]:
-    if text == "default":
-        return GPU_SHAPES if device.type == "cuda" else DEFAULT_SHAPES
-    if text == "gpu":
-        return GPU_SHAPES
-    if text == "small":
-        return SMALL_SHAPES
-    return [tuple(int(v) for v in item.split(",")) for item in text.split(";") if item]
+    named = {
+        "default": GPU_SHAPES if device.type == "cuda" else DEFAULT_SHAPES,
+        "small": SMALL_SHAPES,
+        "issue": GPU_SHAPES,
+        "gpu": GPU_SHAPES,
+    }
+    return parse_shapes(text, named, 6, "B,C,H,W,k,G")
 
 
 def _fwd_bwd(fn, x, f, grad_y):
@@ -112,20 +135,46 @@ def _fwd_bwd(fn, x, f, grad_y):
 
 def run(args: argparse.Namespace) -> str:
     device = torch.device(args.device)
+    cuda = device.type == "cuda"
     peak_gbs = args.peak_gbs if args.peak_gbs is not None else peak_bandwidth_gbs(device)
-    rows = []
-    for shape in _parse_shapes(args.shapes, device):
+    shapes, dtypes = _parse_shapes(args.shapes, device), parse_dtypes(args.dtypes)
+    backends = parse_list(args.backends, "--backends")
+    header = [
+        "(B,C,H,W,k,G)",
+        "dtype",
+        "impl",
+        *time_header(cuda),
+        "fwd GB/s",
+        "fwd frac. of peak BW",
+        "fwd+bwd GB/s",
+        "fwd+bwd frac. of peak BW",
+        "fwd speed-up vs unfold",
+        "fwd+bwd speed-up vs unfold",
+        "fwd speed-up vs torch",
+        "fwd+bwd speed-up vs torch",
+        "fwd peak extra MB",
+        "fwd+bwd peak extra MB",
+    ]
+    with_peak = math.isfinite(peak_gbs)  # unknown peak bandwidth (CPU, unlisted GPU): no fraction columns
+    keep = [i for i, h in enumerate(header) if with_peak or "frac. of peak" not in h]
+    note = f"device: {device_name(device)}" + (f"; peak bandwidth: {peak_gbs:.0f} GB/s" if with_peak else "")
+    report = Report.from_args(args, [header[i] for i in keep], note + "\n" + timing_note(device))
+    for shape in shapes:
         B, C, H, W, k, G = shape
-        for dtype_name in args.dtypes.split(","):
+        for dtype_name in dtypes:
             dtype = getattr(torch, dtype_name)
-            gen = torch.Generator(device="cpu").manual_seed(0)
-            x = torch.randn(B, C, H, W, generator=gen).to(device, dtype).requires_grad_()
-            f = torch.randn(B, G, k * k, H, W, generator=gen).to(device, dtype).requires_grad_()
-            grad_y = torch.randn(B, C, H, W, generator=gen).to(device, dtype)
+            try:
+                gen = torch.Generator(device="cpu").manual_seed(0)
+                x = torch.randn(B, C, H, W, generator=gen).to(device, dtype).requires_grad_()
+                f = torch.randn(B, G, k * k, H, W, generator=gen).to(device, dtype).requires_grad_()
+                grad_y = torch.randn(B, C, H, W, generator=gen).to(device, dtype)
+            except Exception as exc:  # out of memory for this shape: say so and go on with the next
+                report.failed([str(shape), dtype_name, "inputs"], describe(exc))
+                continue
             # x, filters and y once (y has the size of x here: stride 1, "same" padding).
-            fwd_bytes = (2 * x.numel() + f.numel()) * x.element_size()
+            fwd_bytes = tensor_bytes(x, f, x)
             candidates = {"unfold": lambda x, f: unfold_local_filter(x, f, k)}
-            for name in args.backends.split(","):
+            for name in backends:
                 candidates[name] = lambda x, f, name=name: local_filter2d(x, f, k, backend=name)
             if args.compile:
                 torch._dynamo.reset()  # a fresh cache per shape, or dynamo's recompile limit falls back to eager
@@ -139,47 +188,22 @@ def run(args: argparse.Namespace) -> str:
             base_fwd, base_both = results["unfold"]
             torch_fwd, torch_both = results.get("torch", (None, None))
             for name, (fwd, both) in results.items():
-                fwd_gbs = fwd_bytes / fwd.median_s / 1e9
-                both_gbs = 2 * fwd_bytes / both.median_s / 1e9
-                rows.append(
-                    [
-                        str(shape),
-                        dtype_name,
-                        name,
-                        fwd.median_ms,
-                        both.median_ms,
-                        fwd_gbs,
-                        fwd_gbs / peak_gbs,
-                        both_gbs,
-                        both_gbs / peak_gbs,
-                        base_fwd.median_s / fwd.median_s,
-                        base_both.median_s / both.median_s,
-                        torch_fwd.median_s / fwd.median_s if torch_fwd else float("nan"),
-                        torch_both.median_s / both.median_s if torch_both else float("nan"),
-                        fwd.peak_extra_mb,
-                        both.peak_extra_mb,
-                    ]
-                )
-    header = [
-        "(B,C,H,W,k,G)",
-        "dtype",
-        "impl",
-        "fwd ms",
-        "fwd+bwd ms",
-        "fwd GB/s",
-        "fwd frac. of peak BW",
-        "fwd+bwd GB/s",
-        "fwd+bwd frac. of peak BW",
-        "fwd speed-up vs unfold",
-        "fwd+bwd speed-up vs unfold",
-        "fwd speed-up vs torch",
-        "fwd+bwd speed-up vs torch",
-        "fwd peak extra MB",
-        "fwd+bwd peak extra MB",
-    ]
-    if peak_gbs != peak_gbs:  # unknown peak bandwidth (CPU, unlisted GPU): no fraction columns
-        keep = [i for i, h in enumerate(header) if "frac. of peak" not in h]
-        header, rows = [header[i] for i in keep], [[row[i] for i in keep] for row in rows]
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    note = f"device: {name}; peak bandwidth: {peak_gbs:.0f} GB/s" if peak_gbs == peak_gbs else f"device: {name}"
-    return note + "\n\n" + markdown_table(header, rows)
+                fwd_gbs, both_gbs = gbs(fwd_bytes, fwd), gbs(2 * fwd_bytes, both)
+                cells = [
+                    str(shape),
+                    dtype_name,
+                    name,
+                    *time_cells(fwd, both, cuda),
+                    fwd_gbs,
+                    fwd_gbs / peak_gbs,
+                    both_gbs,
+                    both_gbs / peak_gbs,
+                    speedup(base_fwd, fwd),
+                    speedup(base_both, both),
+                    speedup(torch_fwd, fwd) if torch_fwd else math.nan,
+                    speedup(torch_both, both) if torch_both else math.nan,
+                    fwd.peak_extra_mb,
+                    both.peak_extra_mb,
+                ]
+                report.row([cells[i] for i in keep], row_note(fwd=fwd, both=both))
+    return report.close()

@@ -12,6 +12,9 @@ each formulation of the mixture: ``grouped`` (per-sample kernels, batch folded i
 
 ``--quick`` measures what fits in a few minutes on a 2-core CPU: both models at 32x32 (batch 1 and 64) and
 224x224 at batch 1, and skips 224x224 at batch 64 (it says so in the table).
+
+Each row is printed as soon as it is measured; on CUDA the forward's time by CUDA-graph replay stands beside the
+eager one, and the latency ratio uses it where both have it.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import dynconv
-from dynconv.bench.timing import markdown_table, measure_interleaved
+from dynconv.bench.report import Report, device_name, row_note, speedup, timing_note
+from dynconv.bench.timing import measure_interleaved
 from dynconv.models import mobilenet_v2, resnet18
 from dynconv.nn.mixture import FORMULATIONS, ODConv2d, _CoefficientMixture
 
@@ -85,7 +89,15 @@ def _forward(model: torch.nn.Module, x: torch.Tensor, formulation: str, dynamic:
 def run_layers(args: argparse.Namespace, device: torch.device) -> str:
     """``--layers``: one ``--layer-kind`` layer ``(C, C, 3, padding=1)`` per entry (default ``DynamicConv2d``),
     each formulation vs the static convolution."""
-    rows = []
+    cuda = device.type == "cuda"
+    header = ["C", "map", "batch", "C*9 / (K*H*W)", "formulation", "median ms"]
+    header += ["graph ms"] if cuda else []
+    header += ["vs static", "peak extra MB"]
+    note = (
+        f"layer={LAYER_CLASSES[args.layer_kind].__name__}, device={device_name(device)}, "
+        f"torch threads={torch.get_num_threads()}, K={args.experts}, repeats={args.repeats}\n{timing_note(device)}"
+    )
+    report = Report.from_args(args, header, note)
     for item in (i for i in args.layers.split(";") if i):
         C, HW = (int(v) for v in item.split(","))
         torch.manual_seed(0)
@@ -105,24 +117,11 @@ def run_layers(args: argparse.Namespace, device: torch.device) -> str:
             auto = layer.choose_formulation(x)
             ratio = C * 9 / (args.experts * HW * HW)
             for form, m in timed.items():
-                rows.append(
-                    [
-                        C,
-                        f"{HW}x{HW}",
-                        batch,
-                        ratio,
-                        form + (" (auto)" if form == auto else ""),
-                        m.median_ms,
-                        m.median_ms / timed["static"].median_ms,
-                        m.peak_extra_mb,
-                    ]
-                )
-    header = ["C", "map", "batch", "C*9 / (K*H*W)", "formulation", "median ms", "vs static", "peak extra MB"]
-    note = (
-        f"layer={LAYER_CLASSES[args.layer_kind].__name__}, device={device}, torch threads={torch.get_num_threads()}, "
-        f"K={args.experts}, repeats={args.repeats}"
-    )
-    return markdown_table(header, rows) + "\n\n" + note
+                cells = [C, f"{HW}x{HW}", batch, ratio, form + (" (auto)" if form == auto else ""), m.median_ms]
+                cells += [m.graph_ms] if cuda else []
+                cells += [1 / speedup(timed["static"], m), m.peak_extra_mb]
+                report.row(cells, row_note(forward=m))
+    return report.close()
 
 
 def run(args: argparse.Namespace) -> str:
@@ -136,7 +135,28 @@ def run(args: argparse.Namespace) -> str:
     if args.quick:
         skip.add((224, 64))
     formulation_kinds = [k for k in args.formulation_kinds.split(",") if k]
-    rows: list[list[object]] = []
+    cuda = device.type == "cuda"
+    header = [
+        "model",
+        "input",
+        "batch",
+        "layer",
+        "formulation",
+        "params (M)",
+        "params vs static",
+        "GFLOPs/img",
+        "FLOPs vs static",
+        "median ms",
+        *(["graph ms"] if cuda else []),
+        "latency vs static",
+        "peak extra MB",
+    ]
+    note = (
+        f"device={device_name(device)}, torch threads={torch.get_num_threads()}, experts per layer={args.experts}, "
+        f"repeats={repeats}; every nn.Conv2d converted; FLOPs per image at the measured batch "
+        f"(the 'auto' rows use the batch-1 count)\n{timing_note(device)}"
+    )
+    report = Report.from_args(args, header, note)
     skipped: list[str] = []
     for model_name in args.models.split(","):
         for size in (int(s) for s in args.sizes.split(",")):
@@ -163,52 +183,32 @@ def run(args: argparse.Namespace) -> str:
                     for form in forms:
                         candidates[(kind, form)] = functools.partial(_forward, model, x, form, kind != "static")
                 timed = measure_interleaved(candidates, device, repeats)
-                base_ms = timed[("static", "auto")].median_ms if ("static", "auto") in timed else None
+                static = timed.get(("static", "auto"))
                 for (kind, form), m in timed.items():
                     model = variants[kind]
                     params, flops = stats[kind]
-                    if form == "auto":
+                    if form == "auto" or m.error:
                         flops_form = flops
                     else:
                         _set_formulation(model, form)
                         flops_form = count_flops(model, one if batch == 1 else x) / batch
                         _set_formulation(model, "auto")
-                    rows.append(
-                        [
-                            model_name,
-                            f"{size}x{size}",
-                            batch,
-                            LABELS.get(kind, kind),
-                            "-" if kind == "static" else form,
-                            params / 1e6,
-                            params / base_params,
-                            flops_form / 1e9,
-                            flops_form / base_flops,
-                            m.median_ms,
-                            m.median_ms / base_ms if base_ms else float("nan"),
-                            m.peak_extra_mb,
-                        ]
-                    )
-    header = [
-        "model",
-        "input",
-        "batch",
-        "layer",
-        "formulation",
-        "params (M)",
-        "params vs static",
-        "GFLOPs/img",
-        "FLOPs vs static",
-        "median ms",
-        "latency vs static",
-        "peak extra MB",
-    ]
-    table = markdown_table(header, rows)
-    notes = [
-        f"device={device}, torch threads={torch.get_num_threads()}, experts per layer={args.experts}, "
-        f"repeats={repeats}; every nn.Conv2d converted; FLOPs per image at the measured batch "
-        "(the 'auto' rows use the batch-1 count)."
-    ]
+                    cells = [
+                        model_name,
+                        f"{size}x{size}",
+                        batch,
+                        LABELS.get(kind, kind),
+                        "-" if kind == "static" else form,
+                        params / 1e6,
+                        params / base_params,
+                        flops_form / 1e9,
+                        flops_form / base_flops,
+                        m.median_ms,
+                        *([m.graph_ms] if cuda else []),
+                        1 / speedup(static, m) if static else float("nan"),
+                        m.peak_extra_mb,
+                    ]
+                    report.row(cells, row_note(forward=m))
     if skipped:
-        notes.append("skipped: " + ", ".join(skipped))
-    return table + "\n\n" + "\n".join(notes)
+        report.footnote("skipped: " + ", ".join(skipped))
+    return report.close()
