@@ -123,6 +123,9 @@ def speedup(base: Measurement, m: Measurement) -> float:
 def row_note(**measurements: Measurement) -> str:
     """What a row must say about its measurements (``fwd=..., both=...``): failures and graph fallbacks."""
     labels = {"fwd": "fwd", "both": "fwd+bwd"}
+    errors = {m.error for m in measurements.values()}
+    if len(errors) == 1 and None not in errors:  # all failed alike: say it once
+        return f"not run: {errors.pop()}"
     parts = []
     for key, m in measurements.items():
         label = labels.get(key, key)

@@ -1,0 +1,292 @@
+"""Benchmarks that survive a cut: rows printed and written as they are measured, a candidate that raises becomes a
+row saying why, the CUDA-graph kernel time and the bandwidth derived from it, and the shared ``--shapes`` words."""
+
+import argparse
+import io
+import math
+import time
+
+import pytest
+import torch
+
+from dynconv import cli
+from dynconv.bench import dcnv as bench_dcnv
+from dynconv.bench import deform as bench_deform
+from dynconv.bench import local_filter as bench_local_filter
+from dynconv.bench import report, timing
+from dynconv.bench import warp as bench_warp
+from dynconv.errors import UserError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class StampedStream:
+    """A console that remembers when each line was printed."""
+
+    def __init__(self):
+        self.lines: list[tuple[float, str]] = []
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        self._partial += text
+        while "\n" in self._partial:
+            line, self._partial = self._partial.split("\n", 1)
+            self.lines.append((time.monotonic(), line))
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def _table(lines: list[str]) -> tuple[dict[str, int], list[list[str]]]:
+    """The column index by name and the cells of every row of a markdown table given as its lines."""
+    table = [line for line in lines if line.startswith("|")]
+    header = [h.strip() for h in table[0].strip("|").split("|")]
+    rows = [[v.strip() for v in line[1:-1].split(" | ")] for line in table[2:]]
+    return {name: i for i, name in enumerate(header)}, rows
+
+
+def _bench_args(module, argv, **extra):
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    args = parser.parse_args(argv)
+    args.device, args.repeats = "cpu", 1
+    for key, value in extra.items():
+        setattr(args, key, value)
+    return args
+
+
+def test_report_prints_and_appends_each_row_as_it_comes(tmp_path):
+    out = tmp_path / "table.md"
+    out.write_text("left over from an earlier run\n")
+    stream = io.StringIO()
+    rep = report.Report(["shape", "impl", "ms"], "device: cpu", stream, str(out))
+    head = "device: cpu\n\n| shape | impl | ms | note |\n|---|---|---|---|\n"
+    assert out.read_text() == head == stream.getvalue()  # emptied, then the header at once
+    rep.row(["(1, 2)", "torch", 0.012345])
+    assert out.read_text() == head + "| (1, 2) | torch | 0.0123 |  |\n"  # an empty note
+    rep.row(["(1, 2)", "a|b", math.nan], note="line one\nline two")  # nan: not measured; a message stays one cell
+    assert out.read_text().splitlines()[-1] == "| (1, 2) | a\\|b | - | line one line two |"
+    rep.failed(["(3, 4)", "official"], "ImportError: no module named X")
+    assert out.read_text().splitlines()[-1] == "| (3, 4) | official | - | not run: ImportError: no module named X |"
+    rep.footnote("a footnote")
+    text = rep.close()
+    assert out.read_text() == stream.getvalue() == text + "\n"
+    assert text.endswith("|\n\na footnote")
+    with pytest.raises(ValueError, match="a row of 2 cells for 4 columns"):
+        rep.row(["too few"])
+
+
+def test_bandwidth_and_speedups_come_from_the_kernel_time_where_measured():
+    eager_only = timing.Measurement(median_s=2e-3, peak_extra_bytes=0.0)
+    graphed = timing.Measurement(median_s=2e-3, peak_extra_bytes=0.0, graph_s=5e-4)
+    nbytes = 3e6
+    assert timing.gbs(nbytes, graphed) == pytest.approx(3e6 / 5e-4 / 1e9)  # 6 GB/s over the graph replay time
+    assert timing.gbs(nbytes, graphed, kernel=False) == pytest.approx(1.5)  # over the eager per-call time
+    assert timing.gbs(nbytes, eager_only) == pytest.approx(1.5)  # no graph time (CPU, capture failed): eager
+    base = timing.Measurement(median_s=4e-3, peak_extra_bytes=0.0, graph_s=1e-3)
+    assert report.speedup(base, graphed) == pytest.approx(2.0)  # graph vs graph
+    assert report.speedup(base, eager_only) == pytest.approx(2.0)  # 4 ms / 2 ms: eager vs eager, never mixed
+    assert math.isnan(report.speedup(timing.failed("X"), graphed))
+    assert math.isnan(timing.gbs(nbytes, timing.failed("X")))
+    assert timing.tensor_bytes(torch.zeros(2, 3), torch.zeros(5, dtype=torch.bfloat16)) == 6 * 4 + 5 * 2
+    # calls per graph: about 2 ms per replay, at least one call, at most 100
+    assert [timing.graph_calls(t) for t in (1e-6, 1e-4, 3e-4, 5e-3, math.nan)] == [100, 20, 7, 1, 100]
+    fallback = timing.Measurement(1e-3, 0.0, graph_error="CUDA-graph capture failed: RuntimeError: sync")
+    assert report.row_note(fwd=fallback, both=graphed) == (
+        "fwd: CUDA-graph capture failed: RuntimeError: sync; eager time used"
+    )
+    assert report.row_note(fwd=timing.failed("E: x"), both=timing.failed("E: x")) == "not run: E: x"
+    assert report.row_note(fwd=graphed, both=timing.failed("E: y")) == "fwd+bwd not run: E: y"
+
+
+def test_bench_row_survives_a_raising_candidate_and_rows_stream_before_the_end(monkeypatch, tmp_path):
+    """A stub backend that raises and one that sleeps: the other rows are printed, the failing one says why,
+    and the first shape's rows are on the console and in --output while the second shape is being measured."""
+    real_warp = bench_warp.warp
+    output = tmp_path / "warp.md"
+    seen_during_run = []
+
+    def stub(x, flow, padding_mode, backend, deterministic):
+        if backend == "broken":
+            raise NotImplementedError("\"grid_sampler\" not implemented for 'BFloat16'\nsecond line of the message")
+        if backend == "slow":
+            if x.shape[-1] == 6:  # the second shape: look at what the bench has written so far
+                seen_during_run.append((time.monotonic(), output.read_text()))
+            time.sleep(0.02)
+        return real_warp(x, flow, padding_mode=padding_mode, backend="torch")
+
+    monkeypatch.setattr(bench_warp, "warp", stub)
+    stream = StampedStream()
+    args = _bench_args(
+        bench_warp,
+        ["--shapes", "1,2,4,5;1,2,4,6", "--backends", "torch,broken,slow"],
+        stream=stream,
+        output=str(output),
+    )
+    text = bench_warp.run(args)
+    col, rows = _table([line for _, line in stream.lines])
+    assert [(r[0], r[2]) for r in rows] == [
+        (shape, impl) for shape in ("(1, 2, 4, 5)", "(1, 2, 4, 6)") for impl in ("torch", "broken", "slow")
+    ]
+    for row in rows:
+        if row[2] == "broken":
+            assert row[col["note"]] == "not run: NotImplementedError: \"grid_sampler\" not implemented for 'BFloat16'"
+            assert {row[i] for i in range(3, len(row) - 1)} == {"-"}
+        else:
+            assert row[col["note"]] == "" and float(row[col["fwd ms"]]) > 0 and float(row[col["fwd GB/s"]]) > 0
+    assert float(rows[2][col["fwd ms"]]) >= 20  # the sleeping one was timed, not skipped
+    # while the second shape was measured, the first shape's three rows were already in --output ...
+    first_seen, written = seen_during_run[0]
+    assert [r[:3] for r in _table(written.splitlines())[1]] == [r[:3] for r in rows[:3]]
+    # ... and on the console, printed before that moment; the second shape's rows only after it
+    stamps = [stamp for stamp, line in stream.lines if line.startswith("| (1, 2, 4, ")]
+    assert max(stamps[:3]) < first_seen < min(stamps[3:])
+    assert output.read_text() == text + "\n" == "\n".join(line for _, line in stream.lines) + "\n"
+
+
+def test_deform_bench_torchvision_without_a_bf16_kernel_is_a_row(monkeypatch):
+    """torchvision's CUDA deform_conv2d raises NotImplementedError for bfloat16: the table goes on."""
+
+    def torchvision_like(x, offset, weight, bias, padding, mask):
+        if x.dtype == torch.bfloat16:
+            raise NotImplementedError("\"deformable_im2col\" not implemented for 'BFloat16'")
+        return bench_deform.deform_conv2d(x, offset, weight, bias, padding=padding, mask=mask, backend="reference")
+
+    monkeypatch.setattr(bench_deform, "_torchvision_op", lambda: (torchvision_like, None))
+    args = _bench_args(bench_deform, ["--shapes", "1,2,5,4", "--dtypes", "float32,bfloat16", "--backends", "torch"])
+    col, rows = _table(bench_deform.run(args).splitlines())
+    got = {(r[1], r[2]): r for r in rows}
+    assert list(got) == [(d, impl) for d in ("float32", "bfloat16") for impl in ("torchvision", "torch")]
+    assert got["bfloat16", "torchvision"][col["note"]].startswith('not run: NotImplementedError: "deformable_im2col')
+    bf16 = got["bfloat16", "torch"]
+    assert float(bf16[col["fwd ms"]]) > 0 and bf16[col["note"]] == ""
+    assert bf16[col["fwd speed-up vs torchvision"]] == "-"  # its baseline did not run
+    assert float(bf16[col["fwd speed-up vs torch"]]) == 1.0
+    fp32 = got["float32", "torch"]
+    expected = float(got["float32", "torchvision"][col["fwd ms"]]) / float(fp32[col["fwd ms"]])
+    assert float(fp32[col["fwd speed-up vs torchvision"]]) == pytest.approx(expected, rel=0.02)
+
+
+def test_interleaved_timer_keeps_going_after_a_candidate_raises():
+    calls = {"ok": 0, "flaky": 0}
+
+    def ok():
+        calls["ok"] += 1
+
+    def flaky():
+        calls["flaky"] += 1
+        if calls["flaky"] == 3:  # fails in the second timed round
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    result = timing.measure_interleaved({"flaky": flaky, "ok": ok}, "cpu", repeats=4, warmup=1)
+    assert result["ok"].runs == 4 and result["ok"].error is None and calls["ok"] == 1 + 4 + 1
+    assert result["flaky"].error == "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert calls["flaky"] == 3 and result["flaky"].runs == 0 and math.isnan(result["flaky"].median_s)
+
+
+@pytest.mark.parametrize(
+    "module, named",
+    [
+        (bench_local_filter, {"small": "SMALL_SHAPES", "issue": "GPU_SHAPES", "default": "DEFAULT_SHAPES"}),
+        (bench_deform, {"small": "DCNV2_SMALL_SHAPES", "issue": "DCNV2_SHAPES", "default": "DCNV2_SHAPES"}),
+        (bench_warp, {"small": "SMALL_SHAPES", "issue": "SHAPES", "default": "SHAPES"}),
+        (bench_dcnv, {"small": "SMALL_SHAPES", "issue": "FULL_SHAPES", "default": "FULL_SHAPES"}),
+    ],
+)
+def test_every_bench_takes_the_same_shapes_words(module, named):
+    arity = len(getattr(module, named["small"])[0])
+    explicit = ";".join(",".join(str(v + i) for v in range(1, arity + 1)) for i in range(2))
+
+    def parse(text):
+        if module is bench_dcnv:
+            return module._parse_shapes(argparse.Namespace(shapes=text, quick=False))
+        if module is bench_local_filter:
+            return module._parse_shapes(text, torch.device("cpu"))
+        return module._parse_shapes(text)
+
+    for word, attr in named.items():
+        assert parse(word) == getattr(module, attr)
+    assert parse(explicit) == [tuple(range(1, arity + 1)), tuple(range(2, arity + 2))]
+    for bad in ("1,2", "x," * (arity - 1) + "x", ",".join(["0"] * arity), "tiny", ";"):
+        with pytest.raises(UserError, match="--shapes: expected one of 'default', .*'small'"):
+            parse(bad)
+
+
+def test_dcnv_shapes_keep_their_old_names():
+    assert bench_dcnv._parse_shapes(argparse.Namespace(shapes=None, quick=False)) == bench_dcnv.FULL_SHAPES
+    assert bench_dcnv._parse_shapes(argparse.Namespace(shapes=None, quick=True)) == bench_dcnv.QUICK_SHAPES
+    assert bench_dcnv._parse_shapes(argparse.Namespace(shapes="full", quick=True)) == bench_dcnv.FULL_SHAPES
+    assert bench_dcnv._parse_shapes(argparse.Namespace(shapes="quick", quick=False)) == bench_dcnv.QUICK_SHAPES
+
+
+def test_cli_bench_dcnv_small_streams_to_console_and_output(tmp_path, capsys):
+    out = tmp_path / "dcnv.md"
+    argv = ["bench", "dcnv", "--shapes", "small", "--ops", "dcnv4", "--backends", "torch", "--repeats", "1"]
+    assert cli.main(argv + ["--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed == out.read_text()
+    col, rows = _table(printed.splitlines())
+    assert [(r[0], r[3]) for r in rows] == [("(2, 14, 14, 4, 16)", "torch"), ("(1, 20, 24, 2, 32)", "torch")]
+    # value, offset_mask (padded to a multiple of 8) and the output once: B*H*W * (64 + 112 + 64) fp32 values
+    fwd_bytes = 2 * 14 * 14 * (64 + 112 + 64) * 4
+    row = rows[0]
+    assert float(row[col["fwd GB/s"]]) == pytest.approx(fwd_bytes / float(row[col["fwd ms"]]) / 1e6, rel=0.02)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["bench", "dcnv", "--shapes", "huge"],
+            "--shapes: expected one of 'default', 'full', 'issue', 'quick', 'small'",
+        ),
+        (["bench", "warp", "--shapes", "1,2,3"], "--shapes: expected one of 'default', 'small', 'issue' or 'B,C,H,W"),
+        (["bench", "deform", "--dtypes", "float32,half"], "--dtypes: expected a comma-separated list of float32"),
+        (["bench", "dcnv", "--ops", "dcnv5"], "--ops: expected a comma-separated list of dcnv3, dcnv4"),
+    ],
+)
+def test_cli_bench_bad_words_are_one_line_errors(argv, message, capsys):
+    assert cli.main(argv + ["--repeats", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dynconv: error: " + message) and err.count("\n") == 1
+
+
+def test_cli_bench_repeats_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["bench", "warp", "--repeats", "0"])
+    assert info.value.code == 2 and "--repeats: expected an integer >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+def test_graph_replay_times_the_kernel_and_a_capture_failure_falls_back():
+    """On CUDA: a copy's graph time is below its eager time and gives a plausible bandwidth; a candidate that
+    synchronises with the host cannot be captured, says why, and does not disturb the candidates after it."""
+    x = torch.randn(64, 2**20, device="cuda")  # 256 MiB: larger than any L2 cache
+    y = torch.empty_like(x)
+
+    def copy():
+        y.copy_(x)
+
+    def syncs():
+        return (x[0, 0] + 1).item()
+
+    result = timing.measure_interleaved({"copy": copy, "syncs": syncs, "copy again": copy}, "cuda", repeats=5)
+    for name in ("copy", "copy again"):
+        m = result[name]
+        assert m.graph_error is None and 0 < m.graph_s <= m.median_s * 1.1
+        bandwidth = timing.gbs(2 * x.numel() * 4, m)  # read x, write y
+        assert 50 < bandwidth < 10_000, bandwidth
+    assert math.isnan(result["syncs"].graph_s) and result["syncs"].median_s > 0
+    assert result["syncs"].graph_error.startswith("CUDA-graph capture failed: ")
+    assert torch.equal(y, x)  # the device still works after the failed capture
+
+
+@pytest.mark.cuda
+def test_dcnv_bench_on_cuda_says_the_official_op_is_missing(monkeypatch):
+    monkeypatch.setattr(bench_dcnv, "official_dcnv4", lambda group: None)
+    args = _bench_args(bench_dcnv, ["--shapes", "1,6,7,2,8", "--ops", "dcnv4", "--backends", "torch"], device="cuda")
+    col, rows = _table(bench_dcnv.run(args).splitlines())
+    assert [r[3] for r in rows] == ["torch", bench_dcnv.OFFICIAL]
+    assert float(rows[0][col["fwd graph ms"]]) > 0
+    assert rows[1][col["note"]].startswith("not run: the DCNv4 package does not import")
