@@ -10,10 +10,17 @@ if "TRITON_INTERPRET" not in os.environ:
         os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
+import stream_report  # noqa: E402  (tests/ is on sys.path: pytest puts a conftest's folder there)
 import torch  # noqa: E402
 
 # Tests must not inherit a forced backend from the user's shell.
 os.environ.pop("DYNCONV_BACKEND", None)
+
+
+def pytest_configure(config):
+    # DYNCONV_TEST_STREAM=PATH streams each result to PATH as it ends; DYNCONV_TEST_TIMEOUT=S limits each test
+    # (scripts/gpu_check.sh sets both): see tests/stream_report.py.
+    stream_report.register(config)
 
 
 @pytest.fixture(scope="module")
