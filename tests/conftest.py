@@ -21,6 +21,11 @@ def pytest_configure(config):
     # DYNCONV_TEST_STREAM=PATH streams each result to PATH as it ends; DYNCONV_TEST_TIMEOUT=S limits each test
     # (scripts/gpu_check.sh sets both): see tests/stream_report.py.
     stream_report.register(config)
+    config.addinivalue_line(
+        "markers",
+        "gpu: runs on the GPU when there is one: every test of a *_triton.py file and every cuda test "
+        "(added at collection; scripts/gpu_check.sh selects them with -m gpu)",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +43,12 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m selects: the gpu mark is added here
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        # the Triton test files run their kernels on CUDA when there is a GPU (in the interpreter otherwise)
+        if "cuda" in item.keywords or item.path.name.endswith("_triton.py"):
+            item.add_marker(pytest.mark.gpu)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device; none is available on this machine")

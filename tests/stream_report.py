@@ -55,15 +55,16 @@ def _seconds(name: str, default: float | None) -> float | None:
 
 class StreamReport:
     def __init__(self, path: str | None, timeout: float | None, grace: float):
-        self.fh = open(path, "a", buffering=1) if path else None  # noqa: SIM115 (open for the whole session)
+        # One write() per result on an O_APPEND descriptor: several pytest processes can share the file (the GPU
+        # check runs three) without their lines mixing.
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) if path else None
         self.timeout, self.grace = timeout, grace
         self.counts: Counter[str] = Counter()
         self.started = time.monotonic()
 
     def _write(self, text: str) -> None:
-        if self.fh is not None:
-            self.fh.write(text)
-            self.fh.flush()
+        if self.fd is not None:
+            os.write(self.fd, text.encode())
 
     def pytest_sessionstart(self, session) -> None:
         now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -80,7 +81,7 @@ class StreamReport:
         self._write(f"start   {item.nodeid}\n")
         if self.timeout:
             # The last resort for a test that no signal reaches: the stacks, then exit (status 1).
-            out = self.fh if self.fh is not None else sys.stderr
+            out = self.fd if self.fd is not None else sys.stderr
             faulthandler.dump_traceback_later(self.timeout + self.grace, exit=True, file=out)
         try:
             yield
@@ -127,12 +128,13 @@ class StreamReport:
 
     def pytest_sessionfinish(self, session, exitstatus) -> None:
         counts = ", ".join(f"{n} {k}" for k, n in sorted(self.counts.items())) or "no tests"
-        self._write(f"# finished: {counts} in {time.monotonic() - self.started:.1f} s, exit status {int(exitstatus)}\n")
+        took = time.monotonic() - self.started
+        self._write(f"# finished: {counts} in {took:.1f} s, exit status {int(exitstatus)}, pid {os.getpid()}\n")
 
     def pytest_unconfigure(self, config) -> None:
-        if self.fh is not None:
-            self.fh.close()
-            self.fh = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def _indent(text: str) -> str:

@@ -1,0 +1,80 @@
+"""scripts/gpu_check.sh, checked without a GPU: its syntax, its dry run (each step's command and time limit, within
+the 8-minute budget) and the flags of every bench and recipe command it will run (run here on tiny CPU shapes)."""
+
+import os
+import re
+import shlex
+import subprocess
+
+import pytest
+
+from dynconv import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
+TINY = {"local_filter": "1,2,5,6,3,1", "deform": "1,2,5,4", "dcnv": "1,4,5,2,8", "warp": "1,2,5,6"}
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _dry_run(tmp_path, *steps):
+    env = dict(os.environ, DRY="1", OUT=str(tmp_path / "out"), PY="python3")
+    return subprocess.run(["bash", SCRIPT, *steps], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def dry(tmp_path_factory):
+    proc = _dry_run(tmp_path_factory.mktemp("gpu_check"))
+    assert proc.returncode == 0, proc.stderr
+    steps = {}
+    for line in proc.stdout.splitlines():
+        m = re.match(r"== (\w+): limit (\d+)s -> (\S+): (.*)$", line)
+        if m:
+            steps[m[1]] = (int(m[2]), os.path.basename(m[3]), m[4])
+    return steps, proc.stdout
+
+
+def test_script_syntax():
+    assert subprocess.run(["bash", "-n", SCRIPT], capture_output=True).returncode == 0
+
+
+def test_dry_run_fits_eight_minutes_in_at_most_eight_files(dry):
+    steps, out = dry
+    assert list(steps) == ["setup", "tests", "check_kernels", "local_filter", "deform", "dcnv", "warp", "train"]
+    assert sum(limit for limit, _, _ in steps.values()) <= 480
+    assert len({file for _, file, _ in steps.values()} | {"tests_console.txt"}) <= 8
+    assert steps["train"][0] >= 60  # what is left for training in the worst case
+    assert "check-kernels --arch 90" in steps["check_kernels"][2]
+    assert "30s per test" in steps["tests"][2]
+    assert re.search(r"== dry run: at most (\d+) s of 480", out)
+
+
+def test_unknown_step_is_refused(tmp_path):
+    proc = _dry_run(tmp_path, "setup", "benches")
+    assert proc.returncode == 2 and "unknown step benches" in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["local_filter", "deform", "dcnv", "warp"])
+def test_bench_commands_run_here_on_tiny_shapes(dry, name, capsys):
+    """The script's bench command line as it stands, on the CPU (Triton in the interpreter) with a tiny shape."""
+    argv = shlex.split(dry[0][name][2])
+    assert argv[:5] == ["python3", "-m", "dynconv", "bench", name]
+    argv = argv[3:]
+    assert "float32,bfloat16" in argv and "torch,triton" in argv
+    # bf16 in the Triton interpreter costs seconds a kernel: fp32 here (the bf16 rows have tests of their own)
+    for flag, value in (("--device", "cpu"), ("--shapes", TINY[name]), ("--repeats", "1"), ("--dtypes", "float32")):
+        argv[argv.index(flag) + 1] = value
+    assert cli.main(argv + (["--ops", "dcnv4"] if name == "dcnv" else [])) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| (") or "| DCNv2" in line]
+    assert len(rows) >= 2 and not [r for r in rows if "not run" in r]
+
+
+def test_train_command_parses(dry):
+    from dynconv.recipes import video_prediction
+
+    argv = shlex.split(dry[0]["train"][2])
+    assert argv[3:6] == ["train", "video-prediction", "--device"]
+    parser = video_prediction.argparse.ArgumentParser()
+    video_prediction._add_config_arguments(parser)
+    args = parser.parse_args(argv[5:])
+    assert args.device == "cuda" and args.time_limit >= 45 and args.test_sequences == 64
