@@ -252,6 +252,13 @@ def test_cli_bench_bad_words_are_one_line_errors(argv, message, capsys):
     assert err.startswith("dynconv: error: " + message) and err.count("\n") == 1
 
 
+def test_cli_bench_output_in_a_missing_folder_is_a_one_line_error(tmp_path, capsys):
+    missing = tmp_path / "no" / "t.md"
+    assert cli.main(["bench", "warp", "--shapes", "1,1,2,2", "--repeats", "1", "--output", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"dynconv: error: --output {missing}: cannot write it (No such file or directory)\n"
+
+
 def test_cli_bench_repeats_must_be_positive(capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["bench", "warp", "--repeats", "0"])

@@ -51,7 +51,10 @@ class Report:
         self.footnotes: list[str] = []
         self.stream, self.output = stream, output
         if output:
-            open(output, "w").close()
+            try:
+                open(output, "w").close()
+            except OSError as exc:
+                raise UserError(f"--output {output}: cannot write it ({exc.strerror})") from None
         head = [note, ""] if note else []
         self._emit(head + [format_row(self.header), "|" + "|".join("---" for _ in self.header) + "|"])
 

@@ -214,11 +214,13 @@ def measure_interleaved(
 
 
 def _capture(fn: Callable[[], object], calls: int) -> torch.cuda.CUDAGraph:
-    """A CUDA graph of ``calls`` calls of ``fn`` (after one call on a side stream, as capture requires)."""
+    """A CUDA graph of ``calls`` calls of ``fn`` (after two calls on a side stream, as capturing a backward requires:
+    autograd's gradient accumulation must have run outside the default stream once)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        fn()
+        for _ in range(2):
+            fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, capture_error_mode="thread_local"):
