@@ -297,3 +297,27 @@ def test_dcnv_bench_on_cuda_says_the_official_op_is_missing(monkeypatch):
     assert [r[3] for r in rows] == ["torch", bench_dcnv.OFFICIAL]
     assert float(rows[0][col["fwd graph ms"]]) > 0
     assert rows[1][col["note"]].startswith("not run: the DCNv4 package does not import")
+
+
+def test_graph_times_join_the_measurements_of_the_candidates_that_ran(monkeypatch):
+    """The plumbing of the CUDA-graph path, on the CPU: only candidates that ran are captured, a capture failure
+    stays beside the eager time, and the kernel time is the graph time where there is one."""
+    captured = []
+
+    def fake_graphs(candidates, device, repeats):
+        captured.append(sorted(candidates))
+        return {"graphed": 1e-6, "uncapturable": "CUDA-graph capture failed: RuntimeError: a sync"}
+
+    def broken():
+        raise NotImplementedError("no kernel")
+
+    monkeypatch.setattr(timing, "measure_graphs", fake_graphs)
+    cands = {"graphed": lambda: None, "uncapturable": lambda: None, "broken": broken}
+    result = timing.measure_interleaved(cands, "cpu", repeats=2, graphs=True)
+    assert captured == [["graphed", "uncapturable"]]
+    assert result["graphed"].graph_s == 1e-6 and result["graphed"].kernel_s == 1e-6
+    assert result["uncapturable"].graph_error.endswith("a sync") and math.isnan(result["uncapturable"].graph_s)
+    assert result["uncapturable"].kernel_s == result["uncapturable"].median_s > 0
+    assert result["broken"].error == "NotImplementedError: no kernel"
+    timing.measure_interleaved(cands, "cpu", repeats=1)  # graphs default to CUDA only: not called on the CPU
+    assert len(captured) == 1
