@@ -17,8 +17,8 @@ TINY = {"local_filter": "1,2,5,6,3,1", "deform": "1,2,5,4", "dcnv": "1,4,5,2,8",
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _dry_run(tmp_path, *steps):
-    env = dict(os.environ, DRY="1", OUT=str(tmp_path / "out"), PY="python3")
+def _dry_run(tmp_path, *steps, budget=480):
+    env = dict(os.environ, DRY="1", OUT=str(tmp_path / "out"), PY="python3", BUDGET=str(budget))
     return subprocess.run(["bash", SCRIPT, *steps], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
 
 
@@ -47,6 +47,13 @@ def test_dry_run_fits_eight_minutes_in_at_most_eight_files(dry):
     assert "check-kernels --arch 90" in steps["check_kernels"][2]
     assert "30s per test" in steps["tests"][2]
     assert re.search(r"== dry run: at most (\d+) s of 480", out)
+
+
+def test_named_steps_for_later_calls_are_kept(tmp_path):
+    named = ["mixture", "mixture_layers", "mixture_layers_odconv", "dcnv_official", "dfn", "dfn_eval"]
+    proc = _dry_run(tmp_path, *named, budget=10_000)  # each is a call of its own, with its own budget
+    assert proc.returncode == 0, proc.stderr
+    assert [line.split(":")[0][3:] for line in proc.stdout.splitlines() if " limit " in line] == named
 
 
 def test_unknown_step_is_refused(tmp_path):

@@ -32,6 +32,7 @@ from dynconv.bench.report import Report, device_name, row_note, speedup, timing_
 from dynconv.bench.timing import measure_interleaved
 from dynconv.models import mobilenet_v2, resnet18
 from dynconv.nn.mixture import FORMULATIONS, ODConv2d, _CoefficientMixture
+from dynconv.recipes.args import nonnegative_int, positive_int
 
 MODELS = {"resnet18": resnet18, "mobilenet_v2": mobilenet_v2}
 LAYER_CLASSES = {
@@ -48,12 +49,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", default="32,224", help="input sizes (32 uses the CIFAR stems)")
     parser.add_argument("--batches", default="1,64")
     parser.add_argument("--kinds", default="static,condconv,dynamic,odconv", help="also: dynet")
-    parser.add_argument("--experts", type=int, default=4, help="experts per converted layer")
+    parser.add_argument("--experts", type=positive_int, default=4, help="experts per converted layer")
     parser.add_argument(
         "--formulation-kinds", default="dynamic", help="kinds whose formulations are all timed ('' for none)"
     )
     parser.add_argument("--skip", default="", help="'size,batch;...' combinations to skip")
-    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave the default)")
+    parser.add_argument(
+        "--threads", type=nonnegative_int, default=0, help="torch.set_num_threads (0: leave the default)"
+    )
     parser.add_argument("--quick", action="store_true", help="skip 224x224 at batch 64; 3 repeats")
     parser.add_argument(
         "--layers",
