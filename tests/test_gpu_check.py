@@ -50,7 +50,7 @@ def test_dry_run_fits_eight_minutes_in_at_most_eight_files(dry):
 
 
 def test_named_steps_for_later_calls_are_kept(tmp_path):
-    named = ["mixture", "mixture_layers", "mixture_layers_odconv", "dcnv_official", "dfn", "dfn_eval"]
+    named = ["mixture", "mixture_layers", "mixture_layers_odconv", "dcnv_official", "dfn_eval", "dfn"]  # dfn: all left
     proc = _dry_run(tmp_path, *named, budget=10_000)  # each is a call of its own, with its own budget
     assert proc.returncode == 0, proc.stderr
     assert [line.split(":")[0][3:] for line in proc.stdout.splitlines() if " limit " in line] == named
