@@ -36,8 +36,10 @@ ENV_GRACE = "DYNCONV_TEST_TIMEOUT_GRACE"
 PLUGIN_NAME = "dynconv-stream-report"
 
 
-class TimeLimitExceeded(Exception):
-    """Raised inside a test that ran past ``DYNCONV_TEST_TIMEOUT`` seconds."""
+class TimeLimitExceeded(BaseException):
+    """Raised inside a test that ran past ``DYNCONV_TEST_TIMEOUT`` seconds. A BaseException, so code under test
+    that turns an Exception into a result (a benchmark's row saying why a candidate failed) does not swallow it;
+    pytest still reports it as the test's failure."""
 
 
 def _seconds(name: str, default: float | None) -> float | None:

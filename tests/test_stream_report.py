@@ -52,7 +52,10 @@ import time
 
 
 def test_sleeps_past_the_limit():
-    time.sleep(30)
+    try:
+        time.sleep(30)
+    except Exception:  # code that handles its errors does not swallow the time limit
+        pass
 
 
 def test_after_the_limit_still_runs():
