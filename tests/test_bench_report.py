@@ -4,6 +4,7 @@ row saying why, the CUDA-graph kernel time and the bandwidth derived from it, an
 import argparse
 import io
 import math
+import re
 import time
 
 import pytest
@@ -312,9 +313,12 @@ def test_graph_times_join_the_measurements_of_the_candidates_that_ran(monkeypatc
         raise NotImplementedError("no kernel")
 
     monkeypatch.setattr(timing, "measure_graphs", fake_graphs)
-    cands = {"graphed": lambda: None, "uncapturable": lambda: None, "broken": broken}
+    monkeypatch.setattr(timing, "GRAPH_MAX_S", 0.01)
+    cands = {"graphed": lambda: None, "uncapturable": lambda: None, "broken": broken, "slow": lambda: time.sleep(0.02)}
     result = timing.measure_interleaved(cands, "cpu", repeats=2, graphs=True)
-    assert captured == [["graphed", "uncapturable"]]
+    assert captured == [["graphed", "uncapturable"]]  # not the one that failed, nor the slow one
+    assert re.match(r"not captured: \d+ ms per eager call", result["slow"].graph_error)
+    assert result["slow"].kernel_s >= 0.02
     assert result["graphed"].graph_s == 1e-6 and result["graphed"].kernel_s == 1e-6
     assert result["uncapturable"].graph_error.endswith("a sync") and math.isnan(result["uncapturable"].graph_s)
     assert result["uncapturable"].kernel_s == result["uncapturable"].median_s > 0
