@@ -126,7 +126,7 @@ for step in "${steps[@]}"; do
       { date -u; nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv,noheader
         "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__,
 'triton', triton.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
-        "$PY" -c "import torchvision; print('torchvision', torchvision.__version__)"; } >> "$SUMMARY" 2>&1
+        "$PY" -c "import torchvision; print('torchvision', torchvision.__version__)"; } 2>&1 | tee -a "$SUMMARY"
       ;;
     tests)
       TESTS_LIMIT=140; rest=$(( $(left) - 5 )); [ "$TESTS_LIMIT" -gt "$rest" ] && TESTS_LIMIT=$rest
