@@ -2,6 +2,7 @@
 
 import copy
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -448,3 +449,21 @@ def test_batch_of_zero(cls):
             assert out.shape == conv(x).shape == (0, 6, 4, 4), formulation
             out.sum().backward()
             assert x.grad.shape == x.shape
+
+
+CHECKPOINTS = torch.load(Path(__file__).with_name("data") / "mixture_checkpoints.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("entry", CHECKPOINTS, ids=[f"{i}-{e['class']}" for i, e in enumerate(CHECKPOINTS)])
+def test_checkpoint_of_the_old_layers_loads_and_computes_the_same(entry):
+    """State dicts saved by the layers before ``nn/mixture.py`` became a package (tests/data/
+    make_mixture_checkpoints.py): the same keys in the same order, a strict load, the same extra_repr, and in
+    every formulation the output the old layer computed on the saved input."""
+    layer = getattr(dynconv, entry["class"])(**entry["kwargs"]).eval()
+    assert list(layer.state_dict()) == list(entry["state"])
+    layer.load_state_dict(entry["state"], strict=True)
+    assert layer.extra_repr() == entry["extra_repr"]
+    with torch.no_grad():
+        for formulation in _formulations(type(layer)):
+            layer.formulation = formulation
+            assert_close(layer(entry["x"]), entry["y"], what=f"{entry['class']} {formulation}")
