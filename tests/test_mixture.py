@@ -184,15 +184,15 @@ def test_condconv_routing_is_sigmoid_not_softmax():
     layer = dynconv.CondConv2d(4, 4, 3, num_experts=5)
     x = torch.randn(6, 4, 5, 5)
     r = layer.attention(x)
-    assert_close(r, torch.sigmoid(layer.routing(x.mean((2, 3)))))
+    assert_close(r, torch.sigmoid(layer.attention.routing(x.mean((2, 3)))))
     assert not torch.allclose(r.sum(1), torch.ones(6))
 
 
 def test_dynamic_conv_attention_is_tempered_softmax():
     layer = dynconv.DynamicConv2d(32, 8, 3, temperature=1.0)
     x = torch.randn(4, 32, 5, 5)
-    logits = layer.fc2(F.relu(layer.fc1(x.mean((2, 3)))))
-    assert layer.fc1.out_features == 8  # hidden width C/4, as in the paper
+    logits = layer.attention.fc2(F.relu(layer.attention.fc1(x.mean((2, 3)))))
+    assert layer.attention.fc1.out_features == 8  # hidden width C/4, as in the paper
     assert_close(layer.attention(x), logits.softmax(1))
     dynconv.set_temperature(layer, 30.0)
     assert_close(layer.attention(x), (logits / 30).softmax(1))
@@ -208,7 +208,7 @@ def test_odconv_attention_heads_and_shapes():
         "kernel": (2, 4),
     }
     assert_close(att["kernel"].sum(1), torch.ones(2))
-    assert layer.fc.out_features == 16  # max(32 / 16, 16)
+    assert layer.attention.fc.out_features == 16  # max(32 / 16, 16)
     dw = dynconv.ODConv2d(8, 8, 1, groups=8, num_experts=1)
     assert set(dw.attention(torch.randn(2, 8, 3, 3)).keys()) == {"in_channel"}
 
@@ -265,7 +265,8 @@ def test_auto_formulation_rule():
 
 
 def test_chunk_size_rule():
-    from dynconv.nn.mixture import CHUNK_BYTES, CHUNK_SAMPLES, _chunk_size
+    from dynconv.nn.mixture import CHUNK_BYTES, CHUNK_SAMPLES
+    from dynconv.nn.mixture import chunk_size as _chunk_size
 
     assert _chunk_size("grouped", 64, 10**9) == 64
     assert _chunk_size("loop", 64, 1) == 1
@@ -279,7 +280,7 @@ def test_chunk_size_rule():
 def test_chunked_matches_explicit_for_any_chunk(cls, samples, budget, monkeypatch):
     """Chunks of 1, 2 and 3 samples (7 samples: a short last chunk) and a byte budget that forces one sample
     per chunk: output and gradients equal the explicit per-sample mixed-kernel convolution."""
-    import dynconv.nn.mixture as mixture
+    import dynconv.nn.mixture.formulation as mixture
 
     monkeypatch.setattr(mixture, "CHUNK_SAMPLES", samples)
     monkeypatch.setattr(mixture, "CHUNK_BYTES", budget)
@@ -419,7 +420,7 @@ def test_odconv_channel_attention_in_kernel_or_on_activations(cin, cout, groups,
     torch.manual_seed(3)
     case = dict(cin=cin, cout=cout, k=3, stride=1, padding=1, dilation=1, groups=groups, bias=True, K=2)
     layer = build(dynconv.ODConv2d, case, temperature=0.7)
-    for fc in layer._heads().values():
+    for fc in layer.attention.heads().values():
         torch.nn.init.normal_(fc.weight)  # attentions far from uniform, different per channel
     x = torch.randn(3, cin, hw, hw + 1, dtype=torch.float64, requires_grad=True)
     ref = explicit_output(layer, x)

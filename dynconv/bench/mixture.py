@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import dynconv
 from dynconv.bench.timing import markdown_table, measure_interleaved
 from dynconv.models import mobilenet_v2, resnet18
-from dynconv.nn.mixture import FORMULATIONS, ODConv2d, _CoefficientMixture
+from dynconv.nn.mixture import FORMULATIONS, KernelMixtureConv2d
 
 MODELS = {"resnet18": resnet18, "mobilenet_v2": mobilenet_v2}
 LAYER_CLASSES = {
@@ -71,7 +71,7 @@ def count_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 def _set_formulation(model: torch.nn.Module, formulation: str) -> None:
     for m in model.modules():
-        if isinstance(m, (_CoefficientMixture, ODConv2d)):
+        if isinstance(m, KernelMixtureConv2d):
             m.formulation = formulation
 
 
