@@ -1,6 +1,7 @@
 """Kernel-mixture layers (CondConv, DY-CNN, ODConv, DyNet) against explicit per-sample mixed kernels."""
 
 import copy
+import functools
 import random
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import dynconv
-from dynconv.nn.mixture import FORMULATIONS
+from dynconv.nn.mixture import FORMULATIONS, KernelMixtureConv2d, MixtureAttention, SoftmaxAttention
 from dynconv.testing import assert_close, assert_close_lowp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -468,3 +469,99 @@ def test_checkpoint_of_the_old_layers_loads_and_computes_the_same(entry):
         for formulation in _formulations(type(layer)):
             layer.formulation = formulation
             assert_close(layer(entry["x"]), entry["y"], what=f"{entry['class']} {formulation}")
+
+
+def test_odconv_empty_batch_with_the_attentions_in_the_kernel():
+    """An empty batch where the channel attentions go into the per-sample kernel (P < C*H*W): nn.Conv2d's
+    empty output, not a reshape error."""
+    layer = dynconv.ODConv2d(4, 6, 3, padding=1, num_experts=2).eval()
+    x = torch.randn(0, 4, 9, 9, requires_grad=True)
+    for formulation in ("grouped", "chunked", "loop"):
+        layer.formulation = formulation
+        out = layer(x)
+        assert out.shape == (0, 6, 9, 9), formulation
+        out.sum().backward()
+
+
+class _KernelAndOutputAttention(MixtureAttention):
+    """Softmax over the experts and a sigmoid per output channel, with a mixed bias: a combination none of the
+    four papers uses, so it exercises the general rule ``y = a_out * conv(x, W[b]) + bias[b]``."""
+
+    def __init__(self, in_channels, out_channels, num_experts, device=None, dtype=None):
+        super().__init__(in_channels, num_experts)
+        self.out_channels = out_channels
+        self.kernel_fc = torch.nn.Linear(in_channels, num_experts, device=device, dtype=dtype)
+        self.out_fc = torch.nn.Linear(in_channels, out_channels, device=device, dtype=dtype)
+
+    def reset_parameters(self):
+        self.kernel_fc.reset_parameters()
+        self.out_fc.reset_parameters()
+
+    def forward(self, x):
+        pooled = x.mean((2, 3))
+        return {"kernel": self.kernel_fc(pooled).softmax(1), "out_channel": torch.sigmoid(self.out_fc(pooled))}
+
+
+@pytest.mark.parametrize("hw", [3, 9], ids=["attention-on-activations", "attention-in-kernel"])
+def test_kernel_mixture_with_a_new_attention(hw):
+    """KernelMixtureConv2d with an attention of one's own: every formulation equals the per-sample convolution
+    with the mixed kernel, scaled by the output-channel attention, plus the mixed bias."""
+    torch.manual_seed(5)
+    attention = functools.partial(_KernelAndOutputAttention, 4, 6, 3)
+    layer = KernelMixtureConv2d(4, 6, 3, padding=1, groups=2, num_experts=3, attention=attention).double()
+    assert layer.bias.shape == (3, 6)  # mixes_bias: one bias per expert
+    x = torch.randn(3, 4, hw, hw + 1, dtype=torch.float64, requires_grad=True)
+    att = layer.attention(x)
+    ref = []
+    for b in range(3):
+        kernel = sum(att["kernel"][b, k] * layer.weight[k] for k in range(3))
+        y = F.conv2d(x[b : b + 1], kernel, None, 1, 1, 1, 2) * att["out_channel"][b][:, None, None]
+        ref.append(y + (att["kernel"][b] @ layer.bias)[:, None, None])
+    ref = torch.cat(ref)
+    gy = torch.randn_like(ref)
+    params = [x] + list(layer.parameters())
+    ref_grads = torch.autograd.grad(ref, params, gy)
+    for formulation in FORMULATIONS:
+        layer.formulation = formulation
+        out = layer(x)
+        assert_close(out, ref, what=formulation)
+        for g, gr in zip(torch.autograd.grad(out, params, gy), ref_grads):
+            assert_close(g, gr, what=f"{formulation} gradient")
+
+
+def test_kernel_mixture_checks_its_attention():
+    with pytest.raises(ValueError, match=r"attention was built for num_experts=2, the layer has 3"):
+        KernelMixtureConv2d(4, 4, 3, num_experts=3, attention=SoftmaxAttention(4, 2))
+    with pytest.raises(ValueError, match=r"attention was built for in_channels=8, the layer has 4"):
+        KernelMixtureConv2d(4, 4, 3, num_experts=2, attention=SoftmaxAttention(8, 2))
+    with pytest.raises(TypeError, match="attention must be a MixtureAttention, got Linear"):
+        KernelMixtureConv2d(4, 4, 3, attention=torch.nn.Linear(4, 4))
+    layer = KernelMixtureConv2d(4, 4, 3, num_experts=2, attention=SoftmaxAttention(4, 2, temperature=5.0))
+    assert float(layer.temperature) == 5.0
+    assert dynconv.set_temperature(torch.nn.Sequential(layer), 2.0) == 1 and float(layer.temperature) == 2.0
+    with pytest.raises(AttributeError):
+        _ = dynconv.CondConv2d(4, 4, 3).temperature
+
+
+def test_state_dict_keys_of_nested_layers():
+    """Inside a model the attention's entries keep the flat names (``0.1.routing.weight``) and load strictly
+    into a fresh model; the parameters themselves live in the attention module."""
+    torch.manual_seed(0)
+
+    def model():
+        return torch.nn.Sequential(
+            torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), dynconv.CondConv2d(4, 4, 3, num_experts=2)),
+            dynconv.ODConv2d(4, 4, 3, num_experts=2),
+        )
+
+    a, b = model(), model()
+    state = a.state_dict()
+    assert not any("attention" in k for k in state)
+    assert {"0.1.routing.weight", "1.temperature", "1.bn.running_mean", "1.kernel_fc.bias"} <= set(state)
+    assert "0.1.attention.routing.weight" in dict(a.named_parameters())
+    b.load_state_dict(state, strict=True)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+    del state["1.spatial_fc.weight"]
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"1.attention.spatial_fc.weight\""):
+        b.load_state_dict(state, strict=True)

@@ -194,11 +194,11 @@ class KernelMixtureConv2d(nn.Module):
                 if "spatial" in att:
                     weight = weight * att["spatial"][lo:hi].view(n, 1, 1, *self.kernel_size)
                 if fold_in:  # kernel column i of group g's rows reads input channel g * C_in/G + i
-                    G = self.groups
-                    a_in = att["in_channel"][lo:hi].view(n, G, 1, -1).expand(-1, -1, self.out_channels // G, -1)
-                    weight = weight * a_in.reshape(n, self.out_channels, -1, 1, 1)
+                    G, C_in_g = self.groups, self.in_channels // self.groups  # explicit sizes: n may be 0
+                    a_in = att["in_channel"][lo:hi].view(n, G, 1, C_in_g).expand(-1, -1, self.out_channels // G, -1)
+                    weight = weight * a_in.reshape(n, self.out_channels, C_in_g, 1, 1)
                 if fold_out:
-                    weight = weight * att["out_channel"][lo:hi].view(n, -1, 1, 1, 1)
+                    weight = weight * att["out_channel"][lo:hi].view(n, self.out_channels, 1, 1, 1)
                 return weight, self._bias(att, lo, hi) if bias_in_conv else None
 
             y = self._per_sample_conv(x, formulation, kernels)
