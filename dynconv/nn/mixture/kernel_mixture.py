@@ -168,8 +168,10 @@ class KernelMixtureConv2d(nn.Module):
         Ho, Wo = self._output_size(x)
         P = self.weight[0].numel()
         per_sample = formulation not in ("static", "experts")  # a kernel per sample is materialised
-        fold_in = per_sample and "in_channel" in att and P < x.shape[1] * x.shape[2] * x.shape[3]  # not numel():
-        fold_out = per_sample and "out_channel" in att and P < self.out_channels * Ho * Wo  # export specialises
+        # A channel attention goes into that kernel where it is smaller than the activation it would scale (the
+        # product of the sizes, not Size.numel(), which torch.export specialises).
+        fold_in = per_sample and "in_channel" in att and P < x.shape[1] * x.shape[2] * x.shape[3]
+        fold_out = per_sample and "out_channel" in att and P < self.out_channels * Ho * Wo
         scale_out = "out_channel" in att and not fold_out
         # A mixed bias joins the convolution unless the output-channel attention still has to scale its output.
         bias_in_conv = self.bias is not None and self.bias.dim() == 2 and not scale_out
