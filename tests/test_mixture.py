@@ -266,14 +266,13 @@ def test_auto_formulation_rule():
 
 
 def test_chunk_size_rule():
-    from dynconv.nn.mixture import CHUNK_BYTES, CHUNK_SAMPLES
-    from dynconv.nn.mixture import chunk_size as _chunk_size
+    from dynconv.nn.mixture import CHUNK_BYTES, CHUNK_SAMPLES, chunk_size
 
-    assert _chunk_size("grouped", 64, 10**9) == 64
-    assert _chunk_size("loop", 64, 1) == 1
-    assert _chunk_size("chunked", 64, 1000) == CHUNK_SAMPLES  # small kernels: the sample cap
-    assert _chunk_size("chunked", 64, CHUNK_BYTES // 3) == 3  # three kernels fit the byte budget
-    assert _chunk_size("chunked", 64, 512 * 512 * 9 * 4) == 1  # ResNet-18 layer4 (9.4 MB): one per chunk
+    assert chunk_size("grouped", 64, 10**9) == 64
+    assert chunk_size("loop", 64, 1) == 1
+    assert chunk_size("chunked", 64, 1000) == CHUNK_SAMPLES  # small kernels: the sample cap
+    assert chunk_size("chunked", 64, CHUNK_BYTES // 3) == 3  # three kernels fit the byte budget
+    assert chunk_size("chunked", 64, 512 * 512 * 9 * 4) == 1  # ResNet-18 layer4 (9.4 MB): one per chunk
 
 
 @pytest.mark.parametrize("cls", LAYERS, ids=lambda c: c.__name__)
@@ -281,10 +280,10 @@ def test_chunk_size_rule():
 def test_chunked_matches_explicit_for_any_chunk(cls, samples, budget, monkeypatch):
     """Chunks of 1, 2 and 3 samples (7 samples: a short last chunk) and a byte budget that forces one sample
     per chunk: output and gradients equal the explicit per-sample mixed-kernel convolution."""
-    import dynconv.nn.mixture.formulation as mixture
+    from dynconv.nn.mixture import formulation
 
-    monkeypatch.setattr(mixture, "CHUNK_SAMPLES", samples)
-    monkeypatch.setattr(mixture, "CHUNK_BYTES", budget)
+    monkeypatch.setattr(formulation, "CHUNK_SAMPLES", samples)
+    monkeypatch.setattr(formulation, "CHUNK_BYTES", budget)
     torch.manual_seed(0)
     case = dict(cin=6, cout=4, k=3, stride=1, padding=1, dilation=1, groups=2, bias=True, K=3)
     layer = build(cls, case)
