@@ -43,7 +43,7 @@
 # Named steps, for later separate calls (`bash scripts/gpu_check.sh mixture`; BUDGET applies to each call):
 #   mixture                  bench mixture: ResNet-18 / MobileNetV2, 32 and 224 px, batch 1 and 64
 #   mixture_layers[_odconv]  DY-CNN's (ODConv's) per-layer timings of every formulation: the calibration of
-#                            EXPERTS_RATIO for CUDA in dynconv/nn/mixture.py
+#                            EXPERTS_RATIO for CUDA in dynconv/nn/mixture/formulation.py
 #   dfn, dfn_eval            issue 6's result (DFN <= 285 BCE per frame) needs GPU training: `dfn` trains, or
 #                            resumes, runs/dfn-gpu (batch 16) for DFN_SECONDS (default 420) and stops after a
 #                            checkpoint; $OUT gets last.pt and log.jsonl: copy them back to runs/dfn-gpu and

@@ -1,14 +1,16 @@
 """Kernel-mixture layers (CondConv, DY-CNN, ODConv, DyNet) against explicit per-sample mixed kernels."""
 
 import copy
+import functools
 import random
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import dynconv
-from dynconv.nn.mixture import FORMULATIONS
+from dynconv.nn.mixture import FORMULATIONS, KernelMixtureConv2d, MixtureAttention, SoftmaxAttention
 from dynconv.testing import assert_close, assert_close_lowp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -183,15 +185,15 @@ def test_condconv_routing_is_sigmoid_not_softmax():
     layer = dynconv.CondConv2d(4, 4, 3, num_experts=5)
     x = torch.randn(6, 4, 5, 5)
     r = layer.attention(x)
-    assert_close(r, torch.sigmoid(layer.routing(x.mean((2, 3)))))
+    assert_close(r, torch.sigmoid(layer.attention.routing(x.mean((2, 3)))))
     assert not torch.allclose(r.sum(1), torch.ones(6))
 
 
 def test_dynamic_conv_attention_is_tempered_softmax():
     layer = dynconv.DynamicConv2d(32, 8, 3, temperature=1.0)
     x = torch.randn(4, 32, 5, 5)
-    logits = layer.fc2(F.relu(layer.fc1(x.mean((2, 3)))))
-    assert layer.fc1.out_features == 8  # hidden width C/4, as in the paper
+    logits = layer.attention.fc2(F.relu(layer.attention.fc1(x.mean((2, 3)))))
+    assert layer.attention.fc1.out_features == 8  # hidden width C/4, as in the paper
     assert_close(layer.attention(x), logits.softmax(1))
     dynconv.set_temperature(layer, 30.0)
     assert_close(layer.attention(x), (logits / 30).softmax(1))
@@ -207,7 +209,7 @@ def test_odconv_attention_heads_and_shapes():
         "kernel": (2, 4),
     }
     assert_close(att["kernel"].sum(1), torch.ones(2))
-    assert layer.fc.out_features == 16  # max(32 / 16, 16)
+    assert layer.attention.fc.out_features == 16  # max(32 / 16, 16)
     dw = dynconv.ODConv2d(8, 8, 1, groups=8, num_experts=1)
     assert set(dw.attention(torch.randn(2, 8, 3, 3)).keys()) == {"in_channel"}
 
@@ -264,13 +266,13 @@ def test_auto_formulation_rule():
 
 
 def test_chunk_size_rule():
-    from dynconv.nn.mixture import CHUNK_BYTES, CHUNK_SAMPLES, _chunk_size
+    from dynconv.nn.mixture import CHUNK_BYTES, CHUNK_SAMPLES, chunk_size
 
-    assert _chunk_size("grouped", 64, 10**9) == 64
-    assert _chunk_size("loop", 64, 1) == 1
-    assert _chunk_size("chunked", 64, 1000) == CHUNK_SAMPLES  # small kernels: the sample cap
-    assert _chunk_size("chunked", 64, CHUNK_BYTES // 3) == 3  # three kernels fit the byte budget
-    assert _chunk_size("chunked", 64, 512 * 512 * 9 * 4) == 1  # ResNet-18 layer4 (9.4 MB): one per chunk
+    assert chunk_size("grouped", 64, 10**9) == 64
+    assert chunk_size("loop", 64, 1) == 1
+    assert chunk_size("chunked", 64, 1000) == CHUNK_SAMPLES  # small kernels: the sample cap
+    assert chunk_size("chunked", 64, CHUNK_BYTES // 3) == 3  # three kernels fit the byte budget
+    assert chunk_size("chunked", 64, 512 * 512 * 9 * 4) == 1  # ResNet-18 layer4 (9.4 MB): one per chunk
 
 
 @pytest.mark.parametrize("cls", LAYERS, ids=lambda c: c.__name__)
@@ -278,10 +280,10 @@ def test_chunk_size_rule():
 def test_chunked_matches_explicit_for_any_chunk(cls, samples, budget, monkeypatch):
     """Chunks of 1, 2 and 3 samples (7 samples: a short last chunk) and a byte budget that forces one sample
     per chunk: output and gradients equal the explicit per-sample mixed-kernel convolution."""
-    import dynconv.nn.mixture as mixture
+    from dynconv.nn.mixture import formulation
 
-    monkeypatch.setattr(mixture, "CHUNK_SAMPLES", samples)
-    monkeypatch.setattr(mixture, "CHUNK_BYTES", budget)
+    monkeypatch.setattr(formulation, "CHUNK_SAMPLES", samples)
+    monkeypatch.setattr(formulation, "CHUNK_BYTES", budget)
     torch.manual_seed(0)
     case = dict(cin=6, cout=4, k=3, stride=1, padding=1, dilation=1, groups=2, bias=True, K=3)
     layer = build(cls, case)
@@ -418,7 +420,7 @@ def test_odconv_channel_attention_in_kernel_or_on_activations(cin, cout, groups,
     torch.manual_seed(3)
     case = dict(cin=cin, cout=cout, k=3, stride=1, padding=1, dilation=1, groups=groups, bias=True, K=2)
     layer = build(dynconv.ODConv2d, case, temperature=0.7)
-    for fc in layer._heads().values():
+    for fc in layer.attention.heads().values():
         torch.nn.init.normal_(fc.weight)  # attentions far from uniform, different per channel
     x = torch.randn(3, cin, hw, hw + 1, dtype=torch.float64, requires_grad=True)
     ref = explicit_output(layer, x)
@@ -448,3 +450,117 @@ def test_batch_of_zero(cls):
             assert out.shape == conv(x).shape == (0, 6, 4, 4), formulation
             out.sum().backward()
             assert x.grad.shape == x.shape
+
+
+CHECKPOINTS = torch.load(Path(__file__).with_name("data") / "mixture_checkpoints.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("entry", CHECKPOINTS, ids=[f"{i}-{e['class']}" for i, e in enumerate(CHECKPOINTS)])
+def test_checkpoint_of_the_old_layers_loads_and_computes_the_same(entry):
+    """State dicts saved by the layers before ``nn/mixture.py`` became a package (tests/data/
+    make_mixture_checkpoints.py): the same keys in the same order, a strict load, the same extra_repr, and in
+    every formulation the output the old layer computed on the saved input."""
+    layer = getattr(dynconv, entry["class"])(**entry["kwargs"]).eval()
+    assert list(layer.state_dict()) == list(entry["state"])
+    layer.load_state_dict(entry["state"], strict=True)
+    assert layer.extra_repr() == entry["extra_repr"]
+    with torch.no_grad():
+        for formulation in _formulations(type(layer)):
+            layer.formulation = formulation
+            assert_close(layer(entry["x"]), entry["y"], what=f"{entry['class']} {formulation}")
+
+
+def test_odconv_empty_batch_with_the_attentions_in_the_kernel():
+    """An empty batch where the channel attentions go into the per-sample kernel (P < C*H*W): nn.Conv2d's
+    empty output, not a reshape error."""
+    layer = dynconv.ODConv2d(4, 6, 3, padding=1, num_experts=2).eval()
+    x = torch.randn(0, 4, 9, 9, requires_grad=True)
+    for formulation in ("grouped", "chunked", "loop"):
+        layer.formulation = formulation
+        out = layer(x)
+        assert out.shape == (0, 6, 9, 9), formulation
+        out.sum().backward()
+
+
+class _KernelAndOutputAttention(MixtureAttention):
+    """Softmax over the experts and a sigmoid per output channel, with a mixed bias: a combination none of the
+    four papers uses, so it exercises the general rule ``y = a_out * conv(x, W[b]) + bias[b]``."""
+
+    def __init__(self, in_channels, out_channels, num_experts, device=None, dtype=None):
+        super().__init__(in_channels, num_experts)
+        self.out_channels = out_channels
+        self.kernel_fc = torch.nn.Linear(in_channels, num_experts, device=device, dtype=dtype)
+        self.out_fc = torch.nn.Linear(in_channels, out_channels, device=device, dtype=dtype)
+
+    def reset_parameters(self):
+        self.kernel_fc.reset_parameters()
+        self.out_fc.reset_parameters()
+
+    def forward(self, x):
+        pooled = x.mean((2, 3))
+        return {"kernel": self.kernel_fc(pooled).softmax(1), "out_channel": torch.sigmoid(self.out_fc(pooled))}
+
+
+@pytest.mark.parametrize("hw", [3, 9], ids=["attention-on-activations", "attention-in-kernel"])
+def test_kernel_mixture_with_a_new_attention(hw):
+    """KernelMixtureConv2d with an attention of one's own: every formulation equals the per-sample convolution
+    with the mixed kernel, scaled by the output-channel attention, plus the mixed bias."""
+    torch.manual_seed(5)
+    attention = functools.partial(_KernelAndOutputAttention, 4, 6, 3)
+    layer = KernelMixtureConv2d(4, 6, 3, padding=1, groups=2, num_experts=3, attention=attention).double()
+    assert layer.bias.shape == (3, 6)  # mixes_bias: one bias per expert
+    x = torch.randn(3, 4, hw, hw + 1, dtype=torch.float64, requires_grad=True)
+    att = layer.attention(x)
+    ref = []
+    for b in range(3):
+        kernel = sum(att["kernel"][b, k] * layer.weight[k] for k in range(3))
+        y = F.conv2d(x[b : b + 1], kernel, None, 1, 1, 1, 2) * att["out_channel"][b][:, None, None]
+        ref.append(y + (att["kernel"][b] @ layer.bias)[:, None, None])
+    ref = torch.cat(ref)
+    gy = torch.randn_like(ref)
+    params = [x] + list(layer.parameters())
+    ref_grads = torch.autograd.grad(ref, params, gy)
+    for formulation in FORMULATIONS:
+        layer.formulation = formulation
+        out = layer(x)
+        assert_close(out, ref, what=formulation)
+        for g, gr in zip(torch.autograd.grad(out, params, gy), ref_grads):
+            assert_close(g, gr, what=f"{formulation} gradient")
+
+
+def test_kernel_mixture_checks_its_attention():
+    with pytest.raises(ValueError, match=r"attention was built for num_experts=2, the layer has 3"):
+        KernelMixtureConv2d(4, 4, 3, num_experts=3, attention=SoftmaxAttention(4, 2))
+    with pytest.raises(ValueError, match=r"attention was built for in_channels=8, the layer has 4"):
+        KernelMixtureConv2d(4, 4, 3, num_experts=2, attention=SoftmaxAttention(8, 2))
+    with pytest.raises(TypeError, match="attention must be a MixtureAttention, got Linear"):
+        KernelMixtureConv2d(4, 4, 3, attention=torch.nn.Linear(4, 4))
+    layer = KernelMixtureConv2d(4, 4, 3, num_experts=2, attention=SoftmaxAttention(4, 2, temperature=5.0))
+    assert float(layer.temperature) == 5.0
+    assert dynconv.set_temperature(torch.nn.Sequential(layer), 2.0) == 1 and float(layer.temperature) == 2.0
+    with pytest.raises(AttributeError):
+        _ = dynconv.CondConv2d(4, 4, 3).temperature
+
+
+def test_state_dict_keys_of_nested_layers():
+    """Inside a model the attention's entries keep the flat names (``0.1.routing.weight``) and load strictly
+    into a fresh model; the parameters themselves live in the attention module."""
+    torch.manual_seed(0)
+
+    def model():
+        return torch.nn.Sequential(
+            torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), dynconv.CondConv2d(4, 4, 3, num_experts=2)),
+            dynconv.ODConv2d(4, 4, 3, num_experts=2),
+        )
+
+    a, b = model(), model()
+    state = a.state_dict()
+    assert not any("attention" in k for k in state)
+    assert {"0.1.routing.weight", "1.temperature", "1.bn.running_mean", "1.kernel_fc.bias"} <= set(state)
+    assert "0.1.attention.routing.weight" in dict(a.named_parameters())
+    b.load_state_dict(state, strict=True)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+    del state["1.spatial_fc.weight"]
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"1.attention.spatial_fc.weight\""):
+        b.load_state_dict(state, strict=True)

@@ -31,7 +31,7 @@ import dynconv
 from dynconv.bench.report import Report, device_name, row_note, speedup, timing_note
 from dynconv.bench.timing import measure_interleaved
 from dynconv.models import mobilenet_v2, resnet18
-from dynconv.nn.mixture import FORMULATIONS, ODConv2d, _CoefficientMixture
+from dynconv.nn.mixture import FORMULATIONS, KernelMixtureConv2d
 from dynconv.recipes.args import nonnegative_int, positive_int
 
 MODELS = {"resnet18": resnet18, "mobilenet_v2": mobilenet_v2}
@@ -78,7 +78,7 @@ def count_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 def _set_formulation(model: torch.nn.Module, formulation: str) -> None:
     for m in model.modules():
-        if isinstance(m, (_CoefficientMixture, ODConv2d)):
+        if isinstance(m, KernelMixtureConv2d):
             m.formulation = formulation
 
 

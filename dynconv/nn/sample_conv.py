@@ -1,5 +1,6 @@
 """Sample-specific dynamic convolution layers built on :func:`dynconv.sample_conv2d` (and, for HDFNet, on
-:func:`dynconv.local_filter2d`).
+:func:`dynconv.local_filter2d`). The kernel mixtures (``DynamicConv2d`` and the others) are in
+:mod:`dynconv.nn.mixture`.
 
 * :class:`DynamicFilterLayer` -- the *dynamic convolution layer* of Dynamic Filter Networks (Jia et al.,
   NeurIPS 2016): a filter-generating network maps a conditioning input to one kernel per sample.
