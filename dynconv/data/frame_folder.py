@@ -115,6 +115,17 @@ class FrameFolderVideo(torch.utils.data.Dataset):
         found = found or [(root, self._frames(root))]
         self.short = [f for f, frames in found if len(frames) < span]
         sequences = [frames for _, frames in found if len(frames) >= span]
+        # Every frame of both parts of a split, so that a training run also finds a bad test frame at once.
+        sizes: dict[tuple[int, int], str] = {}
+        for frames in sequences:
+            for path in frames:
+                sizes.setdefault(_check_frame(path), path)
+        if size is None and len(sizes) > 1:
+            (a, first), (b, other) = list(sizes.items())[:2]
+            raise UserError(
+                f"frames differ in size ({first} is {a[0]}x{a[1]}, {other} is {b[0]}x{b[1]}); give a size to "
+                "resize them to (--frame-size)"
+            )
         if split != "all":
             sequences = self._split(root, sequences, split, test_fraction, span)
         self.sequences = sequences
@@ -127,16 +138,6 @@ class FrameFolderVideo(torch.utils.data.Dataset):
             raise UserError(
                 f"no sequence under {root!r} has {span} frames (clip length {clip_length}, frame step "
                 f"{frame_step}); frame extensions read: {', '.join(FRAME_EXTENSIONS)}"
-            )
-        sizes: dict[tuple[int, int], str] = {}
-        for frames in self.sequences:
-            for path in frames:
-                sizes.setdefault(_check_frame(path), path)
-        if size is None and len(sizes) > 1:
-            (a, first), (b, other) = list(sizes.items())[:2]
-            raise UserError(
-                f"frames differ in size ({first} is {a[0]}x{a[1]}, {other} is {b[0]}x{b[1]}); give a size to "
-                "resize them to (--frame-size)"
             )
 
     @staticmethod

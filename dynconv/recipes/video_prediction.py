@@ -120,6 +120,8 @@ def validate_config(cfg: Config) -> None:
     if not 0 < cfg.eps < 0.5:
         raise UserError(f"--eps {cfg.eps:g}: expected a number in (0, 0.5)")
     if cfg.frames_dir is None:
+        if cfg.digits == "idx" and cfg.mnist_dir is None:
+            raise UserError("--digits idx needs --mnist-dir, the folder with the MNIST IDX files")
         if cfg.frame_size != CANVAS:
             raise UserError(
                 f"--frame-size {cfg.frame_size}: Moving MNIST frames are {CANVAS}x{CANVAS}; --frame-size applies to "
@@ -129,8 +131,7 @@ def validate_config(cfg: Config) -> None:
             raise UserError("--test-frames-dir is the test set of --frames-dir; give --frames-dir too")
     elif cfg.mnist_dir is not None or cfg.digits != "embedded":
         raise UserError("--frames-dir replaces Moving MNIST: leave out --digits and --mnist-dir")
-    if cfg.model == "seed" and cfg.frame_size % 4:
-        raise UserError(f"--frame-size {cfg.frame_size}: the seed model needs a multiple of 4")
+    _check_frame_size(cfg, cfg.frame_size, cfg.frame_size, f"--frame-size {cfg.frame_size}")
     for name in ("epochs", "steps_per_epoch", "batch_size", "lr_halve_every", "save_every", "test_sequences"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: expected an integer >= 1")
@@ -138,6 +139,14 @@ def validate_config(cfg: Config) -> None:
         raise UserError(f"--max-steps {cfg.max_steps}: expected an integer >= 1")
     if cfg.threads is not None and cfg.threads < 1:
         raise UserError(f"--threads {cfg.threads}: expected an integer >= 1")
+
+
+def _check_frame_size(cfg: Config, height: int, width: int, what: str) -> None:
+    """The models halve the frame once (the seed model twice) and scale back up: sizes must divide."""
+    multiple = 4 if cfg.model == "seed" else 2
+    if height % multiple or width % multiple:
+        raise UserError(f"{what}: the {cfg.model} model needs frames whose sides are multiples of {multiple}, "
+                        f"got {height}x{width}")  # fmt: skip
 
 
 class _Rollout(nn.Module):
@@ -238,6 +247,7 @@ def test_set(cfg: Config, test_npy: str | None = None, n: int | None = None, str
                 f"({cfg.observed} observed + {cfg.frames - cfg.observed} predicted)"
             )
         data, what = data[:, : cfg.frames], f"--test-npy {test_npy}"
+        _check_frame_size(cfg, *data.shape[-2:], what)
     elif cfg.frames_dir:
         folder = _frame_folder(cfg, "test")
         data, what = [folder[i] for i in range(min(n, len(folder)))], "the test frame folder"
@@ -293,16 +303,19 @@ class Progress:
     place on a terminal; otherwise (a log file, a CI job) a line every 10% of the run or every ``seconds``,
     whichever comes first. ``what`` names the unit counted (``step``; ``batch`` for an evaluation)."""
 
-    def __init__(self, total: int, start: int, enabled: bool, seconds: float = 60.0, what: str = "step"):
+    def __init__(
+        self, total: int, start: int, enabled: bool, seconds: float = 60.0, what: str = "step", clock=time.perf_counter
+    ):
         self.total, self.start, self.enabled, self.seconds, self.what = total, start, enabled, seconds, what
-        self.t0, self.tty = time.perf_counter(), sys.stderr.isatty()
+        self.clock = clock
+        self.t0, self.tty = clock(), sys.stderr.isatty()
         self.every = max(1, (total - start) // 10)
         self.last = self.t0
 
     def update(self, step: int, loss: float | None, sequences: int) -> None:
         if not self.enabled:
             return
-        done, now = step + 1, time.perf_counter()
+        done, now = step + 1, self.clock()
         elapsed = max(now - self.t0, 1e-9)
         rate = (done - self.start) * sequences / elapsed
         eta = (self.total - done) * elapsed / max(done - self.start, 1)
@@ -625,6 +638,7 @@ def load_input(path: str, cfg: Config, index: int, channels: int = 1) -> torch.T
             f"--input {path}: sequences of {array.shape[0]} frames (shape {array.shape}); the model needs "
             f"{cfg.frames} ({cfg.observed} observed + {cfg.frames - cfg.observed} predicted)"
         )
+    _check_frame_size(cfg, *array.shape[-2:], f"--input {path}")
     seq = to_unit_range(np.ascontiguousarray(array[: cfg.frames, index]), f"--input {path}")
     return torch.from_numpy(seq)[:, None]
 
