@@ -235,16 +235,61 @@ def test_unreadable_frames_are_named_when_the_data_set_is_opened(tmp_path, capsy
     assert FrameFolderVideo(str(tmp_path / "sizes"), clip_length=2, size=(4, 4))[0].shape == (2, 3, 4, 4)
 
 
+def test_other_frame_folder_and_digit_file_errors(tmp_path):
+    from PIL import Image
+
+    png_frames(tmp_path / "mixed", [0, 1])
+    png_frames(tmp_path / "mixed" / "seq", [0, 1])
+    with pytest.raises(UserError, match="holds frames and also sequence folders"):
+        FrameFolderVideo(str(tmp_path / "mixed"), 2)
+    with pytest.raises(UserError, match="does not exist"):
+        FrameFolderVideo(str(tmp_path / "nowhere"), 2)
+    # damaged inside, its header and end intact: named when the clip is decoded
+    png = tmp_path / "damaged" / "0.png"
+    os.makedirs(png.parent)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32), dtype=np.uint8)).save(png)
+    data = bytearray(png.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 40] = bytes(40)
+    png.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=re.escape(f"frame {png} cannot be decoded")):
+        FrameFolderVideo(str(png.parent), 1)[0]
+    from dynconv.data.moving_mnist import load_digits
+
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x01" + bytes(12))
+    with pytest.raises(UserError, match="is not an MNIST IDX image file \\(magic 2049, expected 2051\\)"):
+        load_digits("idx", "train", str(tmp_path))
+    header = (2051).to_bytes(4, "big") + (3).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(header + bytes(28 * 28 * 2))
+    with pytest.raises(UserError, match="the header says 3 images of 28x28 .* the file holds 1568 bytes"):
+        load_digits("idx", "train", str(tmp_path))
+    with pytest.raises(UserError, match="--digits squares uses none"):
+        load_digits("squares", "train", str(tmp_path))
+
+
+def test_demo_and_interrupt_errors(tmp_path, capsys, monkeypatch):
+    (tmp_path / "file").write_text("")
+    assert "--out " in one_line_error(capsys, "demo", "--out", str(tmp_path / "file"))
+
+    def interrupted(command, argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vp, "main", interrupted)
+    rc, _, err = cli(capsys, "eval", "video-prediction")
+    assert rc == 130 and err.strip() == "dynconv: interrupted"
+
+
 # ------------------------------------------------------------------- 7. --resume needs a checkpoint
 
 
 def test_resume_without_a_checkpoint_is_refused_unless_asked_to_start(tmp_path, capsys):
-    msg = one_line_error(capsys, "train", "video-prediction", "--run-dir", str(tmp_path / "typo"), "--resume")
+    # (tiny settings: without the check, the mistake would start a run, and this test should not train for long)
+    small = ["--resume", "--max-steps", "1", *TINY]
+    msg = one_line_error(capsys, "train", "video-prediction", "--run-dir", str(tmp_path / "typo"), *small)
     assert "--resume: nothing to resume in --run-dir" in msg and "the folder does not exist" in msg
     assert not os.path.exists(tmp_path / "typo")
     os.makedirs(tmp_path / "empty")
     assert "holds no last.pt" in one_line_error(
-        capsys, "train", "video-prediction", "--run-dir", str(tmp_path / "empty"), "--resume"
+        capsys, "train", "video-prediction", "--run-dir", str(tmp_path / "empty"), *small
     )
     assert run_dir.resume_from(str(tmp_path / "empty"), resume=False, resume_if_exists=True) is None
     tiny_checkpoint(tmp_path / "empty" / "last.pt")
@@ -313,9 +358,11 @@ def test_settings_that_cannot_work_together_are_refused_before_training(tmp_path
         (["predict", "video-prediction", "--checkpoint", "x.pt", "--index", "-1"], "argument --index"),
         (["demo", "--steps", "0"], "argument --steps"),
         (["bench", "local_filter", "--repeats", "0"], "argument --repeats"),
+        (["eval", "video-prediction", "--checkpoint", "x.pt", "--test-npy", "/no/file.npy"], "'/no/file.npy' does not"),
+        (["predict", "video-prediction", "--checkpoint", "x.pt", "--input", "/no/file.npy"], "'/no/file.npy' does not"),
     ],
 )
-def test_other_numeric_flags_are_checked_when_parsed(capsys, argv, message):
+def test_other_flags_are_checked_when_parsed(capsys, argv, message):
     rc, _, err = cli(capsys, *argv)
     assert rc == 2 and message in err
 
@@ -372,6 +419,9 @@ def test_a_task_not_implemented_is_a_user_error(capsys, monkeypatch):
         ("foreign", "is not a dynconv checkpoint"),
         ("other-recipe", "is another recipe's checkpoint, not a video-prediction run's"),
         ("npz", "is an .npz archive"),
+        ("not-npy", "cannot be read as a .npy array"),
+        ("npy-3d", "expected an array [T, N, H, W] as mnist_test_seq.npy, got (4, 8, 8)"),
+        ("too-many", "--num-sequences 3: --test-npy"),
         ("npy-rgb", "holds 1-channel frames; "),
         ("output-folder", "--output"),
     ],
@@ -392,6 +442,15 @@ def test_eval_user_errors(tmp_path, capsys, monkeypatch, case, message):
     elif case == "npz":
         np.savez(tmp_path / "t.npz", a=np.zeros(3))
         extra = ["--test-npy", str(tmp_path / "t.npz")]
+    elif case == "not-npy":
+        (tmp_path / "t.npy").write_text("frames")
+        extra = ["--test-npy", str(tmp_path / "t.npy")]
+    elif case == "npy-3d":
+        np.save(tmp_path / "t.npy", np.full((4, 8, 8), 200, np.uint8))
+        extra = ["--test-npy", str(tmp_path / "t.npy")]
+    elif case == "too-many":
+        np.save(tmp_path / "t.npy", np.full((4, 2, 8, 8), 200, np.uint8))
+        extra = ["--test-npy", str(tmp_path / "t.npy"), "--num-sequences", "3"]
     elif case == "npy-rgb":
         ckpt = tiny_checkpoint(tmp_path / "rgb.pt", channels=3)
         np.save(tmp_path / "t.npy", np.full((4, 2, 8, 8), 200, np.uint8))
@@ -413,6 +472,14 @@ def test_predict_user_errors_and_inputs(tmp_path, capsys):
     assert loaded.shape == (4, 1, 16, 16) and torch.allclose(loaded[:, 0], torch.from_numpy(seq[:4, 1] / 255).float())
     rc, out, _ = cli(capsys, *argv, "--index", "1", "--output", str(tmp_path / "o" / "p.gif"))
     assert rc == 0 and os.path.exists(tmp_path / "o" / "p.png")
+    np.save(tmp_path / "short.npy", seq[:3])
+    argv[-1] = str(tmp_path / "short.npy")
+    assert "sequences of 3 frames (shape (3, 2, 16, 16)); the model needs 4" in one_line_error(capsys, *argv)
+    argv[3] = tiny_checkpoint(tmp_path / "rgb.pt", channels=3)
+    assert "an .npy holds grayscale frames; this model predicts 3 channels" in one_line_error(capsys, *argv)
+    png_frames(tmp_path / "folder", [0, 1, 2, 3], size=(16, 16))
+    argv[-1] = str(tmp_path / "folder")
+    assert "--index 1: --input" in one_line_error(capsys, *argv, "--index", "1")  # one clip of 4 frames
 
 
 def test_resume_refuses_a_new_init_from(tmp_path, capsys):
