@@ -568,3 +568,12 @@ def test_output_files_are_written_atomically(tmp_path, monkeypatch):
         run_dir.write_json(path, {"a": 2})
     monkeypatch.undo()
     assert json.load(open(path)) == {"a": 1} and os.listdir(tmp_path) == ["m.json"]
+
+
+def test_incomplete_torchrun_variables_are_a_user_error(monkeypatch):
+    from dynconv.recipes.distributed import init_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(UserError, match="WORLD_SIZE='2' with RANK=None: .* launch with torchrun"):
+        init_distributed("cpu")

@@ -856,14 +856,17 @@ def _predict_command(p: argparse.ArgumentParser, argv: list[str]) -> int:
         seq = seqs[args.index]
     with torch.no_grad():
         pred, filters = rollout(model, seq[None], cfg.observed, return_filters=True)
-    paths = write_pictures(
-        seq,
-        pred[0],
-        None if filters is None else filters[0],
-        args.output,
-        cfg.observed,
-        getattr(model, "kernel_size", None),
-    )
+    try:
+        paths = write_pictures(
+            seq,
+            pred[0],
+            None if filters is None else filters[0],
+            args.output,
+            cfg.observed,
+            getattr(model, "kernel_size", None),
+        )
+    except OSError as exc:  # an unwritable folder, a file where a folder should be, a full disk
+        raise UserError(f"--output {args.output}: cannot write the pictures: {exc}") from exc
     print("written: " + ", ".join(paths))
     return 0
 
