@@ -26,6 +26,7 @@ from dynconv import checkpoints
 from dynconv.bench import local_filter as bench_local_filter
 from dynconv.errors import UserError
 from dynconv.functional import local_filter2d
+from dynconv.recipes.run_dir import write_text
 
 
 def demo_image(size: int = 112) -> torch.Tensor:
@@ -134,8 +135,7 @@ def main(out_dir: str = "demo_out", steps: int = 60, operators_only: bool = Fals
     print("\ndynconv bench local_filter --shapes small (CPU):")
     table = bench_local_filter.run(args)
     print(table)
-    with open(os.path.join(out_dir, "bench_local_filter.md"), "w") as fh:
-        fh.write(table + "\n")
+    write_text(os.path.join(out_dir, "bench_local_filter.md"), table + "\n")
     written += [path, os.path.join(out_dir, "bench_local_filter.md")]
     print("\nwritten:\n  " + "\n  ".join(written))
     return 0

@@ -299,6 +299,8 @@ def test_resume_without_a_checkpoint_is_refused_unless_asked_to_start(tmp_path, 
     )
     with pytest.raises(UserError, match="exists: pass --resume"):
         run_dir.resume_from(str(tmp_path / "empty"), resume=False)
+    with pytest.raises(UserError, match="--run-dir .* is a file; give a folder"):
+        run_dir.resume_from(str(tmp_path / "empty" / "last.pt"), resume=False)
 
 
 # ------------------------------------------------------------------- 8. numeric flags checked when parsed
@@ -370,7 +372,7 @@ def test_other_flags_are_checked_when_parsed(capsys, argv, message):
 # ------------------------------------------------------------------- 9. user errors: one line, exit 2
 
 
-def test_user_errors_are_one_line_with_exit_status_2_and_a_traceback_with_debug(tmp_path):
+def test_user_errors_are_one_line_with_exit_status_2(tmp_path):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"\x80\x02not really a checkpoint")
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
@@ -381,8 +383,13 @@ def test_user_errors_are_one_line_with_exit_status_2_and_a_traceback_with_debug(
         f"dynconv: error: checkpoint {str(garbage)!r} cannot be read: it is truncated, corrupted or not a torch "
         "file; it is not a dynconv checkpoint"
     ]
-    debug = subprocess.run(cmd + ["--debug"], env=env, capture_output=True, text=True, timeout=120)
-    assert debug.returncode == 2 and "Traceback" in debug.stderr and "CheckpointError" in debug.stderr
+
+
+def test_debug_shows_the_traceback_of_a_user_error(tmp_path, capsys):
+    (tmp_path / "garbage.pt").write_bytes(b"garbage")
+    rc, _, err = cli(capsys, "eval", "video-prediction", "--checkpoint", str(tmp_path / "garbage.pt"), "--debug")
+    assert rc == 2 and "Traceback" in err and "CheckpointError" in err
+    assert err.strip().splitlines()[-1].startswith("dynconv: error: checkpoint")
 
 
 class _Thing:

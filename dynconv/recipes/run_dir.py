@@ -36,8 +36,11 @@ def resume_from(run_dir: str, resume: bool, resume_if_exists: bool = False) -> s
             run (for job scripts that run the same command until the run is done).
 
     Raises:
-        UserError: ``last.pt`` exists and neither flag is given, or ``--resume`` is given and it does not exist.
+        UserError: ``run_dir`` is a file, ``last.pt`` exists and neither flag is given, or ``--resume`` is given
+            and it does not exist.
     """
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise UserError(f"--run-dir {run_dir} is a file; give a folder (it is created if missing)")
     path = os.path.join(run_dir, CHECKPOINT)
     exists = os.path.isfile(path)
     if exists and (resume or resume_if_exists):
