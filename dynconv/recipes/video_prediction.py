@@ -799,17 +799,17 @@ def _eval_command(p: argparse.ArgumentParser, argv: list[str]) -> int:
     spec = test_set_spec(first_cfg, args.test_npy, n)
     for path, _, cfg, channels in runs[1:]:
         other = test_set_spec(cfg, args.test_npy, n)
-        differ = [
-            f"{k} {spec.get(k)!r} vs {other.get(k)!r}"
-            for k in sorted(set(spec) | set(other))
-            if spec.get(k) != other.get(k)
-        ]
-        if differ or channels != first_channels:
-            differ += [f"channels {first_channels} vs {channels}"] if channels != first_channels else []
+        keys = [k for k in sorted(set(spec) | set(other)) if spec.get(k) != other.get(k)]
+        differ = [f"{k} {spec.get(k)!r} vs {other.get(k)!r}" for k in keys]
+        if channels != first_channels:
+            differ.append(f"channels {first_channels} vs {channels}")
+        if differ:
+            # Only the data source differs (Moving MNIST digits, frame folders): one --test-npy can serve both.
+            only_source = keys and set(keys) <= {"source", "frame_size"} and channels == first_channels
+            hint = ", or give them one --test-npy" if only_source and not args.test_npy else ""
             raise UserError(
                 f"{first_path} and {path} have different test sets ({'; '.join(differ)}): one table compares runs "
-                "on the same sequences; evaluate them separately"
-                + ("" if args.test_npy or "observed" in "".join(differ) else ", or give both --test-npy")
+                f"on the same sequences; evaluate them separately{hint}"
             )
     seqs = test_set(first_cfg, args.test_npy, n, strict=args.num_sequences is not None)
     if seqs.shape[2] != first_channels:
