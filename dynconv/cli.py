@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 import traceback
 
 from dynconv.bench import BENCHMARKS
 from dynconv.errors import UserError
-from dynconv.recipes.args import positive_int
+from dynconv.recipes.args import device, positive_int
 from dynconv.recipes.checkpoint import CheckpointError
 
 RECIPES = {
@@ -32,8 +33,22 @@ def _import(table: dict[str, str], name: str, what: str):
         return importlib.import_module(table[name])
     except ModuleNotFoundError as exc:
         if exc.name == table[name]:
-            raise SystemExit(f"dynconv: the {what} {name!r} is not implemented yet") from None
+            raise UserError(f"the {what} {name!r} is not implemented yet") from None
         raise
+
+
+def _recipe_list(command: str) -> str:
+    """``dynconv train --help``: the tasks, each with the first line of its recipe's docstring."""
+    lines = [f"usage: dynconv {command} TASK [options]   ('dynconv {command} TASK --help' lists a task's options)", ""]
+    lines.append("tasks:")
+    for task, module_name in sorted(RECIPES.items()):
+        if importlib.util.find_spec(module_name) is None:
+            summary = "(not implemented yet)"
+        else:
+            doc = importlib.import_module(module_name).__doc__ or ""
+            summary = doc.strip().splitlines()[0] if doc.strip() else ""
+        lines.append(f"  {task:<20} {summary}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"dynconv: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print("dynconv: interrupted", file=sys.stderr)
+        return 130
 
 
 def _main(argv: list[str]) -> int:
@@ -63,7 +83,7 @@ def _main(argv: list[str]) -> int:
     bench_sub = bench.add_subparsers(dest="name", required=True)
     for name in BENCHMARKS:
         p = bench_sub.add_parser(name, help=f"benchmark {name}")
-        p.add_argument("--device", default="cpu")
+        p.add_argument("--device", type=device, default="cpu")
         p.add_argument("--repeats", type=positive_int, default=10, help="timed runs per measurement (median)")
         p.add_argument("--output", help="also write the markdown table to this file, row by row as measured")
         p.set_defaults(_bench=name)
@@ -76,9 +96,19 @@ def _main(argv: list[str]) -> int:
     demo = sub.add_parser("demo", help="the demonstration that 'make demo' runs")
     demo.add_argument("--out", default="demo_out")
     demo.add_argument(
-        "--steps", type=int, default=60, help="training steps of the DFN video demo (about 5 s each on 2 CPU cores)"
+        "--steps",
+        type=positive_int,
+        default=60,
+        help="training steps of the DFN video demo (about 5 s each on 2 CPU cores)",
     )
     demo.add_argument("--operators-only", action="store_true", help="skip the video-prediction training")
+
+    # 'dynconv train --help' (or no task): the recipe subparsers hand everything after TASK to the recipe, so
+    # they cannot have their own --help; list the tasks here.
+    if argv and argv[0] in ("train", "eval", "predict") and (len(argv) == 1 or argv[1] in ("-h", "--help")):
+        asked = len(argv) > 1
+        print(_recipe_list(argv[0]), file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
 
     # Benchmarks add their own options; parse in two passes so 'dynconv bench NAME --help' shows them.
     if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHMARKS:

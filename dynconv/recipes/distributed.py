@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from dynconv.errors import UserError
+
 
 @dataclass
 class DistInfo:
@@ -27,10 +29,16 @@ class DistInfo:
 def init_distributed(device: str) -> DistInfo:
     """Join the process group that ``torchrun`` describes in the environment (gloo on CPU, nccl on CUDA);
     a plain ``python`` run gets a single-process :class:`DistInfo` and no process group."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return DistInfo()
+        info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    except (KeyError, ValueError) as exc:
+        raise UserError(
+            f"WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} with RANK={os.environ.get('RANK')!r}: the process-group "
+            "variables are incomplete or not integers; launch with torchrun, or unset WORLD_SIZE"
+        ) from exc
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     if device.startswith("cuda"):

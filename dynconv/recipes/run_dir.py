@@ -1,0 +1,166 @@
+"""The run folder of a training recipe: which checkpoint a run starts from, its training log, its output files.
+
+Every recipe uses the same four pieces, so that a run folder behaves the same whatever the task:
+
+- :func:`resume_from` decides whether a ``train`` command continues ``RUN_DIR/last.pt``, starts a new run,
+  or refuses (a typo in ``--run-dir`` must not silently start a new run, nor a forgotten ``--resume``
+  overwrite one);
+- :func:`remove_stale_temporaries` deletes the ``.tmp-*.pt`` files that a kill during
+  :func:`~dynconv.recipes.checkpoint.save_checkpoint` leaves behind;
+- :class:`TrainingLog` appends ``log.jsonl`` rows and, when a run resumes at step ``s``, first drops the rows
+  after ``s`` (written after the checkpoint, then lost with the process), so every step appears once;
+- :func:`write_json` / :func:`write_text` write output files atomically (a kill never leaves half a file).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import tempfile
+from typing import Any
+
+from dynconv.errors import UserError
+
+CHECKPOINT = "last.pt"
+LOG = "log.jsonl"
+
+
+def resume_from(run_dir: str, resume: bool, resume_if_exists: bool = False) -> str | None:
+    """The checkpoint a ``train`` command continues, or ``None`` for a new run.
+
+    Args:
+        run_dir: the run folder (``--run-dir``).
+        resume: ``--resume``: ``RUN_DIR/last.pt`` must exist.
+        resume_if_exists: ``--resume-if-exists``: continue ``RUN_DIR/last.pt`` if it exists, else start a new
+            run (for job scripts that run the same command until the run is done).
+
+    Raises:
+        UserError: ``run_dir`` is a file, ``last.pt`` exists and neither flag is given, or ``--resume`` is given
+            and it does not exist.
+    """
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise UserError(f"--run-dir {run_dir} is a file; give a folder (it is created if missing)")
+    path = os.path.join(run_dir, CHECKPOINT)
+    exists = os.path.isfile(path)
+    if exists and (resume or resume_if_exists):
+        return path
+    if exists:
+        raise UserError(f"{path} exists: pass --resume to continue that run, or choose another --run-dir")
+    if resume:
+        hint = "the folder does not exist" if not os.path.isdir(run_dir) else "the folder holds no last.pt"
+        raise UserError(
+            f"--resume: nothing to resume in --run-dir {run_dir} ({hint}); check the path, or leave out --resume "
+            "to start a new run (--resume-if-exists does either)"
+        )
+    return None
+
+
+def remove_stale_temporaries(folder: str) -> list[str]:
+    """Delete the ``.tmp-*.pt`` and ``.tmp-*.txt`` files in ``folder`` (left by a process killed while saving a
+    checkpoint or writing an output file with :func:`write_text`).
+
+    Call it once when a run starts, on the process that writes the checkpoints, before its first save: a
+    temporary file is only ever open while that process saves. Returns the paths removed.
+    """
+    removed = []
+    pattern = os.path.join(glob.escape(folder), ".tmp-*")
+    for path in sorted(p for p in glob.glob(pattern) if p.endswith((".pt", ".txt"))):
+        try:
+            os.unlink(path)
+            removed.append(path)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def read_log(path: str) -> list[dict]:
+    """The rows of a ``log.jsonl``: a line that is not a JSON object (the last line of a process killed while
+    writing it) is skipped. Missing file: ``[]``."""
+    rows = []
+    if not os.path.isfile(path):
+        return rows
+    with open(path) as fh:
+        for line in fh:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append(row)
+    return rows
+
+
+class TrainingLog:
+    """``log.jsonl`` of a run that starts (or resumes) at step ``start``: one JSON object per step, ``"step"``
+    counted from 1.
+
+    Opening it keeps the rows of steps ``<= start`` (the checkpoint's past, once each, the last written
+    winning) and drops the rest: rows after the checkpoint that a killed or time-limited process wrote
+    before dying, a finished run's rows when a new run starts in the same folder (``start`` 0), and a
+    half-written last line.
+
+    Args:
+        path: the ``log.jsonl`` file.
+        start: the step the run continues from (0 for a new run).
+        enabled: ``False`` on the processes that do not write (every rank but 0 under ``torchrun``).
+    """
+
+    def __init__(self, path: str, start: int, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+        kept: dict[int, dict] = {}
+        for row in read_log(path):
+            if row["step"] <= start:
+                kept[row["step"]] = row
+        self.rows = [kept[s] for s in sorted(kept)]
+        self._fh = None
+        if enabled:
+            write_text(path, "".join(json.dumps(r) + "\n" for r in self.rows))
+            self._fh = open(path, "a")
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        if self._fh is not None:
+            self._fh.write(json.dumps(row) + "\n")
+
+    def last(self, key: str) -> Any:
+        """The value of ``key`` in the last row that has it (this process's or an earlier one's), or ``None``."""
+        for row in reversed(self.rows):
+            if key in row:
+                return row[key]
+        return None
+
+    def flush(self) -> None:
+        if self._fh is not None:
+            self._fh.flush()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (a temporary file in the same folder, then a rename), creating the
+    folder if needed. Raises :class:`UserError` naming ``path`` if it cannot be written."""
+    if os.path.isdir(path):
+        raise UserError(f"cannot write {path}: it is a folder; give a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".txt", dir=folder)
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:  # a user's path: an unwritable folder, a file where a folder should be, a full disk
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    write_text(path, json.dumps(obj, indent=2) + "\n")
