@@ -7,13 +7,14 @@ Every op follows ``torch.nn.functional.conv2d`` conventions: NCHW tensors, ``str
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from dynconv import reference
-from dynconv._checks import autocast_op, check_same, check_tensor, conv_out_size, pair
+from dynconv._checks import as_int, autocast_op, check_same, check_tensor, conv_out_size, pair
 from dynconv.backends import choose_backend
 from dynconv.ops.dcnv import dcn_sample_op
 from dynconv.ops.deform import deform_conv2d_op
@@ -353,10 +354,7 @@ def sample_conv2d(
     if bias is not None:
         bias = check_tensor(bias, "bias", ndim=2, shape_hint="[B, C_out]")
         check_same(x, "x", bias, "bias")
-    if isinstance(groups, bool) or not isinstance(groups, int):
-        raise TypeError(f"groups must be an int, got {groups!r}")
-    if groups < 1:
-        raise ValueError(f"groups must be >= 1, got {groups}")
+    groups = as_int(groups, "groups", minimum=1)
     sh, sw = pair(stride, "stride")
     ph, pw = pair(padding, "padding", minimum=0)
     dh, dw = pair(dilation, "dilation")
@@ -442,9 +440,10 @@ def _dcn_geometry(value, kernel_size, stride, padding, dilation, group, offset_s
     sh, sw = pair(stride, "stride")
     dh, dw = pair(dilation, "dilation")
     ph, pw = ((kh - 1) // 2 * dh, (kw - 1) // 2 * dw) if padding is None else pair(padding, "padding", minimum=0)
-    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+    group = as_int(group, "group")
+    if group < 1:
         raise ValueError(f"group must be a positive int, got {group!r}")
-    if isinstance(offset_scale, bool) or not isinstance(offset_scale, (int, float)):
+    if isinstance(offset_scale, bool) or not isinstance(offset_scale, numbers.Real):
         raise TypeError(f"offset_scale must be a float, got {offset_scale!r}")
     if not isinstance(remove_center, bool):
         raise TypeError(f"remove_center must be a bool, got {remove_center!r}")
