@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from dynconv._checks import pair
+from dynconv._checks import as_int, pair
 from dynconv.functional import deform_conv2d
 
 __all__ = ["DeformConv2d", "ModulatedDeformConv2d"]
@@ -62,6 +62,8 @@ class DeformConv2d(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        in_channels, out_channels = as_int(in_channels, "in_channels"), as_int(out_channels, "out_channels")
+        groups, offset_groups = as_int(groups, "groups"), as_int(offset_groups, "offset_groups")
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")

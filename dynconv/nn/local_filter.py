@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from dynconv._checks import pair
+from dynconv._checks import as_int, pair
 from dynconv.functional import local_filter2d
 
 __all__ = ["DynamicLocalFilter2d", "FilterGeneratingNetwork", "Involution2d"]
@@ -114,6 +114,12 @@ class FilterGeneratingNetwork(nn.Module):
         negative_slope: float = 0.01,
     ) -> None:
         super().__init__()
+        in_channels, groups, stride = (
+            as_int(in_channels, "in_channels"),
+            as_int(groups, "groups"),
+            as_int(stride, "stride"),
+        )
+        hidden_channels = tuple(as_int(c, "hidden_channels") for c in hidden_channels)
         if in_channels < 1 or groups < 1:
             raise ValueError(f"in_channels and groups must be >= 1, got {in_channels} and {groups}")
         self.kernel_size = pair(kernel_size, "kernel_size")
@@ -185,6 +191,15 @@ class Involution2d(nn.Module):
         backend: str | None = None,
     ) -> None:
         super().__init__()
+        channels, kernel_size, stride = (
+            as_int(channels, "channels"),
+            as_int(kernel_size, "kernel_size"),
+            as_int(stride, "stride"),
+        )
+        group_channels, reduction_ratio = (
+            as_int(group_channels, "group_channels"),
+            as_int(reduction_ratio, "reduction_ratio"),
+        )
         if channels < 1 or group_channels < 1 or channels % group_channels != 0:
             raise ValueError(f"channels ({channels}) must be a positive multiple of group_channels ({group_channels})")
         if reduction_ratio < 1:
