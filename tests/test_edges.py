@@ -307,6 +307,39 @@ def test_nonfinite_pixel_reaches_the_bilinear_footprint_only(backend, pixel):
     torch.testing.assert_close(out[0][:, ~reach], conv[0][:, ~reach])
 
 
+def _far_sample(op, dtype):
+    """Inputs of ``op`` with offsets/flow zero except one sample of output pixel (2, 2) moved ~7 pixels up-left,
+    outside the image, and the output pixel (2, 2) of a run with x finite (what it must give)."""
+    t = _tensors(op, dtype)
+    if op == "deform_conv2d":
+        t["offset"].zero_()
+        t["offset"][0, 0:2, 2, 2] = -6.5  # tap 0 (dy, dx): position (4 - 1 - 6.5, ...) = (-3.5, -3.5)
+    elif op == "dcnv3":
+        t["offset"].zero_()
+        t["offset"][0, 2, 2, 0:2] = -6.5  # group 0, point 0 (x, y): position (3 - 1 - 6.5, ...) = (-4.5, -4.5)
+    else:
+        t["flow"].zero_()
+        t["flow"][0, :, 3, 4] = -7.5  # pixel (3, 4) reads (-4.5, -3.5)
+    return t
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["deform_conv2d", "dcnv3", "warp"])
+def test_sample_outside_the_image_reads_no_pixel(op, backend):
+    """A bilinear sample whose four corners all lie outside the image contributes zero, whatever the border pixels
+    hold (torchvision and grid_sample read no pixel for it). The reference backends, and the torch backend of
+    deform_conv2d, read the corner clamped into the image times weight 0, so an infinite pixel at (0, 0) made it
+    NaN."""
+    dtype = TRITON_DTYPE.get(op, torch.float64) if backend == "triton" else torch.float64
+    t = _far_sample(op, dtype)
+    clean = OPS[op](t, backend)
+    t["x"][0, 0, 0, 0] = INF  # pixel (0, 0), channel 0 (dcnv3 is channels-last)
+    out = OPS[op](t, backend)
+    pixel = {"warp": (0, slice(None), 3, 4), "dcnv3": (0, 2, 2)}.get(op, (0, slice(None), 2, 2))
+    assert out[pixel].isfinite().all(), f"{op} {backend}: {out[pixel]}"
+    torch.testing.assert_close(out[pixel], clean[pixel])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["bilinear", "nearest"])
 @pytest.mark.parametrize("padding_mode", ["zeros", "border", "reflection"])
