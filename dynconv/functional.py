@@ -1,7 +1,8 @@
 """Public ops: argument checks, normalisation of stride/padding/dilation, and backend dispatch.
 
 Every op follows ``torch.nn.functional.conv2d`` conventions: NCHW tensors, ``stride``/``padding``/
-``dilation`` as an int or a pair, and a ``backend`` argument (``None``, ``"reference"``, ``"torch"`` or
+``dilation`` as an int or a pair (numpy integers and one-element sequences too, as ``F.conv2d`` takes them), fake
+and meta tensors for shape propagation, and a ``backend`` argument (``None``, ``"reference"``, ``"torch"`` or
 ``"triton"``; see :mod:`dynconv.backends` for the rule that picks one when it is ``None``).
 """
 
@@ -59,6 +60,12 @@ def deform_conv2d(
           zero (so a sample with ``-1 < y < H`` still sees its in-image neighbours, and one further out is 0).
         - Offset gradients at exactly integer positions are the right-sided derivatives (``floor`` picks the
           corners), as in torchvision.
+        - Non-finite values, on every backend: a NaN or infinite value in ``input``, ``weight``, ``bias`` or
+          ``mask`` propagates through the products as in ``F.conv2d``; a sample reads its in-image corners even at
+          weight 0 (so a NaN pixel reaches the samples next to it, as in torchvision) and no pixel for a corner
+          outside the image. A NaN offset makes its sample, hence every output channel of that pixel, NaN
+          (torchvision too); an infinite offset does the same (torchvision counts it as outside the image, 0), as
+          in the DCNv3/DCNv4 ops and ``grid_sample``'s bilinear ``zeros`` mode on the CPU.
 
     Args:
         input (Tensor[B, C_in, H, W]): input features.
@@ -173,6 +180,13 @@ def warp(
           centres; ``"border"`` clamps the position into ``[0, W-1] x [0, H-1]``; ``"zeros"`` counts every
           neighbour outside the image as zero.
         - ``"nearest"`` rounds half to even (``grid_sample``'s rule) and has zero gradient wrt the flow.
+        - Non-finite flow, as ``grid_sample`` on the CPU: with ``"zeros"`` a NaN or infinite position gives NaN
+          (``"bilinear"``) or 0 (``"nearest"``); ``"border"`` clips NaN to the first pixel and +-inf to the
+          last/first; ``"reflection"`` puts a NaN or infinite position on the first pixel (the ``triton`` backend
+          gives NaN or 0 there instead). A NaN or infinite value of ``x`` reaches the outputs whose in-image
+          corners include it (even at weight 0, as ``grid_sample``). ``grid_sample`` on CUDA maps a non-finite
+          position out of the image instead, so with ``"zeros"`` the CUDA ``torch`` backend gives 0 where the CPU
+          gives NaN.
 
     Args:
         x (Tensor[B, C, H, W]): features to warp.
@@ -238,7 +252,8 @@ def local_filter2d(
         y[b, c, h, w] = \sum_{i, j} f[b, g(c), i k_w + j, h, w] \,
                         x[b, c, h s_h - p_h + i d_h, w s_w - p_w + j d_w]
 
-    with ``g(c) = c // (C // G)`` and zeros outside the image: the window geometry of ``F.conv2d``.
+    with ``g(c) = c // (C // G)`` and zeros outside the image: the window geometry of ``F.conv2d``. NaN and Inf
+    propagate as in ``F.conv2d`` (a NaN filter tap over the zero padding still gives NaN).
 
     Args:
         x (Tensor[B, C, H, W]): input; any strides (channels-last and non-contiguous views work).
@@ -345,8 +360,9 @@ def sample_conv2d(
         TypeError: a non-tensor, a non-floating dtype, ``weight``/``bias`` of another dtype than ``x``, or a
             non-int ``groups``.
         ValueError: a wrong rank, a batch/channel/group mismatch, tensors on different devices, non-positive
-            sizes (the batch may be 0, as in ``F.conv2d``), an input too small for the kernel, or
-            ``backend="triton"`` (no kernel for this op).
+            sizes (the batch may be 0, as in ``F.conv2d``), or an input too small for the kernel.
+        BackendError: ``backend="triton"`` (no kernel for this op; ``DYNCONV_BACKEND=triton`` falls back to
+            ``torch`` with a warning instead).
     """
     x = check_tensor(x, "x", ndim=4, shape_hint="[B, C_in, H, W]")
     weight = check_tensor(weight, "weight", ndim=5, shape_hint="[B, C_out, C_in/groups, kh, kw]")
@@ -500,7 +516,10 @@ def dcnv3(
     with ``g = c // (C / group)``, ``p_0`` the centre of the ``F.conv2d`` window of output ``(h, w)``,
     ``p_k`` the centred, dilated kernel grid (points ordered x-major as the official kernels:
     :func:`dynconv.reference.dcn_kernel_points`), ``s = offset_scale``, bilinear sampling and zeros outside the
-    image. This matches InternImage's ``DCNv3Function`` / ``dcnv3_core_pytorch``.
+    image. This matches InternImage's ``DCNv3Function`` / ``dcnv3_core_pytorch``. A NaN or infinite offset makes
+    its sample NaN (``grid_sample``'s CPU rule; the official CUDA kernel skips such a point, and so does the
+    ``torch`` backend on CUDA, where ``grid_sample`` maps it out of the image); a non-finite value of
+    ``input`` or ``mask`` propagates, a point's corners outside the image reading nothing.
 
     Args:
         input (Tensor[B, H, W, C]): channels-last input; ``C`` divisible by ``group``.
