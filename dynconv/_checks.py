@@ -55,6 +55,43 @@ def pair(value: int | Sequence[int], name: str, *, minimum: int = 1) -> tuple[in
     return out
 
 
+PADDING_STRINGS = ("valid", "same")
+
+
+def conv_padding(
+    padding: int | Sequence[int] | str,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``padding`` as ``F.conv2d`` takes it: an int or a pair, ``"valid"`` (none) or ``"same"`` (stride 1 only).
+
+    Returns:
+        ``((ph, pw), (extra_h, extra_w))``: the padding on each side and, for ``"same"`` with an odd
+        ``dilation * (kernel_size - 1)``, one more row/column at the bottom/right (where ``F.conv2d`` puts it),
+        which the caller pads the input with (``F.pad``) before the op.
+    """
+    if not isinstance(padding, str):
+        return pair(padding, "padding", minimum=0), (0, 0)
+    if padding == "valid":
+        return (0, 0), (0, 0)
+    if padding != "same":
+        raise ValueError(f"padding must be an int, a pair of ints, 'valid' or 'same', got {padding!r}")
+    if stride != (1, 1):
+        raise ValueError(f"padding='same' needs stride 1 (as in F.conv2d), got stride {stride}")
+    total = tuple(d * (k - 1) for k, d in zip(kernel_size, dilation))
+    return (total[0] // 2, total[1] // 2), (total[0] % 2, total[1] % 2)
+
+
+def layer_padding(
+    padding: int | Sequence[int] | str, kernel_size: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int]
+) -> tuple[int, int] | str:
+    """A layer's ``padding`` argument as it stores it: a pair, or ``"valid"``/``"same"`` (checked now, so a bad one
+    fails when the layer is built, as in ``nn.Conv2d``)."""
+    conv_padding(padding, kernel_size, stride, dilation)
+    return padding if isinstance(padding, str) else pair(padding, "padding", minimum=0)
+
+
 def check_tensor(t: object, name: str, *, ndim: int | Sequence[int], shape_hint: str) -> torch.Tensor:
     """Check that ``t`` is a floating-point tensor of the given rank (or one of the given ranks)."""
     if not isinstance(t, torch.Tensor):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from dynconv import reference
-from dynconv._checks import as_int, autocast_op, check_same, check_tensor, conv_out_size, pair
+from dynconv._checks import as_int, autocast_op, check_same, check_tensor, conv_out_size, conv_padding, pair
 from dynconv.backends import choose_backend
 from dynconv.ops.dcnv import dcn_sample_op
 from dynconv.ops.deform import deform_conv2d_op
@@ -34,7 +34,7 @@ def deform_conv2d(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     stride: IntOrPair = (1, 1),
-    padding: IntOrPair = (0, 0),
+    padding: IntOrPair | str = (0, 0),
     dilation: IntOrPair = (1, 1),
     mask: torch.Tensor | None = None,
     *,
@@ -72,7 +72,8 @@ def deform_conv2d(
         offset (Tensor[B, 2*G_off*kh*kw, H_out, W_out]): sampling offsets in pixels, ``G_off`` offset groups.
         weight (Tensor[C_out, C_in/G_w, kh, kw]): convolution weight; ``G_w = C_in / weight.shape[1]`` groups.
         bias (Tensor[C_out] or None): optional bias. Default None.
-        stride, padding, dilation (int or (int, int)): as in ``F.conv2d``. Defaults 1, 0, 1.
+        stride, padding, dilation (int or (int, int)): as in ``F.conv2d`` (``padding`` also ``"valid"`` or
+            ``"same"``). Defaults 1, 0, 1.
         mask (Tensor[B, G_off*kh*kw, H_out, W_out] or None): modulation scalars (DCNv2); None means all ones.
         backend (str or None): ``"reference"``, ``"torch"``, ``"triton"`` or None (automatic), keyword only.
         deterministic (bool or None): accumulate the input gradient in a fixed order (the Triton backend then
@@ -100,10 +101,11 @@ def deform_conv2d(
         mask = check_tensor(mask, "mask", ndim=4, shape_hint="[B, offset_groups*kh*kw, H_out, W_out]")
         check_same(x, "input", mask, "mask")
     sh, sw = pair(stride, "stride")
-    ph, pw = pair(padding, "padding", minimum=0)
     dh, dw = pair(dilation, "dilation")
-    B, C, H, W = x.shape
     Co, Cw, kh, kw = weight.shape
+    (ph, pw), extra = conv_padding(padding, (kh, kw), (sh, sw), (dh, dw))
+    x = _pad_end(x, extra)
+    B, C, H, W = x.shape
     if min(C, H, W) < 1 or min(Co, Cw, kh, kw) < 1:
         raise ValueError(
             f"input [B, C_in, H, W] and weight [C_out, C_in/groups, kh, kw] must have positive sizes "
@@ -240,7 +242,7 @@ def local_filter2d(
     filters: torch.Tensor,
     kernel_size: IntOrPair,
     stride: IntOrPair = 1,
-    padding: IntOrPair | None = None,
+    padding: IntOrPair | str | None = None,
     dilation: IntOrPair = 1,
     backend: str | None = None,
 ) -> torch.Tensor:
@@ -261,8 +263,9 @@ def local_filter2d(
             filters; ``C`` must be divisible by ``G``. Tap ``(i, j)`` is filter index ``i * kw + j``.
         kernel_size (int or (int, int)): ``k`` or ``(kh, kw)``.
         stride (int or (int, int)): step between output pixels in the input. Default 1.
-        padding (int or (int, int) or None): zero padding on each side; ``None`` means
-            ``(k - 1) // 2 * dilation`` ("same" size for odd ``k`` and stride 1). Default None.
+        padding (int or (int, int) or str or None): zero padding on each side, or ``"valid"``/``"same"`` as in
+            ``F.conv2d``; ``None`` means ``(k - 1) // 2 * dilation`` ("same" size for odd ``k`` and stride 1).
+            Default None.
         dilation (int or (int, int)): spacing between taps. Default 1.
         backend (str or None): ``"reference"``, ``"torch"``, ``"triton"`` or ``None`` (automatic).
 
@@ -284,7 +287,8 @@ def local_filter2d(
     if padding is None:
         ph, pw = (kh - 1) // 2 * dh, (kw - 1) // 2 * dw
     else:
-        ph, pw = pair(padding, "padding", minimum=0)
+        (ph, pw), extra = conv_padding(padding, (kh, kw), (sh, sw), (dh, dw))
+        x = _pad_end(x, extra)
     B, C, H, W = x.shape
     if min(C, H, W) < 1:
         raise ValueError(f"x must have positive sizes [B, C, H, W] (B may be 0), got shape {tuple(x.shape)}")
@@ -325,7 +329,7 @@ def sample_conv2d(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     stride: IntOrPair = 1,
-    padding: IntOrPair = 0,
+    padding: IntOrPair | str = 0,
     dilation: IntOrPair = 1,
     groups: int = 1,
     backend: str | None = None,
@@ -349,7 +353,8 @@ def sample_conv2d(
         x (Tensor[B, C_in, H, W]): input; any strides.
         weight (Tensor[B, C_out, C_in/groups, kh, kw]): one kernel per sample.
         bias (Tensor[B, C_out] or None): one bias per sample. Default None.
-        stride, padding, dilation (int or (int, int)): as in ``F.conv2d`` (``padding`` may be 0). Defaults 1, 0, 1.
+        stride, padding, dilation (int or (int, int)): as in ``F.conv2d`` (``padding`` also ``"valid"`` or
+            ``"same"``). Defaults 1, 0, 1.
         groups (int): channel groups of each sample's convolution, as in ``F.conv2d``. Default 1.
         backend (str or None): ``"reference"``, ``"torch"`` or ``None`` (automatic: ``torch``).
 
@@ -372,8 +377,9 @@ def sample_conv2d(
         check_same(x, "x", bias, "bias")
     groups = as_int(groups, "groups", minimum=1)
     sh, sw = pair(stride, "stride")
-    ph, pw = pair(padding, "padding", minimum=0)
     dh, dw = pair(dilation, "dilation")
+    (ph, pw), extra = conv_padding(padding, tuple(weight.shape[-2:]), (sh, sw), (dh, dw))
+    x = _pad_end(x, extra)
     B, C, H, W = x.shape
     if min(C, H, W) < 1:
         raise ValueError(f"x must have positive sizes [B, C_in, H, W] (B may be 0), got shape {tuple(x.shape)}")
@@ -419,6 +425,11 @@ def sample_conv2d(
         B * groups,
     )
     return out.view(B, C_out, Ho, Wo)
+
+
+def _pad_end(x: torch.Tensor, extra: tuple[int, int]) -> torch.Tensor:
+    """``x`` with ``extra`` zero rows/columns at the bottom/right: the odd part of ``padding="same"``."""
+    return F.pad(x, (0, extra[1], 0, extra[0])) if any(extra) else x
 
 
 def is_exporting() -> bool:

@@ -33,6 +33,7 @@ pytestmark = [
     pytest.mark.usefixtures("one_thread"),
     # numpy's "invalid value encountered" inside the Triton interpreter on the NaN/Inf inputs these tests give it.
     pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel lengths:UserWarning"),  # F.conv2d oracle
 ]
 
 NAN, INF = float("nan"), float("inf")
@@ -251,6 +252,8 @@ NONFINITE_CASES = [
     for value in (NAN, INF)
     if not (op == "local_filter2d" and name == "filters" and value == INF)  # covered by NaN: no new rule
     for backend in _backends(op)
+    # dcnv4 runs dcnv3's kernel: on the (slow) interpreter only its own offset_mask layout is new.
+    if not (op == "dcnv4" and backend == "triton" and (name, value) != ("offset_mask", NAN))
 ]
 
 
@@ -555,3 +558,67 @@ def test_layer_propagates_nan_without_crashing(name, request):
     args[0].view(-1)[3] = NAN
     out = layer(*args)
     assert out.isnan().any()
+
+
+# ------------------------------------------------------------------------------------ padding strings
+
+
+# Odd dilation * (k - 1) (k=2, or k=2 with dilation 3): F.conv2d pads one more row/column at the bottom/right.
+PADDING_CASES = [
+    (op, backend, k, dilation, padding)
+    for op in ("local_filter2d", "sample_conv2d", "deform_conv2d")
+    for backend in _backends(op)
+    for k, dilation in [(2, 1), (3, 2), (2, 3)]
+    for padding in ("same", "valid")
+    # The interpreter costs ~1 s per call here: the Triton backends get one odd "same" and one "valid".
+    if backend != "triton" or (k, dilation, padding) in [(2, 1, "same"), (3, 2, "valid")]
+]
+
+
+@pytest.mark.parametrize(
+    "op, backend, k, dilation, padding", PADDING_CASES, ids=["-".join(map(str, c)) for c in PADDING_CASES]
+)
+def test_padding_strings_as_conv2d(op, backend, k, dilation, padding):
+    """``padding="same"``/``"valid"`` as F.conv2d takes them (the odd extra row/column at the bottom/right); they
+    raised a TypeError. Oracle: F.conv2d (the same filter at every pixel, per-sample weights, zero offsets)."""
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    x = _rand(2, 2, 6, 7, dtype=dtype)
+    if op == "local_filter2d":
+        w = _rand(2, 1, k, k, dtype=dtype)
+        expected = F.conv2d(x, w, None, 1, padding, dilation, 2)
+        filters = w.view(1, 2, k * k, 1, 1).expand(2, 2, k * k, *expected.shape[-2:])
+        out = dynconv.local_filter2d(x, filters, k, 1, padding, dilation, backend=backend)
+    elif op == "sample_conv2d":
+        w = _rand(2, 3, 2, k, k, dtype=dtype)
+        expected = torch.cat([F.conv2d(x[b : b + 1], w[b], None, 1, padding, dilation) for b in range(2)])
+        out = dynconv.sample_conv2d(x, w, None, 1, padding, dilation, backend=backend)
+    else:
+        w = _rand(3, 2, k, k, dtype=dtype)
+        expected = F.conv2d(x, w, None, 1, padding, dilation)
+        offset = torch.zeros(2, 2 * k * k, *expected.shape[-2:], dtype=dtype)
+        out = dynconv.deform_conv2d(x, offset, w, None, 1, padding, dilation, backend=backend)
+    torch.testing.assert_close(out, expected)
+
+
+def test_padding_strings_refused_where_conv2d_refuses_them():
+    x, w = _rand(1, 2, 5, 5), _rand(1, 2, 2, 3, 3)
+    for padding, stride, message in [("same", 2, r"padding='same' needs stride 1"), ("full", 1, r"'valid' or 'same'")]:
+        with pytest.raises(RuntimeError):
+            F.conv2d(x, w[0], stride=stride, padding=padding)
+        with pytest.raises(ValueError, match=message):
+            dynconv.sample_conv2d(x, w, stride=stride, padding=padding)
+        with pytest.raises(ValueError, match=message):
+            dynconv.nn.DeformConv2d(2, 2, 3, stride=stride, padding=padding)
+
+
+def test_layers_take_padding_strings():
+    """A fresh DeformConv2d / DynamicFilterLayer is its static convolution, also with ``padding="same"`` and an even
+    kernel (the offset predictor pads as nn.Conv2d, the op as F.conv2d: the same place)."""
+    x = _rand(2, 2, 5, 6, dtype=torch.float32)
+    deform = dynconv.nn.DeformConv2d(2, 3, 2, padding="same", dilation=1)
+    torch.testing.assert_close(deform(x), F.conv2d(x, deform.weight, deform.bias, padding="same"))
+    assert "padding='same'" in repr(deform)
+    layer = dynconv.nn.DynamicFilterLayer(2, 3, 4, padding="same", dilation=1)
+    assert layer(x).shape == (2, 3, 5, 6)
+    local = dynconv.nn.DynamicLocalFilter2d(2, padding="same")
+    assert local(x, _rand(2, 1, 4, 5, 6, dtype=torch.float32)).shape == x.shape

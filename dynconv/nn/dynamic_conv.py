@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynconv._checks import as_int, pair
+from dynconv._checks import as_int, layer_padding, pair
 from dynconv.functional import local_filter2d, sample_conv2d
 
 __all__ = ["DynamicDilatedFilter", "DynamicFilterLayer", "DynamicMaskHead", "DynamicMultiScaleFilter"]
@@ -62,7 +62,7 @@ class DynamicFilterLayer(nn.Module):
         out_channels: int,
         kernel_size: int | Sequence[int],
         stride: int | Sequence[int] = 1,
-        padding: int | Sequence[int] = 0,
+        padding: int | Sequence[int] | str = 0,
         dilation: int | Sequence[int] = 1,
         groups: int = 1,
         bias: bool = True,
@@ -83,8 +83,8 @@ class DynamicFilterLayer(nn.Module):
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size = pair(kernel_size, "kernel_size")
         self.stride = pair(stride, "stride")
-        self.padding = pair(padding, "padding", minimum=0)
         self.dilation = pair(dilation, "dilation")
+        self.padding = layer_padding(padding, self.kernel_size, self.stride, self.dilation)
         self.cond_channels = in_channels if cond_channels is None else cond_channels
         self.negative_slope = negative_slope
         self.has_bias = bias
@@ -132,7 +132,7 @@ class DynamicFilterLayer(nn.Module):
         if self.stride != (1, 1):
             s += f", stride={self.stride}"
         if self.padding != (0, 0):
-            s += f", padding={self.padding}"
+            s += f", padding={self.padding!r}"
         if self.dilation != (1, 1):
             s += f", dilation={self.dilation}"
         if self.groups != 1:

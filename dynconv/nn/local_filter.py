@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from dynconv._checks import as_int, pair
+from dynconv._checks import as_int, layer_padding, pair
 from dynconv.functional import local_filter2d
 
 __all__ = ["DynamicLocalFilter2d", "FilterGeneratingNetwork", "Involution2d"]
@@ -39,7 +39,7 @@ class DynamicLocalFilter2d(nn.Module):
         self,
         kernel_size: int | Sequence[int],
         stride: int | Sequence[int] = 1,
-        padding: int | Sequence[int] | None = None,
+        padding: int | Sequence[int] | str | None = None,
         dilation: int | Sequence[int] = 1,
         normalize: str | None = None,
         backend: str | None = None,
@@ -49,8 +49,8 @@ class DynamicLocalFilter2d(nn.Module):
             raise ValueError(f"normalize must be one of {_NORMALIZE}, got {normalize!r}")
         self.kernel_size = pair(kernel_size, "kernel_size")
         self.stride = pair(stride, "stride")
-        self.padding = None if padding is None else pair(padding, "padding", minimum=0)
         self.dilation = pair(dilation, "dilation")
+        self.padding = None if padding is None else layer_padding(padding, self.kernel_size, self.stride, self.dilation)
         self.normalize = normalize
         self.backend = backend
 
@@ -71,7 +71,7 @@ class DynamicLocalFilter2d(nn.Module):
         if self.stride != (1, 1):
             parts.append(f"stride={self.stride}")
         if self.padding is not None:
-            parts.append(f"padding={self.padding}")
+            parts.append(f"padding={self.padding!r}")
         if self.dilation != (1, 1):
             parts.append(f"dilation={self.dilation}")
         if self.normalize is not None:
