@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import operator
 from collections.abc import Callable, Sequence
 
 import torch
@@ -15,23 +16,80 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def as_int(value: object, name: str, *, minimum: int | None = None) -> int:
+    """``value`` as a Python int, accepting what ``F.conv2d`` accepts for one: an int, a numpy integer or a
+    one-element integer tensor (anything with ``__index__``), but not a bool or a float.
+
+    Raises:
+        TypeError: ``value`` is not an integer (a bool, a float, a string, a tensor of several elements...).
+        ValueError: ``value < minimum``.
+    """
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    try:
+        out = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}") from None
+    if minimum is not None and out < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return out
+
+
 def pair(value: int | Sequence[int], name: str, *, minimum: int = 1) -> tuple[int, int]:
-    """Normalise ``value`` (an int or a pair of ints) to a pair, checking each entry is ``>= minimum``."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if isinstance(value, int):
-        out = (value, value)
-    elif (
-        isinstance(value, Sequence)
-        and len(value) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    ):
-        out = (int(value[0]), int(value[1]))
-    else:
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    """Normalise ``value`` to a pair of Python ints, checking each entry is ``>= minimum``.
+
+    Accepts what ``F.conv2d`` accepts for ``stride``/``padding``/``dilation``: an int (or a numpy integer, or a
+    one-element integer tensor), or a sequence of one or two of them (one is used for both axes).
+    """
+    try:
+        if isinstance(value, Sequence) and not isinstance(value, str):
+            if len(value) not in (1, 2):
+                raise TypeError
+            out = (as_int(value[0], name), as_int(value[-1], name))
+        else:
+            out = (as_int(value, name),) * 2
+    except TypeError:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
     if min(out) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
     return out
+
+
+PADDING_STRINGS = ("valid", "same")
+
+
+def conv_padding(
+    padding: int | Sequence[int] | str,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``padding`` as ``F.conv2d`` takes it: an int or a pair, ``"valid"`` (none) or ``"same"`` (stride 1 only).
+
+    Returns:
+        ``((ph, pw), (extra_h, extra_w))``: the padding on each side and, for ``"same"`` with an odd
+        ``dilation * (kernel_size - 1)``, one more row/column at the bottom/right (where ``F.conv2d`` puts it),
+        which the caller pads the input with (``F.pad``) before the op.
+    """
+    if not isinstance(padding, str):
+        return pair(padding, "padding", minimum=0), (0, 0)
+    if padding == "valid":
+        return (0, 0), (0, 0)
+    if padding != "same":
+        raise ValueError(f"padding must be an int, a pair of ints, 'valid' or 'same', got {padding!r}")
+    if stride != (1, 1):
+        raise ValueError(f"padding='same' needs stride 1 (as in F.conv2d), got stride {stride}")
+    total = tuple(d * (k - 1) for k, d in zip(kernel_size, dilation))
+    return (total[0] // 2, total[1] // 2), (total[0] % 2, total[1] % 2)
+
+
+def layer_padding(
+    padding: int | Sequence[int] | str, kernel_size: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int]
+) -> tuple[int, int] | str:
+    """A layer's ``padding`` argument as it stores it: a pair, or ``"valid"``/``"same"`` (checked now, so a bad one
+    fails when the layer is built, as in ``nn.Conv2d``)."""
+    conv_padding(padding, kernel_size, stride, dilation)
+    return padding if isinstance(padding, str) else pair(padding, "padding", minimum=0)
 
 
 def check_tensor(t: object, name: str, *, ndim: int | Sequence[int], shape_hint: str) -> torch.Tensor:
@@ -73,7 +131,12 @@ def autocast_op(*names: str, widest: bool = False) -> Callable[[Callable], Calla
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             first = args[0] if args else kwargs.get(names[0])
-            if not isinstance(first, torch.Tensor) or not torch.is_autocast_enabled(first.device.type):
+            # Devices without autocast (meta, for shape propagation) make torch.is_autocast_enabled raise.
+            if (
+                not isinstance(first, torch.Tensor)
+                or not torch.amp.is_autocast_available(first.device.type)
+                or not torch.is_autocast_enabled(first.device.type)
+            ):
                 return fn(*args, **kwargs)  # the common case, without the cost of binding the arguments
             device = first.device.type
             bound = signature.bind(*args, **kwargs)

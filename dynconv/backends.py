@@ -1,7 +1,8 @@
 """Choosing the implementation of an op: ``reference``, ``torch`` or ``triton``.
 
 The rule (see DESIGN.md): an explicit ``backend=`` argument wins and, if it cannot run, the error says
-why; then the ``DYNCONV_BACKEND`` environment variable; then ``triton`` for CUDA tensors when Triton is
+why; then the ``DYNCONV_BACKEND`` environment variable (if it cannot run an op, that op falls back to the
+automatic choice with a one-time :class:`BackendFallbackWarning`); then ``triton`` for CUDA tensors when Triton is
 importable and the op has a Triton kernel for the dtype; otherwise ``torch``. ``reference`` always runs.
 
 Every reason an implementation can refuse lives in one ``can_run_<backend>`` function, which either
@@ -13,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import warnings
 
 import torch
 
@@ -86,18 +88,51 @@ def can_run_triton(op: str, *tensors: torch.Tensor, raise_error: bool = False) -
 _CHECKS = {"reference": can_run_reference, "torch": can_run_torch, "triton": can_run_triton}
 
 
+class BackendFallbackWarning(UserWarning):
+    """Warned (once per op) when ``DYNCONV_BACKEND`` names a backend that cannot run an op, which then runs on the
+    automatic choice instead."""
+
+
+# Ops already warned about under DYNCONV_BACKEND (one warning per op and process, not one per call).
+_FALLBACK_WARNED: set[str] = set()
+
+
 def choose_backend(op: str, *tensors: torch.Tensor, backend: str | None = None) -> str:
-    """Return the backend that runs ``op`` on ``tensors`` under the dispatch rule in the module docstring."""
-    if backend is None:
-        backend = os.environ.get("DYNCONV_BACKEND") or None
-        source = "DYNCONV_BACKEND"
-    else:
-        source = "backend"
+    """Return the backend that runs ``op`` on ``tensors`` under the dispatch rule in the module docstring.
+
+    An explicit ``backend`` that cannot run raises :class:`BackendError` with the reason. A ``DYNCONV_BACKEND``
+    that cannot run (``triton`` for an op without a Triton kernel, for CPU tensors without
+    ``TRITON_INTERPRET=1``, for a dtype its kernels lack...) is a preference for the whole program: the op
+    falls back to the automatic choice, with one :class:`BackendFallbackWarning` per op giving the reason.
+    """
     if backend is not None:
         if backend not in _CHECKS:
-            raise ValueError(f"{source} must be one of {BACKENDS}, got {backend!r}")
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         _CHECKS[backend](op, *tensors, raise_error=True)
         return backend
+    preferred = os.environ.get("DYNCONV_BACKEND") or None
+    if preferred is not None:
+        if preferred not in _CHECKS:
+            raise ValueError(f"DYNCONV_BACKEND must be one of {BACKENDS}, got {preferred!r}")
+        try:
+            _CHECKS[preferred](op, *tensors, raise_error=True)
+            return preferred
+        except BackendError as error:
+            fallback = _automatic(op, tensors)
+            # dynamo does not trace warnings; the first eager call warns.
+            if op not in _FALLBACK_WARNED and not torch.compiler.is_compiling():
+                _FALLBACK_WARNED.add(op)
+                warnings.warn(
+                    f"DYNCONV_BACKEND={preferred}: {error}; running {op} on the {fallback!r} backend instead "
+                    f"(warned once per op)",
+                    BackendFallbackWarning,
+                    stacklevel=3,
+                )
+            return fallback
+    return _automatic(op, tensors)
+
+
+def _automatic(op: str, tensors: tuple[torch.Tensor, ...]) -> str:
     if can_run_triton(op, *tensors) and all(t.device.type == "cuda" for t in tensors):
         return "triton"
     return "torch"

@@ -1,19 +1,21 @@
 """Public ops: argument checks, normalisation of stride/padding/dilation, and backend dispatch.
 
 Every op follows ``torch.nn.functional.conv2d`` conventions: NCHW tensors, ``stride``/``padding``/
-``dilation`` as an int or a pair, and a ``backend`` argument (``None``, ``"reference"``, ``"torch"`` or
+``dilation`` as an int or a pair (numpy integers and one-element sequences too, as ``F.conv2d`` takes them), fake
+and meta tensors for shape propagation, and a ``backend`` argument (``None``, ``"reference"``, ``"torch"`` or
 ``"triton"``; see :mod:`dynconv.backends` for the rule that picks one when it is ``None``).
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from dynconv import reference
-from dynconv._checks import autocast_op, check_same, check_tensor, conv_out_size, pair
+from dynconv._checks import as_int, autocast_op, check_same, check_tensor, conv_out_size, conv_padding, pair
 from dynconv.backends import choose_backend
 from dynconv.ops.dcnv import dcn_sample_op
 from dynconv.ops.deform import deform_conv2d_op
@@ -32,7 +34,7 @@ def deform_conv2d(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     stride: IntOrPair = (1, 1),
-    padding: IntOrPair = (0, 0),
+    padding: IntOrPair | str = (0, 0),
     dilation: IntOrPair = (1, 1),
     mask: torch.Tensor | None = None,
     *,
@@ -58,13 +60,20 @@ def deform_conv2d(
           zero (so a sample with ``-1 < y < H`` still sees its in-image neighbours, and one further out is 0).
         - Offset gradients at exactly integer positions are the right-sided derivatives (``floor`` picks the
           corners), as in torchvision.
+        - Non-finite values, on every backend: a NaN or infinite value in ``input``, ``weight``, ``bias`` or
+          ``mask`` propagates through the products as in ``F.conv2d``; a sample reads its in-image corners even at
+          weight 0 (so a NaN pixel reaches the samples next to it, as in torchvision) and no pixel for a corner
+          outside the image. A NaN offset makes its sample, hence every output channel of that pixel, NaN
+          (torchvision too); an infinite offset does the same (torchvision counts it as outside the image, 0), as
+          in the DCNv3/DCNv4 ops and ``grid_sample``'s bilinear ``zeros`` mode on the CPU.
 
     Args:
         input (Tensor[B, C_in, H, W]): input features.
         offset (Tensor[B, 2*G_off*kh*kw, H_out, W_out]): sampling offsets in pixels, ``G_off`` offset groups.
         weight (Tensor[C_out, C_in/G_w, kh, kw]): convolution weight; ``G_w = C_in / weight.shape[1]`` groups.
         bias (Tensor[C_out] or None): optional bias. Default None.
-        stride, padding, dilation (int or (int, int)): as in ``F.conv2d``. Defaults 1, 0, 1.
+        stride, padding, dilation (int or (int, int)): as in ``F.conv2d`` (``padding`` also ``"valid"`` or
+            ``"same"``). Defaults 1, 0, 1.
         mask (Tensor[B, G_off*kh*kw, H_out, W_out] or None): modulation scalars (DCNv2); None means all ones.
         backend (str or None): ``"reference"``, ``"torch"``, ``"triton"`` or None (automatic), keyword only.
         deterministic (bool or None): accumulate the input gradient in a fixed order (the Triton backend then
@@ -92,10 +101,11 @@ def deform_conv2d(
         mask = check_tensor(mask, "mask", ndim=4, shape_hint="[B, offset_groups*kh*kw, H_out, W_out]")
         check_same(x, "input", mask, "mask")
     sh, sw = pair(stride, "stride")
-    ph, pw = pair(padding, "padding", minimum=0)
     dh, dw = pair(dilation, "dilation")
-    B, C, H, W = x.shape
     Co, Cw, kh, kw = weight.shape
+    (ph, pw), extra = conv_padding(padding, (kh, kw), (sh, sw), (dh, dw))
+    x = _pad_end(x, extra)
+    B, C, H, W = x.shape
     if min(C, H, W) < 1 or min(Co, Cw, kh, kw) < 1:
         raise ValueError(
             f"input [B, C_in, H, W] and weight [C_out, C_in/groups, kh, kw] must have positive sizes "
@@ -172,6 +182,13 @@ def warp(
           centres; ``"border"`` clamps the position into ``[0, W-1] x [0, H-1]``; ``"zeros"`` counts every
           neighbour outside the image as zero.
         - ``"nearest"`` rounds half to even (``grid_sample``'s rule) and has zero gradient wrt the flow.
+        - Non-finite flow, as ``grid_sample`` on the CPU: with ``"zeros"`` a NaN or infinite position gives NaN
+          (``"bilinear"``) or 0 (``"nearest"``); ``"border"`` clips NaN to the first pixel and +-inf to the
+          last/first; ``"reflection"`` puts a NaN or infinite position on the first pixel (the ``triton`` backend
+          gives NaN or 0 there instead). A NaN or infinite value of ``x`` reaches the outputs whose in-image
+          corners include it (even at weight 0, as ``grid_sample``). ``grid_sample`` on CUDA maps a non-finite
+          position out of the image instead, so with ``"zeros"`` the CUDA ``torch`` backend gives 0 where the CPU
+          gives NaN.
 
     Args:
         x (Tensor[B, C, H, W]): features to warp.
@@ -225,7 +242,7 @@ def local_filter2d(
     filters: torch.Tensor,
     kernel_size: IntOrPair,
     stride: IntOrPair = 1,
-    padding: IntOrPair | None = None,
+    padding: IntOrPair | str | None = None,
     dilation: IntOrPair = 1,
     backend: str | None = None,
 ) -> torch.Tensor:
@@ -237,7 +254,8 @@ def local_filter2d(
         y[b, c, h, w] = \sum_{i, j} f[b, g(c), i k_w + j, h, w] \,
                         x[b, c, h s_h - p_h + i d_h, w s_w - p_w + j d_w]
 
-    with ``g(c) = c // (C // G)`` and zeros outside the image: the window geometry of ``F.conv2d``.
+    with ``g(c) = c // (C // G)`` and zeros outside the image: the window geometry of ``F.conv2d``. NaN and Inf
+    propagate as in ``F.conv2d`` (a NaN filter tap over the zero padding still gives NaN).
 
     Args:
         x (Tensor[B, C, H, W]): input; any strides (channels-last and non-contiguous views work).
@@ -245,8 +263,9 @@ def local_filter2d(
             filters; ``C`` must be divisible by ``G``. Tap ``(i, j)`` is filter index ``i * kw + j``.
         kernel_size (int or (int, int)): ``k`` or ``(kh, kw)``.
         stride (int or (int, int)): step between output pixels in the input. Default 1.
-        padding (int or (int, int) or None): zero padding on each side; ``None`` means
-            ``(k - 1) // 2 * dilation`` ("same" size for odd ``k`` and stride 1). Default None.
+        padding (int or (int, int) or str or None): zero padding on each side, or ``"valid"``/``"same"`` as in
+            ``F.conv2d``; ``None`` means ``(k - 1) // 2 * dilation`` ("same" size for odd ``k`` and stride 1).
+            Default None.
         dilation (int or (int, int)): spacing between taps. Default 1.
         backend (str or None): ``"reference"``, ``"torch"``, ``"triton"`` or ``None`` (automatic).
 
@@ -268,7 +287,8 @@ def local_filter2d(
     if padding is None:
         ph, pw = (kh - 1) // 2 * dh, (kw - 1) // 2 * dw
     else:
-        ph, pw = pair(padding, "padding", minimum=0)
+        (ph, pw), extra = conv_padding(padding, (kh, kw), (sh, sw), (dh, dw))
+        x = _pad_end(x, extra)
     B, C, H, W = x.shape
     if min(C, H, W) < 1:
         raise ValueError(f"x must have positive sizes [B, C, H, W] (B may be 0), got shape {tuple(x.shape)}")
@@ -309,7 +329,7 @@ def sample_conv2d(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     stride: IntOrPair = 1,
-    padding: IntOrPair = 0,
+    padding: IntOrPair | str = 0,
     dilation: IntOrPair = 1,
     groups: int = 1,
     backend: str | None = None,
@@ -333,7 +353,8 @@ def sample_conv2d(
         x (Tensor[B, C_in, H, W]): input; any strides.
         weight (Tensor[B, C_out, C_in/groups, kh, kw]): one kernel per sample.
         bias (Tensor[B, C_out] or None): one bias per sample. Default None.
-        stride, padding, dilation (int or (int, int)): as in ``F.conv2d`` (``padding`` may be 0). Defaults 1, 0, 1.
+        stride, padding, dilation (int or (int, int)): as in ``F.conv2d`` (``padding`` also ``"valid"`` or
+            ``"same"``). Defaults 1, 0, 1.
         groups (int): channel groups of each sample's convolution, as in ``F.conv2d``. Default 1.
         backend (str or None): ``"reference"``, ``"torch"`` or ``None`` (automatic: ``torch``).
 
@@ -344,8 +365,9 @@ def sample_conv2d(
         TypeError: a non-tensor, a non-floating dtype, ``weight``/``bias`` of another dtype than ``x``, or a
             non-int ``groups``.
         ValueError: a wrong rank, a batch/channel/group mismatch, tensors on different devices, non-positive
-            sizes (the batch may be 0, as in ``F.conv2d``), an input too small for the kernel, or
-            ``backend="triton"`` (no kernel for this op).
+            sizes (the batch may be 0, as in ``F.conv2d``), or an input too small for the kernel.
+        BackendError: ``backend="triton"`` (no kernel for this op; ``DYNCONV_BACKEND=triton`` falls back to
+            ``torch`` with a warning instead).
     """
     x = check_tensor(x, "x", ndim=4, shape_hint="[B, C_in, H, W]")
     weight = check_tensor(weight, "weight", ndim=5, shape_hint="[B, C_out, C_in/groups, kh, kw]")
@@ -353,13 +375,11 @@ def sample_conv2d(
     if bias is not None:
         bias = check_tensor(bias, "bias", ndim=2, shape_hint="[B, C_out]")
         check_same(x, "x", bias, "bias")
-    if isinstance(groups, bool) or not isinstance(groups, int):
-        raise TypeError(f"groups must be an int, got {groups!r}")
-    if groups < 1:
-        raise ValueError(f"groups must be >= 1, got {groups}")
+    groups = as_int(groups, "groups", minimum=1)
     sh, sw = pair(stride, "stride")
-    ph, pw = pair(padding, "padding", minimum=0)
     dh, dw = pair(dilation, "dilation")
+    (ph, pw), extra = conv_padding(padding, tuple(weight.shape[-2:]), (sh, sw), (dh, dw))
+    x = _pad_end(x, extra)
     B, C, H, W = x.shape
     if min(C, H, W) < 1:
         raise ValueError(f"x must have positive sizes [B, C_in, H, W] (B may be 0), got shape {tuple(x.shape)}")
@@ -407,6 +427,11 @@ def sample_conv2d(
     return out.view(B, C_out, Ho, Wo)
 
 
+def _pad_end(x: torch.Tensor, extra: tuple[int, int]) -> torch.Tensor:
+    """``x`` with ``extra`` zero rows/columns at the bottom/right: the odd part of ``padding="same"``."""
+    return F.pad(x, (0, extra[1], 0, extra[0])) if any(extra) else x
+
+
 def is_exporting() -> bool:
     """Whether ``torch.export`` (and with it ``torch.onnx.export(dynamo=True)``) is tracing the call."""
     check = getattr(torch.compiler, "is_exporting", None)
@@ -442,9 +467,10 @@ def _dcn_geometry(value, kernel_size, stride, padding, dilation, group, offset_s
     sh, sw = pair(stride, "stride")
     dh, dw = pair(dilation, "dilation")
     ph, pw = ((kh - 1) // 2 * dh, (kw - 1) // 2 * dw) if padding is None else pair(padding, "padding", minimum=0)
-    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+    group = as_int(group, "group")
+    if group < 1:
         raise ValueError(f"group must be a positive int, got {group!r}")
-    if isinstance(offset_scale, bool) or not isinstance(offset_scale, (int, float)):
+    if isinstance(offset_scale, bool) or not isinstance(offset_scale, numbers.Real):
         raise TypeError(f"offset_scale must be a float, got {offset_scale!r}")
     if not isinstance(remove_center, bool):
         raise TypeError(f"remove_center must be a bool, got {remove_center!r}")
@@ -501,7 +527,10 @@ def dcnv3(
     with ``g = c // (C / group)``, ``p_0`` the centre of the ``F.conv2d`` window of output ``(h, w)``,
     ``p_k`` the centred, dilated kernel grid (points ordered x-major as the official kernels:
     :func:`dynconv.reference.dcn_kernel_points`), ``s = offset_scale``, bilinear sampling and zeros outside the
-    image. This matches InternImage's ``DCNv3Function`` / ``dcnv3_core_pytorch``.
+    image. This matches InternImage's ``DCNv3Function`` / ``dcnv3_core_pytorch``. A NaN or infinite offset makes
+    its sample NaN (``grid_sample``'s CPU rule; the official CUDA kernel skips such a point, and so does the
+    ``torch`` backend on CUDA, where ``grid_sample`` maps it out of the image); a non-finite value of
+    ``input`` or ``mask`` propagates, a point's corners outside the image reading nothing.
 
     Args:
         input (Tensor[B, H, W, C]): channels-last input; ``C`` divisible by ``group``.

@@ -67,7 +67,10 @@ def _bilinear_gather(x: torch.Tensor, py: torch.Tensor, px: torch.Tensor) -> tor
 
     Each of the four neighbouring pixels ``(floor(py) + a, floor(px) + b)`` contributes with weight
     ``(1 - |py - row|) (1 - |px - col|)`` if it lies inside the image and nothing otherwise, which is the
-    same as torchvision's "``-1 < y < H``, then in-image corners only" rule.
+    same as torchvision's "``-1 < y < H``, then in-image corners only" rule. An in-image corner is read even at
+    weight 0, so a NaN or infinite pixel there makes the sample NaN (torchvision and ``grid_sample`` read it
+    too); a corner outside the image reads nothing. A NaN or infinite position gives a NaN sample (its weights
+    are NaN), as ``grid_sample``'s bilinear ``zeros`` mode on the CPU.
 
     Args:
         x (Tensor[N, C, H, W]): the image.
@@ -85,10 +88,15 @@ def _bilinear_gather(x: torch.Tensor, py: torch.Tensor, px: torch.Tensor) -> tor
     for row, wy in ((y0, 1 - (py - y0)), (y0 + 1, py - y0)):
         for col, wx in ((x0, 1 - (px - x0)), (x0 + 1, px - x0)):
             inside = (row >= 0) & (row <= H - 1) & (col >= 0) & (col <= W - 1)
-            index = (row.clamp(0, H - 1) * W + col.clamp(0, W - 1)).long()
-            values = flat.gather(2, index.unsqueeze(1).expand(N, C, index.shape[1]))
-            out = out + values * (wy * wx * inside).unsqueeze(1)
+            values = flat.gather(2, _flat_index(row, col, H, W).unsqueeze(1).expand(N, C, row.shape[1]))
+            out = out + torch.where(inside.unsqueeze(1), values, 0) * (wy * wx).unsqueeze(1)
     return out
+
+
+def _flat_index(row: torch.Tensor, col: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """``row * W + col`` as int64 with both clamped into the image; NaN (a NaN position) reads pixel 0 instead of
+    becoming an out-of-range int64 (the caller masks what lies outside)."""
+    return (row.nan_to_num(0).clamp(0, H - 1) * W + col.nan_to_num(0).clamp(0, W - 1)).long()
 
 
 def deform_conv2d(
@@ -166,27 +174,29 @@ def warp(x: torch.Tensor, flow: torch.Tensor, mode: str, padding_mode: str) -> t
     cols = torch.arange(W, dtype=flow.dtype, device=x.device).view(1, 1, W)
     py, px = rows + flow[:, 1], cols + flow[:, 0]
     if padding_mode == "border":
-        py, px = py.clamp(0, H - 1), px.clamp(0, W - 1)
+        # grid_sample (CPU) clips a NaN position to the first pixel and an infinite one to the first or last.
+        py, px = py.nan_to_num(0).clamp(0, H - 1), px.nan_to_num(0).clamp(0, W - 1)
     elif padding_mode == "reflection":
         py, px = _reflect(py, H - 1), _reflect(px, W - 1)
     py, px = py.reshape(B, H * W), px.reshape(B, H * W)
     if mode == "nearest":
         ry, rx = torch.round(py), torch.round(px)  # torch.round rounds half to even, as grid_sample's nearbyint
         inside = (ry >= 0) & (ry <= H - 1) & (rx >= 0) & (rx <= W - 1)
-        index = (ry.clamp(0, H - 1) * W + rx.clamp(0, W - 1)).long()
-        out = x.reshape(B, C, H * W).gather(2, index.unsqueeze(1).expand(B, C, H * W)) * inside.unsqueeze(1)
+        out = x.reshape(B, C, H * W).gather(2, _flat_index(ry, rx, H, W).unsqueeze(1).expand(B, C, H * W))
+        out = torch.where(inside.unsqueeze(1), out, 0)
     else:
         out = _bilinear_gather(x, py, px)
     return out.reshape(B, C, H, W)
 
 
 def _reflect(p: torch.Tensor, last: int) -> torch.Tensor:
-    """Reflect positions about 0 and ``last`` until they lie in ``[0, last]`` (a triangle wave of period 2 last)."""
+    """Reflect positions about 0 and ``last`` until they lie in ``[0, last]`` (a triangle wave of period 2 last);
+    a NaN or infinite position goes to 0, as in ``grid_sample`` (CPU)."""
     if last == 0:
         return torch.zeros_like(p)
     period = 2 * last
     q = torch.remainder(p.abs(), period)
-    return torch.where(q > last, period - q, q)
+    return torch.where(p.isfinite(), torch.where(q > last, period - q, q), 0)
 
 
 def dcn_kernel_points(
@@ -257,9 +267,11 @@ def dcn_sample(
         fx, fy = px - x0, py - y0
         corners = ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx), (1, 0, fy * (1 - fx)), (1, 1, fy * fx))
         for oy, ox, weight in corners:
-            yi, xi = y0.long() + oy, x0.long() + ox
-            inside = (yi >= 0) & (yi < H) & (xi >= 0) & (xi < W)
-            index = (yi.clamp(0, H - 1) * W + xi.clamp(0, W - 1)).reshape(B, Ho * Wo, G, 1).expand(-1, -1, -1, Cg)
-            coeff = (weight * inside * mask[..., k]).reshape(B, Ho * Wo, G, 1)
-            out = out + torch.gather(v, 1, index) * coeff
+            yi, xi = y0 + oy, x0 + ox
+            # A corner outside the image reads nothing (not a clamped pixel times 0: 0 * inf is NaN); a NaN or
+            # infinite position has NaN weights, so its sample is NaN, as grid_sample's (the torch backend's).
+            inside = ((yi >= 0) & (yi < H) & (xi >= 0) & (xi < W)).reshape(B, Ho * Wo, G, 1)
+            index = _flat_index(yi, xi, H, W).reshape(B, Ho * Wo, G, 1).expand(-1, -1, -1, Cg)
+            coeff = (weight * mask[..., k]).reshape(B, Ho * Wo, G, 1)
+            out = out + torch.where(inside, torch.gather(v, 1, index), 0) * coeff
     return out.reshape(B, Ho, Wo, C)

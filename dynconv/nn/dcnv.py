@@ -10,17 +10,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynconv._checks import conv_out_size, pair
+from dynconv._checks import as_int, conv_out_size, pair
 from dynconv.functional import dcnv3, dcnv4
 
 __all__ = ["DCNv3", "DCNv4"]
 
 
-def _check_channels(channels: int, group: int) -> None:
-    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+def _check_channels(channels: int, group: int) -> tuple[int, int]:
+    """``channels`` and ``group`` as Python ints (numpy integers are accepted, as by ``nn.Conv2d``)."""
+    channels, group = as_int(channels, "channels"), as_int(group, "group")
+    if channels < 1:
         raise ValueError(f"channels must be a positive int, got {channels!r}")
-    if isinstance(group, bool) or not isinstance(group, int) or group < 1 or channels % group != 0:
+    if group < 1 or channels % group != 0:
         raise ValueError(f"group must be a positive int dividing channels ({channels}), got {group!r}")
+    return channels, group
 
 
 class _DCNBase(nn.Module):
@@ -105,7 +108,7 @@ class DCNv3(_DCNBase):
         backend: str | None = None,
     ) -> None:
         super().__init__()
-        _check_channels(channels, group)
+        channels, group = _check_channels(channels, group)
         self.channels, self.group, self.offset_scale, self.backend = channels, group, float(offset_scale), backend
         self._geometry(kernel_size, stride, pad, dilation, dw_kernel_size, remove_center)
         self.dw_conv = self._dw_conv(channels)
@@ -192,7 +195,7 @@ class DCNv4(_DCNBase):
         backend: str | None = None,
     ) -> None:
         super().__init__()
-        _check_channels(channels, group)
+        channels, group = _check_channels(channels, group)
         self.channels, self.group, self.offset_scale, self.backend = channels, group, float(offset_scale), backend
         self._geometry(kernel_size, stride, pad, dilation, dw_kernel_size, remove_center)
         self.use_dw = dw_kernel_size is not None

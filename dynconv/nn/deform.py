@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from dynconv._checks import pair
+from dynconv._checks import as_int, layer_padding, pair
 from dynconv.functional import deform_conv2d
 
 __all__ = ["DeformConv2d", "ModulatedDeformConv2d"]
@@ -27,8 +27,9 @@ class DeformConv2d(nn.Module):
     Args:
         in_channels (int): input channels ``C_in``.
         out_channels (int): output channels ``C_out``.
-        kernel_size, stride, padding, dilation (int or (int, int)): as in ``nn.Conv2d`` (used by both the
-            offset predictor and the deformable convolution, so their output sizes agree).
+        kernel_size, stride, padding, dilation (int or (int, int)): as in ``nn.Conv2d``, ``padding`` also
+            ``"valid"``/``"same"`` (used by both the offset predictor and the deformable convolution, so their
+            output sizes agree).
         groups (int): weight groups. Default 1.
         offset_groups (int): groups of input channels that share one set of offsets. Default 1.
         bias (bool): whether the deformable convolution has a bias. Default True.
@@ -52,7 +53,7 @@ class DeformConv2d(nn.Module):
         out_channels: int,
         kernel_size: int | Sequence[int],
         stride: int | Sequence[int] = 1,
-        padding: int | Sequence[int] = 0,
+        padding: int | Sequence[int] | str = 0,
         dilation: int | Sequence[int] = 1,
         groups: int = 1,
         offset_groups: int = 1,
@@ -62,6 +63,8 @@ class DeformConv2d(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        in_channels, out_channels = as_int(in_channels, "in_channels"), as_int(out_channels, "out_channels")
+        groups, offset_groups = as_int(groups, "groups"), as_int(offset_groups, "offset_groups")
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -75,8 +78,8 @@ class DeformConv2d(nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = pair(kernel_size, "kernel_size")
         self.stride = pair(stride, "stride")
-        self.padding = pair(padding, "padding", minimum=0)
         self.dilation = pair(dilation, "dilation")
+        self.padding = layer_padding(padding, self.kernel_size, self.stride, self.dilation)
         self.groups, self.offset_groups = groups, offset_groups
         self.backend = backend
         kh, kw = self.kernel_size
@@ -111,7 +114,7 @@ class DeformConv2d(nn.Module):
         parts = [f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"]
         for name, default in (("stride", (1, 1)), ("padding", (0, 0)), ("dilation", (1, 1))):
             if getattr(self, name) != default:
-                parts.append(f"{name}={getattr(self, name)}")
+                parts.append(f"{name}={getattr(self, name)!r}")
         if self.groups != 1:
             parts.append(f"groups={self.groups}")
         if self.offset_groups != 1:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from dynconv._checks import pair
+from dynconv._checks import as_int, layer_padding, pair
 from dynconv.functional import local_filter2d
 
 __all__ = ["DynamicLocalFilter2d", "FilterGeneratingNetwork", "Involution2d"]
@@ -39,7 +39,7 @@ class DynamicLocalFilter2d(nn.Module):
         self,
         kernel_size: int | Sequence[int],
         stride: int | Sequence[int] = 1,
-        padding: int | Sequence[int] | None = None,
+        padding: int | Sequence[int] | str | None = None,
         dilation: int | Sequence[int] = 1,
         normalize: str | None = None,
         backend: str | None = None,
@@ -49,8 +49,8 @@ class DynamicLocalFilter2d(nn.Module):
             raise ValueError(f"normalize must be one of {_NORMALIZE}, got {normalize!r}")
         self.kernel_size = pair(kernel_size, "kernel_size")
         self.stride = pair(stride, "stride")
-        self.padding = None if padding is None else pair(padding, "padding", minimum=0)
         self.dilation = pair(dilation, "dilation")
+        self.padding = None if padding is None else layer_padding(padding, self.kernel_size, self.stride, self.dilation)
         self.normalize = normalize
         self.backend = backend
 
@@ -71,7 +71,7 @@ class DynamicLocalFilter2d(nn.Module):
         if self.stride != (1, 1):
             parts.append(f"stride={self.stride}")
         if self.padding is not None:
-            parts.append(f"padding={self.padding}")
+            parts.append(f"padding={self.padding!r}")
         if self.dilation != (1, 1):
             parts.append(f"dilation={self.dilation}")
         if self.normalize is not None:
@@ -114,6 +114,12 @@ class FilterGeneratingNetwork(nn.Module):
         negative_slope: float = 0.01,
     ) -> None:
         super().__init__()
+        in_channels, groups, stride = (
+            as_int(in_channels, "in_channels"),
+            as_int(groups, "groups"),
+            as_int(stride, "stride"),
+        )
+        hidden_channels = tuple(as_int(c, "hidden_channels") for c in hidden_channels)
         if in_channels < 1 or groups < 1:
             raise ValueError(f"in_channels and groups must be >= 1, got {in_channels} and {groups}")
         self.kernel_size = pair(kernel_size, "kernel_size")
@@ -185,6 +191,15 @@ class Involution2d(nn.Module):
         backend: str | None = None,
     ) -> None:
         super().__init__()
+        channels, kernel_size, stride = (
+            as_int(channels, "channels"),
+            as_int(kernel_size, "kernel_size"),
+            as_int(stride, "stride"),
+        )
+        group_channels, reduction_ratio = (
+            as_int(group_channels, "group_channels"),
+            as_int(reduction_ratio, "reduction_ratio"),
+        )
         if channels < 1 or group_channels < 1 or channels % group_channels != 0:
             raise ValueError(f"channels ({channels}) must be a positive multiple of group_channels ({group_channels})")
         if reduction_ratio < 1:

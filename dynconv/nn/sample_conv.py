@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynconv._checks import pair
+from dynconv._checks import as_int, layer_padding, pair
 from dynconv.functional import local_filter2d, sample_conv2d
 
 __all__ = ["DynamicDilatedFilter", "DynamicFilterLayer", "DynamicMaskHead", "DynamicMultiScaleFilter"]
@@ -63,7 +63,7 @@ class DynamicFilterLayer(nn.Module):
         out_channels: int,
         kernel_size: int | Sequence[int],
         stride: int | Sequence[int] = 1,
-        padding: int | Sequence[int] = 0,
+        padding: int | Sequence[int] | str = 0,
         dilation: int | Sequence[int] = 1,
         groups: int = 1,
         bias: bool = True,
@@ -72,6 +72,11 @@ class DynamicFilterLayer(nn.Module):
         negative_slope: float = 0.01,
     ) -> None:
         super().__init__()
+        in_channels, out_channels, groups = (
+            as_int(v, n) for v, n in ((in_channels, "in_channels"), (out_channels, "out_channels"), (groups, "groups"))
+        )
+        cond_channels = None if cond_channels is None else as_int(cond_channels, "cond_channels")
+        hidden_channels = as_int(hidden_channels, "hidden_channels")
         if in_channels % groups or out_channels % groups:
             raise ValueError(
                 f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})"
@@ -79,8 +84,8 @@ class DynamicFilterLayer(nn.Module):
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size = pair(kernel_size, "kernel_size")
         self.stride = pair(stride, "stride")
-        self.padding = pair(padding, "padding", minimum=0)
         self.dilation = pair(dilation, "dilation")
+        self.padding = layer_padding(padding, self.kernel_size, self.stride, self.dilation)
         self.cond_channels = in_channels if cond_channels is None else cond_channels
         self.negative_slope = negative_slope
         self.has_bias = bias
@@ -128,7 +133,7 @@ class DynamicFilterLayer(nn.Module):
         if self.stride != (1, 1):
             s += f", stride={self.stride}"
         if self.padding != (0, 0):
-            s += f", padding={self.padding}"
+            s += f", padding={self.padding!r}"
         if self.dilation != (1, 1):
             s += f", dilation={self.dilation}"
         if self.groups != 1:
@@ -167,6 +172,12 @@ class DynamicMaskHead(nn.Module):
         self, in_channels: int = 10, channels: int = 8, num_layers: int = 3, kernel_size: int = 1, out_channels: int = 1
     ) -> None:
         super().__init__()
+        in_channels, channels, out_channels = (
+            as_int(in_channels, "in_channels"),
+            as_int(channels, "channels"),
+            as_int(out_channels, "out_channels"),
+        )
+        num_layers, kernel_size = as_int(num_layers, "num_layers"), as_int(kernel_size, "kernel_size")
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         if kernel_size < 1 or kernel_size % 2 == 0:
@@ -258,6 +269,8 @@ class DynamicMultiScaleFilter(nn.Module):
         self, in_channels: int, out_channels: int, kernel_sizes: Sequence[int] = (1, 3, 5, 7), fusion: bool = False
     ) -> None:
         super().__init__()
+        in_channels, out_channels = as_int(in_channels, "in_channels"), as_int(out_channels, "out_channels")
+        kernel_sizes = tuple(as_int(k, "kernel_sizes") for k in kernel_sizes)
         if not kernel_sizes or any(k < 1 for k in kernel_sizes):
             raise ValueError(f"kernel_sizes must be a non-empty sequence of positive ints, got {kernel_sizes!r}")
         self.in_channels, self.out_channels = in_channels, out_channels
@@ -340,6 +353,10 @@ class DynamicDilatedFilter(nn.Module):
         backend: str | None = None,
     ) -> None:
         super().__init__()
+        in_channels, out_channels = as_int(in_channels, "in_channels"), as_int(out_channels, "out_channels")
+        guide_channels = None if guide_channels is None else as_int(guide_channels, "guide_channels")
+        kernel_size, reduction = as_int(kernel_size, "kernel_size"), as_int(reduction, "reduction")
+        dilations = tuple(as_int(d, "dilations") for d in dilations)
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size}")
         if not dilations or any(d < 1 for d in dilations):

@@ -54,7 +54,13 @@ def _floor(t: torch.Tensor) -> torch.Tensor:
 
 
 def sampling_corners(
-    py: torch.Tensor, px: torch.Tensor, H: int, W: int, row_base: torch.Tensor | int = 0, derivatives: bool = False
+    py: torch.Tensor,
+    px: torch.Tensor,
+    H: int,
+    W: int,
+    row_base: torch.Tensor | int = 0,
+    derivatives: bool = False,
+    outside: int | None = None,
 ) -> list[tuple[torch.Tensor, ...]]:
     """The four bilinear corners of every sampling point, with torchvision's border rule.
 
@@ -67,6 +73,9 @@ def sampling_corners(
         H, W (int): image size.
         row_base (Tensor or int): added to every index (the first row of each image/group in a row table).
         derivatives (bool): also return the partial derivatives of each weight wrt ``py`` and ``px``.
+        outside (int or None): the index a corner outside the image gets (a row of zeros in the caller's table),
+            so it reads nothing; None clamps it into the image, where its zero weight hides the value unless that
+            value is NaN or infinite (0 * inf is NaN; torchvision reads no pixel for such a corner).
 
     Returns:
         For the corners (top-left, top-right, bottom-left, bottom-right), ``(index, weight)`` or
@@ -75,8 +84,10 @@ def sampling_corners(
     """
     y0, x0 = _floor(py), _floor(px)
     ly, lx = py - y0, px - x0
-    vy = (((y0 >= 0) & (y0 <= H - 1)).to(py.dtype), ((y0 >= -1) & (y0 <= H - 2)).to(py.dtype))
-    vx = (((x0 >= 0) & (x0 <= W - 1)).to(px.dtype), ((x0 >= -1) & (x0 <= W - 2)).to(px.dtype))
+    in_y = ((y0 >= 0) & (y0 <= H - 1), (y0 >= -1) & (y0 <= H - 2))
+    in_x = ((x0 >= 0) & (x0 <= W - 1), (x0 >= -1) & (x0 <= W - 2))
+    vy = tuple(v.to(py.dtype) for v in in_y)
+    vx = tuple(v.to(px.dtype) for v in in_x)
     wy = ((1 - ly) * vy[0], ly * vy[1])
     wx = ((1 - lx) * vx[0], lx * vx[1])
     # nan_to_num_: a NaN offset (a diverging offset predictor) must give a NaN output, not an out-of-range gather.
@@ -85,7 +96,10 @@ def sampling_corners(
     corners = []
     for a in (0, 1):
         for b in (0, 1):
-            corner = (rows[a] + cols[b], wy[a] * wx[b])
+            index = rows[a] + cols[b]
+            if outside is not None:
+                index = torch.where(in_y[a] & in_x[b], index, outside)
+            corner = (index, wy[a] * wx[b])
             if derivatives:
                 dwy = wx[b] * vy[a] if a else -(wx[b] * vy[a])
                 dwx = wy[a] * vx[b] if b else -(wy[a] * vx[b])
@@ -117,7 +131,7 @@ def _chunk_geometry(offset, mask, b0, b1, kernel_size, stride, padding, dilation
     px = base_x + off[1]
     # Row of the input table: ((image * G + group) * H + row) * W + col.
     table_base = (torch.arange(nb, device=dev).view(nb, 1, 1, 1, 1) * G_off + torch.arange(G_off, device=dev)) * (H * W)
-    corners = sampling_corners(py, px, H, W, table_base, derivatives)
+    corners = sampling_corners(py, px, H, W, table_base, derivatives, outside=nb * G_off * H * W)
     m = None
     if mask is not None:
         m = mask[b0:b1].to(acc).view(nb, G_off, K, Ho, Wo).permute(0, 3, 4, 2, 1).contiguous()  # [nb, Ho, Wo, K, G]
@@ -125,12 +139,18 @@ def _chunk_geometry(offset, mask, b0, b1, kernel_size, stride, padding, dilation
 
 
 def _input_table(x: torch.Tensor, b0: int, b1: int, G_off: int, acc: torch.dtype) -> torch.Tensor:
-    """Images ``b0:b1`` of ``x`` as rows ``[nb*G_off*H*W, C/G_off]`` (one copy; also the dtype change)."""
+    """Images ``b0:b1`` of ``x`` as rows ``[nb*G_off*H*W + 1, C/G_off]`` (one copy; also the dtype change); the
+    last row is zeros, read by the sampling corners outside the image."""
     nb, (C, H, W) = b1 - b0, x.shape[1:]
-    # .contiguous() is the point: .to() of a permuted view keeps its strides, and a row gather from that reads one
-    # element per cache line (index_select measured 15x slower at (2, 256, 64, 64)).
-    table = x[b0:b1].view(nb, G_off, C // G_off, H, W).permute(0, 1, 3, 4, 2).to(acc).contiguous()
-    return table.view(nb * G_off * H * W, C // G_off)
+    rows = nb * G_off * H * W
+    # A contiguous table is the point: a row gather from a permuted view reads one element per cache line
+    # (index_select measured 15x slower at (2, 256, 64, 64)).
+    table = torch.empty((rows + 1, C // G_off), dtype=acc, device=x.device)
+    table[:rows].view(nb, G_off, H, W, C // G_off).copy_(
+        x[b0:b1].view(nb, G_off, C // G_off, H, W).permute(0, 1, 3, 4, 2)
+    )
+    table[rows].zero_()
+    return table
 
 
 def _gather_columns(table, corners, mask, columns, scratch):
@@ -269,7 +289,7 @@ def _torch_backward(grad_out, x, offset, weight, mask, kernel_size, stride, padd
             gm = sum(a * c[1] for a, c in zip(dots, corners))
             grad_mask[b0:b1] = gm.permute(0, 4, 3, 1, 2).reshape(nb, -1, Ho, Wo)
         if need_x:
-            grad_x[b0:b1] = grad_table.view(nb, G_off, H, W, Cg).permute(0, 1, 4, 2, 3).reshape(nb, C, H, W)
+            grad_x[b0:b1] = grad_table[:-1].view(nb, G_off, H, W, Cg).permute(0, 1, 4, 2, 3).reshape(nb, C, H, W)
     # Outputs of a custom op must not alias each other, so every missing gradient is its own empty tensor.
     return (
         grad_x if need_x else x.new_empty(0),
