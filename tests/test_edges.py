@@ -477,29 +477,11 @@ def _layers(n=int):
 
 
 LAYERS = list(_layers())
-MIXTURES = ("CondConv2d", "DynamicConv2d", "DyNetConv2d", "ODConv2d")
-
-
-def _xfail_mixture(request, name, edge):
-    if name in MIXTURE_FAILING.get(edge, ()):
-        request.applymarker(pytest.mark.xfail(strict=True, reason=MIXTURE_FAILURES[edge]))
-
-
-# dynconv/nn/mixture.py is being refactored elsewhere; what fails there is recorded here, not fixed.
-MIXTURE_FAILURES = {
-    "numpy": "mixture layers check in_channels/out_channels/groups/num_experts with isinstance(int) (np.int64 refused)",
-    "meta": "DynamicConv2d/ODConv2d: reset_parameters() leaves the temperature buffer as to_empty() left it "
-    "(arbitrary memory: NaN or 0 give NaN outputs); ODConv2d.forward calls torch.is_autocast_enabled('meta'), "
-    "which raises for meta tensors",
-}
-# Which mixture layers fail at which edge (the others pass and must not be marked).
-MIXTURE_FAILING = {"numpy": MIXTURES, "meta": ("DynamicConv2d", "ODConv2d")}
 
 
 @pytest.mark.parametrize("name", LAYERS)
-def test_layer_takes_numpy_integer_arguments(name, request):
+def test_layer_takes_numpy_integer_arguments(name):
     """np.int64 sizes (from a config read with numpy) build the same layer as ints: same output, same repr."""
-    _xfail_mixture(request, name, "numpy")
     make_int, inputs = _layers(int)[name]
     make_np = _layers(np.int64)[name][0]
     torch.manual_seed(0)
@@ -513,10 +495,9 @@ def test_layer_takes_numpy_integer_arguments(name, request):
 
 
 @pytest.mark.parametrize("name", LAYERS)
-def test_layer_built_on_meta_then_materialised(name, request):
+def test_layer_built_on_meta_then_materialised(name):
     """``torch.device("meta")`` construction (no memory, no initialisation cost) propagates shapes; ``to_empty`` +
     ``reset_parameters()`` then gives a working layer with every parameter and buffer initialised."""
-    _xfail_mixture(request, name, "meta")
     make, inputs = _layers()[name]
     args = inputs()
     expected = make().eval()(*args)
@@ -537,8 +518,7 @@ def test_layer_built_on_meta_then_materialised(name, request):
 
 
 @pytest.mark.parametrize("name", LAYERS)
-def test_layer_under_fake_tensors(name, request):
-    _xfail_mixture(request, name, "fake")
+def test_layer_under_fake_tensors(name):
     make, inputs = _layers()[name]
     layer = make()
     args = inputs()
@@ -550,8 +530,7 @@ def test_layer_under_fake_tensors(name, request):
 
 
 @pytest.mark.parametrize("name", LAYERS)
-def test_layer_propagates_nan_without_crashing(name, request):
-    _xfail_mixture(request, name, "nan")
+def test_layer_propagates_nan_without_crashing(name):
     make, inputs = _layers()[name]
     layer = make()
     args = inputs()

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynconv._checks import pair
+from dynconv._checks import as_int, pair
 
 __all__ = ["CondConvRouting", "DyNetCoefficients", "MixtureAttention", "OmniAttention", "SoftmaxAttention"]
 
@@ -33,7 +33,7 @@ class MixtureAttention(nn.Module):
 
     def __init__(self, in_channels: int, num_experts: int) -> None:
         super().__init__()
-        self.in_channels, self.num_experts = in_channels, num_experts
+        self.in_channels, self.num_experts = as_int(in_channels, "in_channels"), as_int(num_experts, "num_experts")
 
     def uniform_gain(self) -> float:
         """The factor by which a uniform (zero-logit) attention scales the sum of the experts."""
@@ -56,7 +56,13 @@ class MixtureAttention(nn.Module):
     def _register_temperature(self, temperature: float, device: torch.device | str | None) -> None:
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        self.initial_temperature = float(temperature)  # what reset_parameters() restores
         self.register_buffer("temperature", torch.tensor(float(temperature), device=device))
+
+    def _reset_temperature(self) -> None:
+        # A module built on the meta device and materialised by to_empty() holds arbitrary memory here.
+        with torch.no_grad():
+            self.temperature.fill_(self.initial_temperature)
 
 
 class CondConvRouting(MixtureAttention):
@@ -65,7 +71,7 @@ class CondConvRouting(MixtureAttention):
 
     def __init__(self, in_channels: int, num_experts: int, device=None, dtype=None) -> None:
         super().__init__(in_channels, num_experts)
-        self.routing = nn.Linear(in_channels, num_experts, device=device, dtype=dtype)
+        self.routing = nn.Linear(self.in_channels, self.num_experts, device=device, dtype=dtype)
 
     def reset_parameters(self) -> None:
         self.routing.reset_parameters()
@@ -87,9 +93,9 @@ class _HiddenLayerAttention(MixtureAttention):
 
     def __init__(self, in_channels, num_experts, outputs, reduction, min_hidden, device=None, dtype=None) -> None:
         super().__init__(in_channels, num_experts)
-        hidden = max(in_channels // reduction, min_hidden)
-        self.fc1 = nn.Linear(in_channels, hidden, device=device, dtype=dtype)
-        self.fc2 = nn.Linear(hidden, outputs, device=device, dtype=dtype)
+        hidden = max(self.in_channels // as_int(reduction, "reduction"), as_int(min_hidden, "min_hidden"))
+        self.fc1 = nn.Linear(self.in_channels, hidden, device=device, dtype=dtype)
+        self.fc2 = nn.Linear(hidden, as_int(outputs, "outputs"), device=device, dtype=dtype)
 
     def reset_parameters(self) -> None:
         self.fc1.reset_parameters()
@@ -114,6 +120,10 @@ class SoftmaxAttention(_HiddenLayerAttention):
     ) -> None:  # fmt: skip
         super().__init__(in_channels, num_experts, num_experts, reduction, min_hidden, device, dtype)
         self._register_temperature(temperature, device)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        self._reset_temperature()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x (Tensor[B, C_in, H, W]). Returns: Tensor[B, K]."""
@@ -170,10 +180,12 @@ class OmniAttention(MixtureAttention):
         reduction: float = 0.0625, min_channels: int = 16, temperature: float = 1.0, device=None, dtype=None,
     ) -> None:  # fmt: skip
         super().__init__(in_channels, num_experts)
-        self.out_channels, self.kernel_size, self.groups = out_channels, pair(kernel_size, "kernel_size"), groups
+        self.out_channels, self.groups = as_int(out_channels, "out_channels"), as_int(groups, "groups")
+        self.kernel_size = pair(kernel_size, "kernel_size")
+        in_channels, out_channels, num_experts = self.in_channels, self.out_channels, self.num_experts
         self._register_temperature(temperature, device)
         factory = {"device": device, "dtype": dtype}
-        width = max(int(in_channels * reduction), min_channels)
+        width = max(int(in_channels * reduction), as_int(min_channels, "min_channels"))
         self.fc = nn.Linear(in_channels, width, bias=False, **factory)
         self.bn = nn.BatchNorm1d(width, **factory)
         taps = self.kernel_size[0] * self.kernel_size[1]
@@ -204,6 +216,7 @@ class OmniAttention(MixtureAttention):
         # The official code: Kaiming-normal (fan_out) attention FCs, zero FC biases.
         nn.init.kaiming_normal_(self.fc.weight, mode="fan_out", nonlinearity="relu")
         self.bn.reset_parameters()
+        self._reset_temperature()
         for fc in self.heads().values():
             nn.init.kaiming_normal_(fc.weight, mode="fan_out", nonlinearity="relu")
             nn.init.zeros_(fc.bias)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynconv._checks import conv_out_size, pair
+from dynconv._checks import as_int, conv_out_size, pair
 from dynconv.functional import sample_conv2d
 from dynconv.nn.mixture import formulation as _formulation
 from dynconv.nn.mixture.attention import MixtureAttention
@@ -25,6 +25,14 @@ Padding = int | Sequence[int] | str
 Device = torch.device | str | None
 DType = torch.dtype | None
 _GEOMETRY = ("in_channels", "out_channels", "num_experts", "kernel_size", "groups")
+
+
+def _positive_int(value: object, name: str) -> int:
+    """An int >= 1 as ``nn.Conv2d`` takes it (numpy integers too; not a bool or a float)."""
+    value = as_int(value, name)
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
 
 
 class KernelMixtureConv2d(nn.Module):
@@ -63,11 +71,11 @@ class KernelMixtureConv2d(nn.Module):
         *, attention: MixtureAttention | Callable[..., MixtureAttention], device: Device = None, dtype: DType = None,
     ) -> None:  # fmt: skip
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("groups", groups)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-            raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+        in_channels, out_channels = (
+            _positive_int(in_channels, "in_channels"),
+            _positive_int(out_channels, "out_channels"),
+        )
+        groups, num_experts = _positive_int(groups, "groups"), _positive_int(num_experts, "num_experts")
         if in_channels % groups or out_channels % groups:
             raise ValueError(
                 f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})"
@@ -159,7 +167,7 @@ class KernelMixtureConv2d(nn.Module):
             raise ValueError(f"x must have shape [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
         att = self.attention(x)
         att = {"kernel": att} if isinstance(att, torch.Tensor) else att
-        if torch.is_autocast_enabled(x.device.type):
+        if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
             # The attention (float32 from its sigmoids/softmax) in the convolution's low precision, so that
             # scaling the output by it keeps the dtype nn.Conv2d returns under autocast.
             low = torch.get_autocast_dtype(x.device.type)
