@@ -85,7 +85,8 @@ def _bilinear_gather(x: torch.Tensor, py: torch.Tensor, px: torch.Tensor) -> tor
     for row, wy in ((y0, 1 - (py - y0)), (y0 + 1, py - y0)):
         for col, wx in ((x0, 1 - (px - x0)), (x0 + 1, px - x0)):
             inside = (row >= 0) & (row <= H - 1) & (col >= 0) & (col <= W - 1)
-            index = (row.clamp(0, H - 1) * W + col.clamp(0, W - 1)).long()
+            # Integer arithmetic: in the positions' dtype, bf16 rounds row * W + col past 256 (fp16 past 2048).
+            index = row.clamp(0, H - 1).long() * W + col.clamp(0, W - 1).long()
             values = flat.gather(2, index.unsqueeze(1).expand(N, C, index.shape[1]))
             out = out + values * (wy * wx * inside).unsqueeze(1)
     return out
@@ -173,7 +174,7 @@ def warp(x: torch.Tensor, flow: torch.Tensor, mode: str, padding_mode: str) -> t
     if mode == "nearest":
         ry, rx = torch.round(py), torch.round(px)  # torch.round rounds half to even, as grid_sample's nearbyint
         inside = (ry >= 0) & (ry <= H - 1) & (rx >= 0) & (rx <= W - 1)
-        index = (ry.clamp(0, H - 1) * W + rx.clamp(0, W - 1)).long()
+        index = ry.clamp(0, H - 1).long() * W + rx.clamp(0, W - 1).long()  # integer arithmetic, as above
         out = x.reshape(B, C, H * W).gather(2, index.unsqueeze(1).expand(B, C, H * W)) * inside.unsqueeze(1)
     else:
         out = _bilinear_gather(x, py, px)

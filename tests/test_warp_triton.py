@@ -54,8 +54,8 @@ def run(x, flow, mode, padding_mode, backend, grad_out=None, **kw):
 def test_triton_matches_reference(case, mode, padding_mode, deterministic, monkeypatch):
     from dynconv.kernels import warp as kernels
 
-    monkeypatch.setattr(kernels, "BLOCK_CHANNELS", 2)  # several channel blocks, the last one partial
-    monkeypatch.setattr(kernels, "BLOCK_PIXELS", 32)  # several pixel blocks, the last one partial
+    monkeypatch.setitem(kernels.CONFIG, "BLOCK_C", 2)  # several channel blocks, the last one partial
+    monkeypatch.setitem(kernels.CONFIG, "BLOCK_P", 32)  # several pixel blocks, the last one partial
     x, flow = make(case, torch.float32)
     out, got, gy = run(x, flow, mode, padding_mode, "triton", deterministic=deterministic)
     ref, expected, _ = run(x, flow, mode, padding_mode, "reference", gy)
@@ -226,3 +226,18 @@ print("compiled", compile_ptx(variants, {"gidx_ptr": "*i64", "gx_ptr": "*fp32", 
 def test_kernels_compile_for_sm90_without_a_gpu():
     """The interpreter never runs Triton's compiler: compile every variant to PTX for sm_90 (no GPU needed)."""
     assert "compiled 16" in run_without_interpreter(_COMPILE_SCRIPT)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_bfloat16_zero_flow_is_identity_past_256_pixels(backend):
+    """With zero flow the warp is the identity, exactly, in any dtype. The reference computed the gather index
+    row * W + col in the positions' dtype: bf16 rounds integers past 256, so on a 20x20 image it read the wrong
+    pixels, and at realistic sizes past the last one (``test_triton_cuda_realistic_sizes[bfloat16]`` failed
+    with an index out of bounds on an H200)."""
+    x = torch.randn(1, 3, 20, 20, device=DEVICE).to(torch.bfloat16).requires_grad_()
+    flow = torch.zeros(1, 2, 20, 20, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    out = dynconv.warp(x, flow, "bilinear", "zeros", backend=backend)
+    gy = torch.randn_like(out)
+    (gx,) = torch.autograd.grad(out, (x,), gy)
+    assert torch.equal(out, x.detach())
+    assert torch.equal(gx, gy)

@@ -22,16 +22,15 @@ import triton
 import triton.language as tl
 
 from dynconv.backends import triton_interpret
+from dynconv.kernels import _launch as L
 
 __all__ = ["warp_backward", "warp_forward"]
 
 MODES = {"bilinear": 0, "nearest": 1}
 PADDING_MODES = {"zeros": 0, "border": 1, "reflection": 2}
 
-# Pixels x channels per program. The interpreter costs a fixed ~60-90 ms per program instance, so it gets
-# fewer, larger blocks.
-BLOCK_PIXELS = 256 if triton_interpret() else 64
-BLOCK_CHANNELS = 32
+# Pixels x channels per program and warps (dynconv.kernels._launch.warp_config). Tests shrink the blocks here.
+CONFIG = L.warp_config(interpreted=triton_interpret())
 
 
 @triton.jit
@@ -193,11 +192,11 @@ def warp_forward(x: torch.Tensor, flow: torch.Tensor, mode: str, padding_mode: s
     N = B * H * W
     if N == 0:
         return out
-    grid = (triton.cdiv(N, BLOCK_PIXELS), triton.cdiv(C, BLOCK_CHANNELS))
-    _warp_forward_kernel[grid](
-        *_args(x, flow), out, N, C, H, W,
-        MODE=MODES[mode], PAD=PADDING_MODES[padding_mode], BLOCK_P=BLOCK_PIXELS, BLOCK_C=BLOCK_CHANNELS,
-    )  # fmt: skip
+    grid = (triton.cdiv(N, CONFIG["BLOCK_P"]), triton.cdiv(C, CONFIG["BLOCK_C"]))
+    with L.on_device(x):
+        _warp_forward_kernel[grid](
+            *_args(x, flow), out, N, C, H, W, MODE=MODES[mode], PAD=PADDING_MODES[padding_mode], **CONFIG
+        )
     return out
 
 
@@ -233,12 +232,13 @@ def warp_backward(
         gx_buffer = grad_x if need_x else dummy
         gidx = dummy
     if N > 0 and (need_x or (need_flow and mode == "bilinear")):
-        _warp_backward_kernel[(triton.cdiv(N, BLOCK_PIXELS),)](
-            *_args(x, flow), grad_out, *grad_out.stride(), gx_buffer, gidx,
-            grad_flow if need_flow else dummy, N, C, H, W,
-            MODE=MODES[mode], PAD=PADDING_MODES[padding_mode], NEED_X=need_x, ATOMIC=atomic,
-            NEED_FLOW=need_flow, BLOCK_P=BLOCK_PIXELS, BLOCK_C=BLOCK_CHANNELS,
-        )  # fmt: skip
+        with L.on_device(x):
+            _warp_backward_kernel[(triton.cdiv(N, CONFIG["BLOCK_P"]),)](
+                *_args(x, flow), grad_out, *grad_out.stride(), gx_buffer, gidx,
+                grad_flow if need_flow else dummy, N, C, H, W,
+                MODE=MODES[mode], PAD=PADDING_MODES[padding_mode], NEED_X=need_x, ATOMIC=atomic,
+                NEED_FLOW=need_flow, **CONFIG,
+            )  # fmt: skip
     if need_x and not atomic and N > 0:
         table = torch.zeros((N, C), dtype=torch.float32, device=dev)
         table.index_put_((gidx.view(-1),), gx_buffer.view(-1, C), accumulate=True)
