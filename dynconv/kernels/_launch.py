@@ -7,11 +7,11 @@ registers (the accumulator tile and the tiles loaded beside it), which is what d
 
 * ``local_filter``: a tile of ``BLOCK_H x BLOCK_W`` output pixels times ``BLOCK_C`` channels, rows of 32 or
   64 pixels (coalesced NCHW loads along W), as many rows as fit :data:`LOCAL_FILTER_BUDGET` accumulator
-  elements (half of it for fp64), at most 16 rows and no more than the image has; 4 warps, 2 for a tile
-  of at most 512 elements.
+  elements (half of it for fp64), at least one and at most 16 rows and no more than the image has; 4 warps, 2
+  for a tile of at most 256 elements.
 * ``dcnv``: ``BLOCK_Q`` output pixels times all ``C/G`` channels of a group (``BLOCK_C``), ``BLOCK_Q`` shrunk
   as ``BLOCK_C`` grows so that ``BLOCK_Q * BLOCK_C`` stays within :data:`DCNV_BUDGET` (half for fp64).
-* ``warp`` and ``deform``: fixed blocks of pixels (rows) times 32 channels, 4 warps.
+* ``warp`` and ``deform``: fixed blocks of 64 pixels / 16 rows times 32 channels, 4 warps.
 
 Under ``TRITON_INTERPRET=1`` the interpreter pays ~60-90 ms per program instance and little per element,
 so the rules give it few, large programs instead (one tile per small test image).
@@ -40,11 +40,15 @@ import torch
 AUTOTUNE_ENV = "DYNCONV_AUTOTUNE"
 CACHE_ENV = "DYNCONV_CACHE_DIR"
 
-# Accumulator elements a local_filter program holds (BLOCK_C * BLOCK_H * BLOCK_W); 4096 is 32 fp32 values per
-# thread at 4 warps, which sm_90 compiles without spills with the loaded tiles beside it (dynconv check-kernels).
-LOCAL_FILTER_BUDGET = 4096
-# BLOCK_Q * BLOCK_C of a dcnv program; the backward keeps grad_out and four corner tiles of this size live.
-DCNV_BUDGET = 2048
+# Accumulator elements a local_filter program holds (BLOCK_C * BLOCK_H * BLOCK_W): 8 fp32 values per thread at 4
+# warps. The KW taps of a kernel row are unrolled and their loads issued together, so a thread holds several
+# tiles of this size: at 16 values per thread sm_90 needed 246-255 registers and at 32 it spilled
+# (dynconv check-kernels).
+LOCAL_FILTER_BUDGET = 1024
+# BLOCK_Q * BLOCK_C of a dcnv program: 4 fp32 values per thread at 4 warps. The backward keeps grad_out, four
+# corner tiles and their differences of this size live: at 8 values per thread it took 231 registers of the
+# 255 (deterministic path), at 16 it spilled on sm_90 (dynconv check-kernels).
+DCNV_BUDGET = 512
 
 
 def next_power_of_2(n: int) -> int:
@@ -74,9 +78,14 @@ def on_device(t: torch.Tensor):
 # --------------------------------------------------------------------------------------------- the rules
 
 
-def local_filter_block_c(channels_per_group: int, cap: int) -> int:
-    """Channels per program: all of a small group (the filter tile is then read once), at most ``cap``."""
-    return min(next_power_of_2(channels_per_group), cap)
+def local_filter_block_c(channels_per_group: int, cap: int, f64: bool = False) -> int:
+    """Channels per program: all of a small group (the filter tile is then read once), at most ``cap``, and at most
+    what leaves room in the register budget for a row of 32 pixels."""
+    return min(next_power_of_2(channels_per_group), cap, _lf_budget(f64) // 32)
+
+
+def _lf_budget(f64: bool) -> int:
+    return LOCAL_FILTER_BUDGET // (2 if f64 else 1)
 
 
 def local_filter_tile(rows: int, cols: int, block_c: int, f64: bool, interpreted: bool = False) -> dict:
@@ -84,10 +93,10 @@ def local_filter_tile(rows: int, cols: int, block_c: int, f64: bool, interpreted
     (output pixels, or one stride residue class of input pixels for grad x) times ``block_c`` channels."""
     if interpreted:
         return {"BLOCK_H": min(next_power_of_2(rows), 16), "BLOCK_W": min(next_power_of_2(cols), 32), "num_warps": 1}
-    block_w = 32 if cols <= 32 else 64
-    budget = LOCAL_FILTER_BUDGET // (2 if f64 else 1)
+    budget = _lf_budget(f64)
+    block_w = 32 if cols <= 32 or block_c * 64 > budget else 64
     block_h = max(1, min(16, next_power_of_2(rows), budget // (block_c * block_w)))
-    num_warps = 2 if block_c * block_h * block_w <= 512 else 4
+    num_warps = 2 if block_c * block_h * block_w <= 256 else 4
     return {"BLOCK_H": block_h, "BLOCK_W": block_w, "num_warps": num_warps}
 
 
@@ -99,7 +108,7 @@ LOCAL_FILTER_CANDIDATES = [(1, 64, 2), (2, 64, 4), (4, 32, 4), (4, 64, 4), (8, 3
 def local_filter_candidates(rows: int, cols: int, block_c: int, f64: bool) -> list[dict]:
     """The rule's tile first, then the other candidates that fit the image and the register budget."""
     first = local_filter_tile(rows, cols, block_c, f64)
-    budget = 2 * LOCAL_FILTER_BUDGET // (2 if f64 else 1)  # the autotuner may try up to twice the rule's tile
+    budget = 2 * _lf_budget(f64)  # the autotuner may try up to twice the rule's tile
     out = [first]
     for bh, bw, nw in LOCAL_FILTER_CANDIDATES:
         cfg = {"BLOCK_H": bh, "BLOCK_W": bw, "num_warps": nw}
@@ -115,7 +124,7 @@ def dcnv_config(channels_per_group: int, f64: bool, interpreted: bool = False) -
     if interpreted:
         return {"BLOCK_Q": 64, "BLOCK_C": block_c, "num_warps": 1}
     budget = DCNV_BUDGET // (2 if f64 else 1)
-    return {"BLOCK_Q": max(8, min(64, budget // block_c)), "BLOCK_C": block_c, "num_warps": 4}
+    return {"BLOCK_Q": max(1, min(64, budget // block_c)), "BLOCK_C": block_c, "num_warps": 4}
 
 
 def warp_config(interpreted: bool = False) -> dict:
@@ -125,8 +134,8 @@ def warp_config(interpreted: bool = False) -> dict:
 
 def deform_config(interpreted: bool = False) -> dict:
     """``{BLOCK_R, BLOCK_C, num_warps}`` of the deformable-conv kernels: (image, pixel, tap, group) rows x
-    channels per program."""
-    return {"BLOCK_R": 128 if interpreted else 32, "BLOCK_C": 32, "num_warps": 4}
+    channels per program. 32 x 32 (8 values per thread) spilled in the atomic backward on sm_90; 16 x 32 does not."""
+    return {"BLOCK_R": 128 if interpreted else 16, "BLOCK_C": 32, "num_warps": 4}
 
 
 # ------------------------------------------------------------------------------------- opt-in autotuning

@@ -98,7 +98,7 @@ def local_filter_tiles(cap: int, f64: bool) -> list[tuple[int, dict]]:
     out = []
     for block_c in (1, 2, 4, 8, 16, 32):
         for cols in (32, 4096):
-            if block_c <= cap:
+            if block_c == L.local_filter_block_c(block_c, cap, f64):
                 pair = (block_c, L.local_filter_tile(4096, cols, block_c, f64))
                 if pair not in out:
                     out.append(pair)
@@ -112,21 +112,23 @@ def _lf_variant(kernel, dtype, block_c, tile, single=None, note=""):
     return _variant("local_filter", kernel, dtype, c, tile["num_warps"], note=note)
 
 
-def _lf_singles(kernel, block_c, cap):
-    # SINGLE_C_BLOCK is cpg <= BLOCK_C: always true below the cap (BLOCK_C = next power of 2 of cpg), both at it.
+def _lf_singles(kernel, block_c, top):
+    # SINGLE_C_BLOCK is cpg <= BLOCK_C: always true below the largest BLOCK_C (the next power of 2 of cpg), both
+    # at it.
     if kernel != "_grad_filters_kernel":
         return [None]
-    return [True, False] if block_c == cap else [True]
+    return [True, False] if block_c == top else [True]
 
 
 def local_filter_variants(dtype: str, largest_only: bool) -> list[Variant]:
     out = []
     for kernel, cap in LF_KERNELS.items():
         tiles = local_filter_tiles(cap, dtype == "fp64")
+        top = max(block_c for block_c, _ in tiles)
         if largest_only:
-            tiles = [t for t in tiles if t[0] == cap]
+            tiles = [t for t in tiles if t[0] == top]
         for block_c, tile in tiles:
-            for single in _lf_singles(kernel, block_c, cap):
+            for single in _lf_singles(kernel, block_c, top):
                 out.append(_lf_variant(kernel, dtype, block_c, tile, single))
     return out
 
@@ -209,7 +211,7 @@ def grid_configs() -> list[Variant]:
         cpg = C // G
         for dtype in ("fp32", "fp64"):
             for kernel, cap in LF_KERNELS.items():
-                block_c = L.local_filter_block_c(cpg, cap)
+                block_c = L.local_filter_block_c(cpg, cap, dtype == "fp64")
                 tile = L.local_filter_tile(H, W, block_c, dtype == "fp64")  # stride 1: grad x tiles H x W too
                 single = (cpg <= block_c) if kernel == "_grad_filters_kernel" else None
                 out.append(_lf_variant(kernel, dtype, block_c, tile, single))
@@ -291,6 +293,13 @@ def _parse(report: str) -> dict:
     }
 
 
+def _cpu_seconds() -> float:
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def compile_variant(v: Variant, arch: int = 90) -> dict:
     """Compile ``v`` for ``sm_<arch>``; return its row: registers, spills, local and shared memory, seconds, and
     ``error`` (``""`` when it compiled). Runs in a process with ``TRITON_INTERPRET=0``."""
@@ -301,7 +310,7 @@ def compile_variant(v: Variant, arch: int = 90) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    row = {"variant": v, "error": "", "seconds": 0.0}
+    row = {"variant": v, "error": "", "seconds": 0.0, "cpu_seconds": 0.0}
     constexprs = dict(v.constexprs)
     kinds = dict(v.kinds)
     if "ACC" in constexprs:
@@ -320,11 +329,12 @@ def compile_variant(v: Variant, arch: int = 90) -> dict:
                     f"fp32 scalar argument(s) {narrow} in an fp64 variant: Triton passes Python floats as fp32 on a "
                     "GPU (fp64 in the interpreter); pass a tensor of the accumulation dtype"
                 )
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), _cpu_seconds()
         src = ASTSource(fn, signature, constexprs=constexprs)
         options = {"num_warps": v.num_warps, **({"num_stages": v.num_stages} if v.num_stages else {})}
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
         row["seconds"] = time.perf_counter() - start
+        row["cpu_seconds"] = _cpu_seconds() - cpu_start  # this process and its ptxas: a shared machine's wall time
         row.update(_parse(_ptxas_report(compiled.asm["ptx"], arch)))
         row["shared"] = max(int(getattr(compiled.metadata, "shared", 0) or 0), row["smem_static"])
     except Exception as exc:  # a compile error is a result to report, not a crash of the check
@@ -409,7 +419,7 @@ def first_call_variants(family: str, shape: tuple, dtype: str) -> list[Variant]:
         geometry = dict(LF_GEOMETRY, KH=k, KW=k, PH=k // 2, PW=k // 2)
         out = []
         for kernel, cap in LF_KERNELS.items():
-            block_c = L.local_filter_block_c(C // G, cap)
+            block_c = L.local_filter_block_c(C // G, cap, f64)
             tile = L.local_filter_tile(H, W, block_c, f64)
             c = dict(geometry, ACC_F64=f64, BLOCK_C=block_c, BLOCK_H=tile["BLOCK_H"], BLOCK_W=tile["BLOCK_W"])
             if kernel == "_grad_filters_kernel":
@@ -438,13 +448,14 @@ def first_call_table(arch: int = 90) -> tuple[str, float]:
         for dtype in FAMILY_DTYPES[family]:
             rows = compile_all(first_call_variants(family, shape, dtype), arch, jobs=1)
             bad = [failed(r) for r in rows if failed(r)]
-            total = sum(r["seconds"] for r in rows)
+            total = sum(r["cpu_seconds"] for r in rows)
+            wall = sum(r["seconds"] for r in rows)
             worst = max(worst, total)
             regs = max(r.get("registers", 0) for r in rows)
             spills = sum(r.get("spill_stores", 0) + r.get("spill_loads", 0) for r in rows)
             shape_s = "x".join(map(str, shape))
-            lines.append(f"| {family} | {shape_s} | {dtype} | {len(rows)} | {total:.2f} | {regs} | {spills} |"
-                         + (f" FAIL: {bad[0]}" if bad else ""))  # fmt: skip
+            line = f"| {family} | {shape_s} | {dtype} | {len(rows)} | {total:.2f} | {wall:.2f} | {regs} | {spills} |"
+            lines.append(line + (f" FAIL: {bad[0]}" if bad else ""))
             print(lines[-1], flush=True)
     return "\n".join(lines), worst
 
@@ -464,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     if args.first_call:
         table, worst = first_call_table(args.arch)
-        print(f"\nworst first-call compile total: {worst:.2f} s ({time.perf_counter() - start:.0f} s in all)")
+        print(f"\nworst first-call compile total: {worst:.2f} CPU s ({time.perf_counter() - start:.0f} s in all)")
         return 0
     todo = variants(args.family)
     print(f"compiling {len(todo)} kernel variants for sm_{args.arch} ({args.jobs} processes)", flush=True)
@@ -472,8 +483,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = compile_all(todo, args.arch, args.jobs, on_row=lambda row: print(format_row(row), flush=True))
     bad = [r for r in rows if failed(r)]
     regs = max((r.get("registers", 0) for r in rows), default=0)
-    print(f"\n{len(rows)} variants, {len(bad)} failed, max {regs} registers, "
-          f"{sum(r['seconds'] for r in rows):.0f} s compiling, {time.perf_counter() - start:.0f} s in all")  # fmt: skip
+    cpu = sum(r["cpu_seconds"] for r in rows)
+    print(f"\n{len(rows)} variants, {len(bad)} failed, max {regs} registers, {cpu:.0f} CPU s compiling, "
+          f"{time.perf_counter() - start:.0f} s in all")  # fmt: skip
     for r in bad:
         print("FAILED: " + format_row(r), file=sys.stderr)
     return 1 if bad else 0

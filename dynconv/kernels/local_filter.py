@@ -367,11 +367,12 @@ def forward(
     _, G, _, Ho, Wo = filters.shape
     y = _output((B, C, Ho, Wo), x)
     cpg = C // G
-    block_c = L.local_filter_block_c(cpg, 16)
+    acc_f64 = L.acc_is_f64(x.dtype)
+    block_c = L.local_filter_block_c(cpg, 16, acc_f64)
     args = (x, filters, y, G, cpg, H, W, Ho, Wo, *x.stride(), *filters.stride(), *y.stride())
     meta = dict(
         **_geometry(kernel_size, stride, padding, dilation),
-        ACC_F64=L.acc_is_f64(x.dtype),
+        ACC_F64=acc_f64,
         INT64=_needs_int64(x, filters, y),
         BLOCK_C=block_c,
     )
@@ -415,7 +416,7 @@ def backward(
     grad_x, grad_f = x.new_empty(0), filters.new_empty(0)
     if need_x:
         grad_x = _output((B, C, H, W), x)
-        block_c = L.local_filter_block_c(cpg, 16)
+        block_c = L.local_filter_block_c(cpg, 16, acc_f64)
         args = (grad_out, filters, grad_x, G, cpg, H, W, Ho, Wo, *grad_out.stride(), *filters.stride())
         args += tuple(grad_x.stride())
         meta = dict(
@@ -433,7 +434,7 @@ def backward(
         grad_x = grad_x.to(x.dtype)
     if need_filters:
         grad_f = _output(filters.shape, filters)
-        block_c = L.local_filter_block_c(cpg, 32)
+        block_c = L.local_filter_block_c(cpg, 32, acc_f64)
         args = (grad_out, x, grad_f, G, cpg, H, W, Ho, Wo, *grad_out.stride(), *x.stride(), *grad_f.stride())
         meta = dict(
             **geometry,

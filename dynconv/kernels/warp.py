@@ -106,20 +106,23 @@ def _warp_forward_kernel(
     N, C, H, W,
     MODE: tl.constexpr, PAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
+    # Tiles are [channels, pixels]: threads run along the pixels, contiguous in NCHW memory, and each keeps
+    # only a few pixels' geometry (a [pixels, channels] tile put a warp across 32 channels of one pixel: strided
+    # loads, and 16 pixels of geometry per thread, spilling registers on sm_90; dynconv check-kernels).
     pix = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     chan_ok = chans < C
     ok, b, h, w, px, py, dpx, dpy = _pixel_geometry(pix, N, H, W, flow_ptr, s_fb, s_fc, s_fh, s_fw, PAD)
-    base = b[:, None] * s_xb + chans[None, :].to(tl.int64) * s_xc
-    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    base = b[None, :] * s_xb + chans[:, None].to(tl.int64) * s_xc
+    acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
     for corner in tl.static_range(1 if MODE == 1 else 4):
         row, col, weight, inside = _corner(corner, px, py, H, W, ok, MODE)
-        ptrs = x_ptr + base + (row.to(tl.int64) * s_xh + col.to(tl.int64) * s_xw)[:, None]
-        v = tl.load(ptrs, mask=inside[:, None] & chan_ok[None, :], other=0.0).to(tl.float32)
-        acc += v * weight[:, None]
+        ptrs = x_ptr + base + (row.to(tl.int64) * s_xh + col.to(tl.int64) * s_xw)[None, :]
+        v = tl.load(ptrs, mask=inside[None, :] & chan_ok[:, None], other=0.0).to(tl.float32)
+        acc += v * weight[None, :]
     hw = h.to(tl.int64) * W + w
-    dst = (b[:, None] * C + chans[None, :].to(tl.int64)) * H * W + hw[:, None]
-    tl.store(out_ptr + dst, acc.to(out_ptr.dtype.element_ty), mask=ok[:, None] & chan_ok[None, :])
+    dst = (b[None, :] * C + chans[:, None].to(tl.int64)) * H * W + hw[None, :]
+    tl.store(out_ptr + dst, acc.to(out_ptr.dtype.element_ty), mask=ok[None, :] & chan_ok[:, None])
 
 
 @triton.jit
@@ -152,21 +155,21 @@ def _warp_backward_kernel(
         for c0 in range(0, C, BLOCK_C):
             chans = c0 + tl.arange(0, BLOCK_C)
             chan_ok = chans < C
-            both = ok[:, None] & chan_ok[None, :]
-            gy = tl.load(gy_ptr + g_base[:, None] + chans[None, :].to(tl.int64) * s_gc, mask=both, other=0.0)
+            both = ok[None, :] & chan_ok[:, None]
+            gy = tl.load(gy_ptr + g_base[None, :] + chans[:, None].to(tl.int64) * s_gc, mask=both, other=0.0)
             gy = gy.to(tl.float32)
             if NEED_FLOW and MODE == 0:
-                ptrs = x_ptr + b[:, None] * s_xb + chans[None, :].to(tl.int64) * s_xc + xpix[:, None]
-                v = tl.load(ptrs, mask=inside[:, None] & chan_ok[None, :], other=0.0).to(tl.float32)
-                a += tl.sum(gy * v, axis=1)
+                ptrs = x_ptr + b[None, :] * s_xb + chans[:, None].to(tl.int64) * s_xc + xpix[None, :]
+                v = tl.load(ptrs, mask=inside[None, :] & chan_ok[:, None], other=0.0).to(tl.float32)
+                a += tl.sum(gy * v, axis=0)
             if NEED_X:
-                contrib = gy * (weight * inside.to(tl.float32))[:, None]
+                contrib = gy * (weight * inside.to(tl.float32))[None, :]
                 if ATOMIC:
-                    dst = ((b[:, None] * C + chans[None, :].to(tl.int64)) * H + row.to(tl.int64)[:, None]) * W
-                    dst += col.to(tl.int64)[:, None]
-                    tl.atomic_add(gx_ptr + dst, contrib, mask=inside[:, None] & chan_ok[None, :], sem="relaxed")
+                    dst = ((b[None, :] * C + chans[:, None].to(tl.int64)) * H + row.to(tl.int64)[None, :]) * W
+                    dst += col.to(tl.int64)[None, :]
+                    tl.atomic_add(gx_ptr + dst, contrib, mask=inside[None, :] & chan_ok[:, None], sem="relaxed")
                 else:
-                    dst = (pix.to(tl.int64) + n64 * corner)[:, None] * C + chans[None, :]
+                    dst = (pix.to(tl.int64) + n64 * corner)[None, :] * C + chans[:, None]
                     tl.store(gx_ptr + dst, contrib, mask=both)
         if MODE == 0:
             wy = ly if corner // 2 == 1 else 1.0 - ly
