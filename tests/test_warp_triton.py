@@ -169,9 +169,12 @@ def test_triton_cuda_realistic_sizes(dtype):
     ref_lowp, expected_lowp, _ = run(x, flow, "bilinear", "zeros", "reference", gy)
     ref32, expected32, _ = run(x.float(), flow.float(), "bilinear", "zeros", "reference", gy.float())
     if dtype == torch.float32:
-        assert_close(out, ref32, rtol=1e-5, atol=1e-5)
-        assert_close(got[0], expected32[0], rtol=1e-5, atol=1e-4)
-        assert_close(got[1], expected32[1], rtol=1e-4, atol=1e-2)  # sums over 1024 channels
+        # The flash-attention rule one precision up (the flow gradient sums 1024 channels: a fixed tolerance
+        # would assume small sizes).
+        ref64, expected64, _ = run(x.double(), flow.double(), "bilinear", "zeros", "reference", gy.double())
+        assert_close_lowp(out, ref32, ref64, atol=1e-5)
+        assert_close_lowp(got[0], expected32[0], expected64[0], atol=1e-5, what="grad x")
+        assert_close_lowp(got[1], expected32[1], expected64[1], atol=1e-4, what="grad flow")
     else:
         assert_close_lowp(out, ref_lowp, ref32)
         assert_close_lowp(got[0], expected_lowp[0], expected32[0], what="grad x")
