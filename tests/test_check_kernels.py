@@ -192,7 +192,7 @@ def test_check_reports_spills_compile_errors_and_fp32_scalars_in_fp64(tmp_path, 
     assert any("spilling_kernel" in f and "spills" in f for f in failures)
     assert any("broken_kernel" in f for f in failures)
     assert any("scaled_kernel" in f and "fp64" in f and "fp32 scalar" in f for f in failures)
-    ok = [line for line in out.splitlines() if "scaled_kernel" in line and " fp32 " in line]
+    ok = [line for line in out.splitlines() if line.split()[1:3] == ["scaled_kernel", "fp32"]]
     assert len(ok) == 1 and "FAIL" not in ok[0]
     assert "4 variants, 3 failed" in out
 
