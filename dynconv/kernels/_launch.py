@@ -5,12 +5,14 @@ and warps from a function of the shape below, so the first call on a new shape c
 variant of each kernel it launches and times nothing. The rules bound the work one program keeps in
 registers (the accumulator tile and the tiles loaded beside it), which is what decides spills:
 
-* ``local_filter``: a tile of ``BLOCK_H x BLOCK_W`` output pixels times ``BLOCK_C`` channels, rows of 32 or
-  64 pixels (coalesced NCHW loads along W), as many rows as fit :data:`LOCAL_FILTER_BUDGET` accumulator
-  elements (half of it for fp64), at least one and at most 16 rows and no more than the image has; 4 warps, 2
-  for a tile of at most 256 elements.
-* ``dcnv``: ``BLOCK_Q`` output pixels times all ``C/G`` channels of a group (``BLOCK_C``), ``BLOCK_Q`` shrunk
-  as ``BLOCK_C`` grows so that ``BLOCK_Q * BLOCK_C`` stays within :data:`DCNV_BUDGET` (half for fp64).
+* ``local_filter``: a tile of ``BLOCK_H x BLOCK_W`` output pixels times ``BLOCK_C`` channels (all of a small
+  group, at most 16, or 32 for grad filters, and at most the budget over 32), rows of 64 pixels (coalesced NCHW
+  loads along W; 32 for narrow images or when 64 would not fit), as many rows as fit
+  :data:`LOCAL_FILTER_BUDGET` accumulator elements (half of it for fp64), at least one and at most 16 rows and
+  no more than the image has; 4 warps, 2 for a tile of at most 256 elements.
+* ``dcnv``: ``BLOCK_Q`` output pixels (at most 64) times all ``C/G`` channels of a group (``BLOCK_C``),
+  ``BLOCK_Q`` shrunk as ``BLOCK_C`` grows so that ``BLOCK_Q * BLOCK_C`` stays within :data:`DCNV_BUDGET` (half
+  for fp64); 4 warps.
 * ``warp`` and ``deform``: fixed blocks of 64 pixels / 16 rows times 32 channels, 4 warps.
 
 Under ``TRITON_INTERPRET=1`` the interpreter pays ~60-90 ms per program instance and little per element,
@@ -22,7 +24,8 @@ fastest in a JSON file under ``$DYNCONV_CACHE_DIR/autotune/`` (default ``~/.cach
 one file per device name and Triton version, written atomically, so the search is paid once per machine.
 
 **Checks.** ``dynconv check-kernels`` (:mod:`dynconv.kernels.check`) compiles every configuration these rules
-can pick, in every dtype, for a GPU architecture without a GPU, and fails on spills or compile errors.
+can pick, in every dtype, for a GPU architecture without a GPU, and fails on spills or compile errors; the
+budgets above are what it allowed on sm_90 with a margin (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -134,7 +137,8 @@ def warp_config(interpreted: bool = False) -> dict:
 
 def deform_config(interpreted: bool = False) -> dict:
     """``{BLOCK_R, BLOCK_C, num_warps}`` of the deformable-conv kernels: (image, pixel, tap, group) rows x
-    channels per program. 32 x 32 (8 values per thread) spilled in the atomic backward on sm_90; 16 x 32 does not."""
+    channels per program."""
+    # 32 x 32 (8 values a thread) spilled in the atomic backward on sm_90 (dynconv check-kernels); 16 x 32 does not.
     return {"BLOCK_R": 128 if interpreted else 16, "BLOCK_C": 32, "num_warps": 4}
 
 
