@@ -48,6 +48,20 @@ def test_rules_pick_one_bounded_config_for_every_bench_shape():
             cfg = L.dcnv_config(shape[4], f64)
             assert cfg["BLOCK_C"] >= shape[4] and all(_pow2(v) for v in cfg.values())
             assert cfg["BLOCK_Q"] * cfg["BLOCK_C"] <= L.DCNV_BUDGET // (2 if f64 else 1)
+    # The CUDA tests' local_filter shapes (tests/test_local_filter_triton.py GPU_CASES), strides included:
+    # (C, H, W, G, stride); every dtype's picks are among the checked variants.
+    for C, H, W, G, (sh, sw) in [(64, 64, 64, 1, (1, 1)), (128, 56, 56, 8, (1, 1)), (3, 64, 64, 1, (2, 2)),
+                                 (256, 28, 28, 16, (1, 1)), (96, 45, 61, 3, (2, 1))]:  # fmt: skip
+        for dtype in ("fp32", "bf16", "fp16", "fp64"):
+            for kernel, cap in check.LF_KERNELS.items():
+                block_c = L.local_filter_block_c(C // G, cap, dtype == "fp64")
+                # grad x tiles one stride class of input pixels; the others tile output pixels (padding k // 2)
+                rows, cols = (-(-H // sh), -(-W // sw))
+                if kernel != "_grad_x_kernel":
+                    rows, cols = (H - 1) // sh + 1, (W - 1) // sw + 1
+                tile = L.local_filter_tile(rows, cols, block_c, dtype == "fp64")
+                single = C // G <= block_c if kernel == "_grad_filters_kernel" else None
+                assert check._lf_variant(kernel, dtype, block_c, tile, single) in checked, (kernel, dtype, tile)
     assert bench_deform.DCNV2_SHAPES and bench_warp.SHAPES  # fixed configs: any shape, checked below
     grid = check.grid_configs()
     assert {v.family for v in grid} == {"local_filter", "dcnv"} and len(grid) >= 20

@@ -9,10 +9,10 @@ any machine (``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32)
 
 Variants (:func:`variants`): every kernel of every family (``local_filter``, ``dcnv``, ``deform``, ``warp``), in
 every dtype the family's Triton backend accepts (``dynconv.backends.TRITON_OPS``), with every configuration the
-launch rules of :mod:`dynconv.kernels._launch` can pick at their register budget (for fp32 and fp64, which have
-different budgets; fp16/bf16 accumulate in fp32 and load half the bytes, so they get the largest configurations
-only), and the configurations the rules pick for the benchmarks' shapes (:func:`grid_configs`); atomic and
-deterministic backward paths, with and without the optional tensors. A variant fails on a compile error,
+launch rules of :mod:`dynconv.kernels._launch` can pick at their register budget (fp64 has its own budget; fp16
+and bf16 get every configuration too: one fp16 variant spilled where fp32 did not), and the configurations the
+rules pick for the benchmarks' shapes (:func:`grid_configs`); atomic and deterministic backward paths, with and
+without the optional tensors. A variant fails on a compile error,
 on spills, or when an fp64 variant takes an fp32 scalar argument (Triton passes Python floats as fp32 on a
 GPU but as fp64 in the interpreter: a precision loss only a GPU shows).
 
@@ -231,7 +231,7 @@ def variants(families=None) -> list[Variant]:
         if families and family not in families:
             continue
         for dtype in FAMILY_DTYPES[family]:
-            out += make(dtype, largest_only=dtype in ("bf16", "fp16"))
+            out += make(dtype, largest_only=False)
     out += [v for v in grid_configs() if not families or v.family in families]
     return list(dict.fromkeys(out))
 
