@@ -186,7 +186,7 @@ def _planted(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))  # spawned compiler processes get the parent's sys.path
     module = "dynconv_planted_kernels"
     return [
-        check._variant("planted", "spilling_kernel", "fp32", dict(BLOCK=16384), 1, module=module),
+        check._variant("planted", "spilling_kernel", "fp32", dict(BLOCK=8192), 1, module=module),
         check._variant("planted", "broken_kernel", "fp32", dict(BLOCK=3), 4, module=module),
         check._variant("planted", "scaled_kernel", "fp64", dict(BLOCK=128), 4, {"scale": "fp32"}, module=module),
         check._variant("planted", "scaled_kernel", "fp32", dict(BLOCK=128), 4, {"scale": "fp32"}, module=module),
