@@ -334,6 +334,9 @@ def _launch(kernel, grid, args, meta: dict, rows: int, cols: int, like: torch.Te
         kernel[grid(cfg)](*args, **meta, **cfg)
 
     with L.on_device(like):
+        if len(candidates) == 1:
+            run(tile)
+            return
         device = torch.cuda.get_device_name(like.device) if like.is_cuda else "interpreter"
         key = [args[4], *args[5:9], *(meta[k] for k in ("KH", "KW", "SH", "SW", "PH", "PW", "DH", "DW", "BLOCK_C"))]
         run(L.select(kernel.fn.__name__, key, like.dtype, device, candidates, run))
