@@ -209,17 +209,11 @@ def flags(mode, pad, **kw):
     return dict(MODE=mode, PAD=pad, BLOCK_P=64, BLOCK_C=32, **kw)
 
 
-# every mode x padding in fp32, forward and atomic backward; the other dtypes and the deterministic backward once
-variants = []
-for mode in (0, 1):
-    for pad in (0, 1, 2):
-        variants.append((K._warp_forward_kernel, "fp32", flags(mode, pad)))
-        variants.append((K._warp_backward_kernel, "fp32", flags(mode, pad, NEED_X=True, ATOMIC=True, NEED_FLOW=True)))
-variants += [
+# One forward and one backward: every mode, padding, dtype and path is compiled by `dynconv check-kernels`
+# (`make test`), with registers and spills.
+variants = [
     (K._warp_forward_kernel, "bf16", flags(0, 2)),
-    (K._warp_forward_kernel, "fp16", flags(1, 1)),
-    (K._warp_backward_kernel, "bf16", flags(0, 0, NEED_X=True, ATOMIC=False, NEED_FLOW=True)),
-    (K._warp_backward_kernel, "fp16", flags(0, 2, NEED_X=False, ATOMIC=True, NEED_FLOW=True)),
+    (K._warp_backward_kernel, "fp32", flags(0, 0, NEED_X=True, ATOMIC=False, NEED_FLOW=True)),
 ]
 print("compiled", compile_ptx(variants, {"gidx_ptr": "*i64", "gx_ptr": "*fp32", "gflow_ptr": "*fp32"}))
 """
@@ -227,8 +221,8 @@ print("compiled", compile_ptx(variants, {"gidx_ptr": "*i64", "gx_ptr": "*fp32", 
 
 @pytest.mark.slow
 def test_kernels_compile_for_sm90_without_a_gpu():
-    """The interpreter never runs Triton's compiler: compile every variant to PTX for sm_90 (no GPU needed)."""
-    assert "compiled 16" in run_without_interpreter(_COMPILE_SCRIPT)
+    """The interpreter never runs Triton's compiler: compile to PTX for sm_90 (no GPU needed)."""
+    assert "compiled 2" in run_without_interpreter(_COMPILE_SCRIPT)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
