@@ -220,3 +220,12 @@ def test_picked_configs_compile_without_spills():
     for row in rows:
         assert not check.failed(row), check.format_row(row)
         assert row["registers"] > 0
+
+
+def test_cli_routes_check_kernels_and_refuses_a_bad_arch(capsys):
+    from dynconv import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["check-kernels", "--arch", "0"])
+    assert exc.value.code == 2
+    assert "--arch: expected an integer >= 1, got '0'" in capsys.readouterr().err
