@@ -27,6 +27,7 @@ lint: setup
 
 test: lint
 	$(PY) -m pytest -q
+	$(PY) -m dynconv check-kernels --arch 90
 
 demo: setup
 	$(PY) -m dynconv demo --out demo_out

@@ -3,6 +3,7 @@
     dynconv bench NAME [options]            operator benchmarks (NAME: see ``dynconv bench --help``)
     dynconv train|eval|predict TASK [...]   recipes (TASK: see ``dynconv train --help``)
     dynconv demo [--out DIR] [--steps N]    what ``make demo`` runs: DFN video prediction, then the operators
+    dynconv check-kernels [--arch 90]       compile every Triton kernel variant for a GPU, no GPU needed
 
 Recipes own their options: everything after ``TASK`` is handed to the recipe's
 ``main(command, argv)``, so ``dynconv train TASK --help`` lists them.
@@ -109,6 +110,13 @@ def _main(argv: list[str]) -> int:
         asked = len(argv) > 1
         print(_recipe_list(argv[0]), file=sys.stdout if asked else sys.stderr)
         return 0 if asked else 2
+
+    # check-kernels owns its options (dynconv/kernels/check.py): listed here, parsed there.
+    sub.add_parser("check-kernels", help="compile every Triton kernel variant for a GPU (no GPU needed)")
+    if argv[:1] == ["check-kernels"]:
+        from dynconv.kernels import check as check_module
+
+        return check_module.main(argv[1:])
 
     # Benchmarks add their own options; parse in two passes so 'dynconv bench NAME --help' shows them.
     if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHMARKS:

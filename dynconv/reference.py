@@ -95,8 +95,9 @@ def _bilinear_gather(x: torch.Tensor, py: torch.Tensor, px: torch.Tensor) -> tor
 
 def _flat_index(row: torch.Tensor, col: torch.Tensor, H: int, W: int) -> torch.Tensor:
     """``row * W + col`` as int64 with both clamped into the image; NaN (a NaN position) reads pixel 0 instead of
-    becoming an out-of-range int64 (the caller masks what lies outside)."""
-    return (row.nan_to_num(0).clamp(0, H - 1) * W + col.nan_to_num(0).clamp(0, W - 1)).long()
+    becoming an out-of-range int64 (the caller masks what lies outside). The product is taken in integers: in
+    the positions' dtype, bf16 rounds ``row * W + col`` past 256 (fp16 past 2048)."""
+    return row.nan_to_num(0).clamp(0, H - 1).long() * W + col.nan_to_num(0).clamp(0, W - 1).long()
 
 
 def deform_conv2d(

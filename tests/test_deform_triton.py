@@ -60,7 +60,7 @@ def run(tensors, geometry, backend, grad_out=None, **kw):
 def test_triton_matches_reference(case, deterministic, monkeypatch):
     from dynconv.kernels import deform as kernels
 
-    monkeypatch.setattr(kernels, "BLOCK_CHANNELS", 2)  # several channel blocks, the last one partial
+    monkeypatch.setitem(kernels.CONFIG, "BLOCK_C", 2)  # several channel blocks, the last one partial
     tensors, geometry = make(case, torch.float32)
     out, got, gy = run(tensors, geometry, "triton", deterministic=deterministic)
     ref, expected, _ = run(tensors, geometry, "reference", gy)

@@ -5,7 +5,8 @@ Layouts are the ops' channels-last ones: ``value [B, H, W, C]``, ``offset [B, H_
 ``mask [B, H_out, W_out, G, P]``, ``out [B, H_out, W_out, C]`` (contiguous: the launchers copy when needed).
 A program covers ``BLOCK_Q`` output pixels of one group of one sample, with all ``C/G`` channels of the group in
 one ``BLOCK_C`` vector (channels-last makes each corner's load one contiguous run of ``C/G`` values, as the
-official DCNv4 kernel reads them), and loops over the P kernel points.
+official DCNv4 kernel reads them), and loops over the P kernel points; ``BLOCK_Q`` shrinks as ``BLOCK_C`` grows
+(:func:`dynconv.kernels._launch.dcnv_config`).
 
 * ``forward``: per point, four masked corner loads ``[BLOCK_Q, BLOCK_C]`` weighted by the bilinear weights
   times the modulation, accumulated in fp32 (fp64 for fp64 inputs).
@@ -24,9 +25,13 @@ import torch
 import triton
 import triton.language as tl
 
+from dynconv.backends import triton_interpret
+from dynconv.kernels import _launch as L
+
 __all__ = ["forward", "backward"]
 
-BLOCK_Q = 64
+# Whether the kernels below were created by the interpreter (decided when this module was imported).
+INTERPRETED = triton_interpret()
 
 
 @triton.jit
@@ -58,7 +63,7 @@ def _point(offset_ptr, mask_ptr, om, k, qmask, base_x, base_y, offset_scale,
 
 
 @triton.jit
-def _dcn_forward_kernel(value_ptr, offset_ptr, mask_ptr, out_ptr, H, W, HO, WO, offset_scale,
+def _dcn_forward_kernel(value_ptr, offset_ptr, mask_ptr, out_ptr, scale_ptr, H, W, HO, WO,
                         G: tl.constexpr, CG: tl.constexpr, P: tl.constexpr,
                         KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                         PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
@@ -68,6 +73,9 @@ def _dcn_forward_kernel(value_ptr, offset_ptr, mask_ptr, out_ptr, H, W, HO, WO, 
     g = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)  # with it every offset below is int64: tensors may pass 2**31 elements
     C = G * CG
+    # offset_scale from a one-element tensor of the accumulation dtype: a Python float argument is fp32 on
+    # the GPU (the interpreter keeps it fp64), which cost fp64 inputs 8 digits.
+    offset_scale = tl.load(scale_ptr).to(ACC)
     q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     qmask = q < HO * WO
     ho = q // WO
@@ -110,7 +118,7 @@ def _scatter(grad_value_ptr, contrib_ptr, rows_ptr, slot, row_base, yy, xx, vali
 
 @triton.jit
 def _dcn_backward_kernel(value_ptr, offset_ptr, mask_ptr, grad_out_ptr, grad_value_ptr, grad_offset_ptr,
-                         grad_mask_ptr, contrib_ptr, rows_ptr, H, W, HO, WO, offset_scale,
+                         grad_mask_ptr, contrib_ptr, rows_ptr, scale_ptr, H, W, HO, WO,
                          G: tl.constexpr, CG: tl.constexpr, P: tl.constexpr,
                          KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
                          PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
@@ -120,6 +128,9 @@ def _dcn_backward_kernel(value_ptr, offset_ptr, mask_ptr, grad_out_ptr, grad_val
     g = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)  # with it every offset below is int64: tensors may pass 2**31 elements
     C = G * CG
+    # offset_scale from a one-element tensor of the accumulation dtype: a Python float argument is fp32 on
+    # the GPU (the interpreter keeps it fp64), which cost fp64 inputs 8 digits.
+    offset_scale = tl.load(scale_ptr).to(ACC)
     q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     qmask = q < HO * WO
     ho = q // WO
@@ -159,19 +170,22 @@ def _dcn_backward_kernel(value_ptr, offset_ptr, mask_ptr, grad_out_ptr, grad_val
                      cmask, fy * fx * m, gy, b, DETERMINISTIC, BLOCK_C)  # fmt: skip
 
 
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _meta(value, offset, kernel_size, stride, padding, dilation, remove_center):
     B, H, W, C = value.shape
     _, Ho, Wo, G, P, _ = offset.shape
     Cg = C // G
+    f64 = L.acc_is_f64(value.dtype)
+    config = L.dcnv_config(Cg, f64, interpreted=INTERPRETED)
     meta = dict(G=G, CG=Cg, P=P, KH=kernel_size[0], KW=kernel_size[1], SH=stride[0], SW=stride[1])
     meta.update(PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1], REMOVE_CENTER=remove_center)
-    meta.update(ACC=_acc(value.dtype), BLOCK_Q=BLOCK_Q, BLOCK_C=max(triton.next_power_of_2(Cg), 2))
-    grid = (triton.cdiv(Ho * Wo, BLOCK_Q), G, B)
+    meta.update(ACC=tl.float64 if f64 else tl.float32, **config)
+    grid = (triton.cdiv(Ho * Wo, config["BLOCK_Q"]), G, B)
     return meta, grid
+
+
+def _scale(offset_scale: float, value: torch.Tensor) -> torch.Tensor:
+    return torch.full((1,), offset_scale, dtype=torch.float64 if L.acc_is_f64(value.dtype) else torch.float32,
+                      device=value.device)  # fmt: skip
 
 
 def forward(value, offset, mask, kernel_size, stride, padding, dilation, offset_scale, remove_center):
@@ -181,7 +195,8 @@ def forward(value, offset, mask, kernel_size, stride, padding, dilation, offset_
     _, Ho, Wo = offset.shape[:3]
     out = value.new_empty((B, Ho, Wo, C))
     meta, grid = _meta(value, offset, kernel_size, stride, padding, dilation, remove_center)
-    _dcn_forward_kernel[grid](value, offset, mask, out, H, W, Ho, Wo, float(offset_scale), **meta)
+    with L.on_device(value):
+        _dcn_forward_kernel[grid](value, offset, mask, out, _scale(offset_scale, value), H, W, Ho, Wo, **meta)
     return out
 
 
@@ -208,10 +223,12 @@ def backward(grad_out, value, offset, mask, kernel_size, stride, padding, dilati
         slots = B * Ho * Wo * G * P * 4
         contrib = torch.empty((slots, meta["BLOCK_C"]), dtype=acc, device=value.device)
         rows = torch.empty(slots, dtype=torch.int64, device=value.device)
-    _dcn_backward_kernel[grid](
-        value, offset, mask, grad_out, grad_value, grad_offset, grad_mask, contrib, rows, H, W, Ho, Wo,
-        float(offset_scale), NEED_VALUE=need_value, DETERMINISTIC=bool(deterministic), **meta,
-    )  # fmt: skip
+    with L.on_device(value):
+        _dcn_backward_kernel[grid](
+            value, offset, mask, grad_out, grad_value, grad_offset, grad_mask, contrib, rows,
+            _scale(offset_scale, value), H, W, Ho, Wo,
+            NEED_VALUE=need_value, DETERMINISTIC=bool(deterministic), **meta,
+        )  # fmt: skip
     if need_value and deterministic:
         groups = torch.arange(G, device=value.device).repeat_interleave(P * 4).repeat(B * Ho * Wo)
         keep = rows >= 0

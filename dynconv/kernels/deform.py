@@ -16,14 +16,14 @@ import triton
 import triton.language as tl
 
 from dynconv.backends import triton_interpret
+from dynconv.kernels import _launch as L
 from dynconv.ops.deform import _acc_dtype, _columns_matmul, _grad_columns, _grad_weight, images_per_chunk
 
 __all__ = ["deform_conv2d_backward", "deform_conv2d_forward"]
 
-# Rows (image, pixel, tap, group) x channels per program. The interpreter costs ~60-90 ms per program instance
-# whatever its size, so it gets fewer, larger row blocks.
-BLOCK_ROWS = 128 if triton_interpret() else 32
-BLOCK_CHANNELS = 32
+# Rows (image, pixel, tap, group) x channels per program and warps (dynconv.kernels._launch.deform_config).
+# Tests shrink the blocks here.
+CONFIG = L.deform_config(interpreted=triton_interpret())
 
 
 @triton.jit
@@ -195,11 +195,12 @@ def _columns(x, offset, mask, b0, b1, kernel_size, stride, padding, dilation):
     R = (b1 - b0) * Ho * Wo * K * G
     Cg = C // G
     cols = torch.empty((R, Cg), dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(R, BLOCK_ROWS), triton.cdiv(Cg, BLOCK_CHANNELS))
-    _deform_columns_kernel[grid](
-        *tensors, cols, R, b0, H, W, Ho, Wo, G, Cg, *geometry,
-        K=K, KW=kernel_size[1], HAS_MASK=mask is not None, BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_CHANNELS,
-    )  # fmt: skip
+    grid = (triton.cdiv(R, CONFIG["BLOCK_R"]), triton.cdiv(Cg, CONFIG["BLOCK_C"]))
+    with L.on_device(x):
+        _deform_columns_kernel[grid](
+            *tensors, cols, R, b0, H, W, Ho, Wo, G, Cg, *geometry,
+            K=K, KW=kernel_size[1], HAS_MASK=mask is not None, **CONFIG,
+        )  # fmt: skip
     return cols
 
 
@@ -269,13 +270,14 @@ def deform_conv2d_backward(
         else:
             gx_buffer = grad_x if need_x else dummy
             gidx = dummy
-        _deform_backward_kernel[(triton.cdiv(R, BLOCK_ROWS),)](
-            *tensors, gcols, gx_buffer, gidx,
-            grad_offset if need_offset else dummy, grad_mask if need_mask else dummy,
-            R, b0, C, H, W, Ho, Wo, G, Cg, *geometry,
-            K=K, KW=kernel_size[1], HAS_MASK=mask is not None, NEED_X=need_x, ATOMIC=atomic,
-            NEED_OFFSET=need_offset, NEED_MASK=need_mask, BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_CHANNELS,
-        )  # fmt: skip
+        with L.on_device(x):
+            _deform_backward_kernel[(triton.cdiv(R, CONFIG["BLOCK_R"]),)](
+                *tensors, gcols, gx_buffer, gidx,
+                grad_offset if need_offset else dummy, grad_mask if need_mask else dummy,
+                R, b0, C, H, W, Ho, Wo, G, Cg, *geometry,
+                K=K, KW=kernel_size[1], HAS_MASK=mask is not None, NEED_X=need_x, ATOMIC=atomic,
+                NEED_OFFSET=need_offset, NEED_MASK=need_mask, **CONFIG,
+            )  # fmt: skip
         if need_x and not atomic:
             table = torch.zeros((nb * G * H * W, Cg), dtype=torch.float32, device=dev)
             table.index_put_((gidx.view(-1),), gx_buffer.view(-1, Cg), accumulate=True)

@@ -22,12 +22,13 @@ unless a tensor spans 2**30 elements or more (a factor-2 margin for the masked l
 the program ids, and with them every offset, are promoted to int64.
 
 Taps: a runtime loop over the kernel rows, the taps of a row unrolled. Unrolling all k*k taps took 18-51 s
-per kernel and config to compile for sm_90 at k=9 (this 2-core machine), the row loop 1.1-2.6 s; the
-autotuner compiles every config of every kernel for each new geometry (and times them for each new shape).
+per kernel and config to compile for sm_90 at k=9 (this 2-core machine), the row loop 1.1-2.6 s.
 
-Block sizes: on GPU ``triton.autotune`` picks the tile (``BLOCK_H x BLOCK_W`` pixels, warps) per shape and
-geometry, with ``BLOCK_C`` from :func:`_block_c`; under ``TRITON_INTERPRET=1`` (where autotuning would
-run every config through the slow interpreter) one fixed config covers a small image in a single tile.
+Block sizes: one tile (``BLOCK_H x BLOCK_W`` pixels, warps) per kernel and shape from the rule in
+:func:`dynconv.kernels._launch.local_filter_tile`, with ``BLOCK_C`` from
+:func:`dynconv.kernels._launch.local_filter_block_c`: a new shape compiles one variant of each kernel and times
+nothing. ``DYNCONV_AUTOTUNE=1`` times the candidate tiles once per device, dtype and shape and caches the winner
+on disk (:func:`dynconv.kernels._launch.select`).
 
 ``TRITON_INTERPRET`` is read by ``triton.jit`` when this module is imported: set it before the first call
 of the ``triton`` backend.
@@ -35,49 +36,20 @@ of the ``triton`` backend.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
 from dynconv.backends import triton_interpret
+from dynconv.kernels import _launch as L
 
 __all__ = ["forward", "backward"]
 
 # Whether the kernels below were created by the interpreter (decided when this module was imported).
 INTERPRETED = triton_interpret()
 
-# Autotune the tile on GPU; under the interpreter use one fixed tile (tests switch autotuning on, with a
-# stub timer, to run the GPU launch path on CPU).
-AUTOTUNE = not INTERPRETED
-
 # Tests set this to run the int64 offset path on small tensors.
 FORCE_INT64 = False
-
-_INT32_SAFE = 2**30
-
-# Output-tile configs for the GPU autotuner: (BLOCK_H, BLOCK_W, num_warps). Rows of 32-128 pixels keep
-# NCHW loads coalesced along W; taller tiles share more of the (k-1)-pixel halo between taps.
-_TILES = [
-    (1, 64, 2),
-    (2, 64, 4),
-    (4, 32, 4),
-    (4, 64, 4),
-    (8, 32, 4),
-    (2, 128, 4),
-    (8, 64, 8),
-    (16, 32, 8),
-]
-_CONFIGS = [triton.Config({"BLOCK_H": bh, "BLOCK_W": bw}, num_warps=nw) for bh, bw, nw in _TILES]
-_KEY = ["C_PER_G", "H", "W", "HO", "WO", "KH", "KW", "SH", "SW", "DH", "DW"]
-
-
-def _prune_tiles(configs, named_args, **kwargs):
-    # A tile more than twice as wide as the output row only adds masked lanes.
-    width = triton.next_power_of_2(named_args["WO"])
-    kept = [c for c in configs if c.kwargs["BLOCK_W"] <= max(32, width)]
-    return kept or configs[:1]
 
 
 @triton.jit
@@ -329,33 +301,6 @@ def _grad_filters_kernel(
             tl.store(gf_tap, acc[None, :, :].to(gf_ptr.dtype.element_ty), mask=p_ok)
 
 
-_forward_tuned = triton.autotune(_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_tiles})(
-    _forward_kernel
-)
-_grad_x_tuned = triton.autotune(_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_tiles})(
-    _grad_x_kernel
-)
-_grad_filters_tuned = triton.autotune(_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune_tiles})(
-    _grad_filters_kernel
-)
-
-
-def _block_c(channels_per_group: int, cap: int) -> int:
-    # Channels per program: all of a small group (the filter tile is then read once), at most ``cap``
-    # (register pressure: BLOCK_C * BLOCK_H * BLOCK_W fp32 accumulators per program).
-    return min(triton.next_power_of_2(channels_per_group), cap)
-
-
-def _interpreter_tile(rows: int, cols: int) -> dict:
-    # One program per (channel block, b, g) for the small images of the tests: the interpreter pays
-    # ~60-90 ms per program and little per element.
-    return {
-        "BLOCK_H": min(triton.next_power_of_2(rows), 16),
-        "BLOCK_W": min(triton.next_power_of_2(cols), 32),
-        "num_warps": 1,
-    }
-
-
 def _output(shape, like: torch.Tensor) -> torch.Tensor:
     # Triton 3.9's interpreter truncates fp32 -> bf16 casts where the GPU rounds to nearest even (measured: 4 of
     # 24 outputs one bf16 ulp off), so under the interpreter bf16 results are stored in fp32 and rounded by
@@ -365,13 +310,7 @@ def _output(shape, like: torch.Tensor) -> torch.Tensor:
 
 
 def _needs_int64(*tensors: torch.Tensor) -> bool:
-    if FORCE_INT64:
-        return True
-    for t in tensors:
-        extent = 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()) if n > 0)
-        if extent >= _INT32_SAFE or t.numel() >= _INT32_SAFE:
-            return True
-    return False
+    return FORCE_INT64 or L.needs_int64(*tensors)
 
 
 def _check_launchable(*tensors: torch.Tensor) -> None:
@@ -382,9 +321,25 @@ def _check_launchable(*tensors: torch.Tensor) -> None:
         )
 
 
-def _on_device(t: torch.Tensor):
-    # Triton launches on the current CUDA device; tensors on another GPU need it switched for the launch.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+def _launch(kernel, grid, args, meta: dict, rows: int, cols: int, like: torch.Tensor) -> None:
+    """Launch ``kernel`` with the tile of the rule (or, with ``DYNCONV_AUTOTUNE=1``, the cached fastest) for
+    programs covering ``rows x cols`` pixels; ``grid(tile)`` is the launch grid of a tile."""
+    block_c, f64 = meta["BLOCK_C"], meta["ACC_F64"]
+    tile = L.local_filter_tile(rows, cols, block_c, f64, interpreted=INTERPRETED)
+    candidates = [tile]
+    if L.autotune_enabled():
+        candidates += [c for c in L.local_filter_candidates(rows, cols, block_c, f64) if c != tile]
+
+    def run(cfg):
+        kernel[grid(cfg)](*args, **meta, **cfg)
+
+    with L.on_device(like):
+        if len(candidates) == 1:
+            run(tile)
+            return
+        device = torch.cuda.get_device_name(like.device) if like.is_cuda else "interpreter"
+        key = [args[4], *args[5:9], *(meta[k] for k in ("KH", "KW", "SH", "SW", "PH", "PW", "DH", "DW", "BLOCK_C"))]
+        run(L.select(kernel.fn.__name__, key, like.dtype, device, candidates, run))
 
 
 def _geometry(kernel_size, stride, padding, dilation) -> dict:
@@ -415,11 +370,12 @@ def forward(
     _, G, _, Ho, Wo = filters.shape
     y = _output((B, C, Ho, Wo), x)
     cpg = C // G
-    block_c = _block_c(cpg, 16)
+    acc_f64 = L.acc_is_f64(x.dtype)
+    block_c = L.local_filter_block_c(cpg, 16, acc_f64)
     args = (x, filters, y, G, cpg, H, W, Ho, Wo, *x.stride(), *filters.stride(), *y.stride())
     meta = dict(
         **_geometry(kernel_size, stride, padding, dilation),
-        ACC_F64=x.dtype == torch.float64,
+        ACC_F64=acc_f64,
         INT64=_needs_int64(x, filters, y),
         BLOCK_C=block_c,
     )
@@ -427,12 +383,7 @@ def forward(
     def grid(m):
         return (triton.cdiv(cpg, block_c) * triton.cdiv(Ho, m["BLOCK_H"]) * triton.cdiv(Wo, m["BLOCK_W"]) * B * G,)
 
-    if not AUTOTUNE:
-        tile = _interpreter_tile(Ho, Wo)
-        _forward_kernel[grid(tile)](*args, **meta, **tile)
-    else:
-        with _on_device(x):
-            _forward_tuned[grid](*args, **meta)
+    _launch(_forward_kernel, grid, args, meta, Ho, Wo, x)
     return y.to(x.dtype)
 
 
@@ -464,11 +415,11 @@ def backward(
     cpg = C // G
     geometry = _geometry(kernel_size, stride, padding, dilation)
     sh, sw = stride
-    acc_f64 = x.dtype == torch.float64
+    acc_f64 = L.acc_is_f64(x.dtype)
     grad_x, grad_f = x.new_empty(0), filters.new_empty(0)
     if need_x:
         grad_x = _output((B, C, H, W), x)
-        block_c = _block_c(cpg, 16)
+        block_c = L.local_filter_block_c(cpg, 16, acc_f64)
         args = (grad_out, filters, grad_x, G, cpg, H, W, Ho, Wo, *grad_out.stride(), *filters.stride())
         args += tuple(grad_x.stride())
         meta = dict(
@@ -482,16 +433,11 @@ def backward(
             tiles = triton.cdiv(triton.cdiv(H, sh), m["BLOCK_H"]) * triton.cdiv(triton.cdiv(W, sw), m["BLOCK_W"])
             return (triton.cdiv(cpg, block_c) * tiles * sh * sw * B * G,)
 
-        if not AUTOTUNE:
-            tile = _interpreter_tile(triton.cdiv(H, sh), triton.cdiv(W, sw))
-            _grad_x_kernel[grid_x(tile)](*args, **meta, **tile)
-        else:
-            with _on_device(x):
-                _grad_x_tuned[grid_x](*args, **meta)
+        _launch(_grad_x_kernel, grid_x, args, meta, triton.cdiv(H, sh), triton.cdiv(W, sw), x)
         grad_x = grad_x.to(x.dtype)
     if need_filters:
         grad_f = _output(filters.shape, filters)
-        block_c = _block_c(cpg, 32)
+        block_c = L.local_filter_block_c(cpg, 32, acc_f64)
         args = (grad_out, x, grad_f, G, cpg, H, W, Ho, Wo, *grad_out.stride(), *x.stride(), *grad_f.stride())
         meta = dict(
             **geometry,
@@ -504,11 +450,6 @@ def backward(
         def grid_f(m):
             return (triton.cdiv(Ho, m["BLOCK_H"]) * triton.cdiv(Wo, m["BLOCK_W"]) * B * G,)
 
-        if not AUTOTUNE:
-            tile = _interpreter_tile(Ho, Wo)
-            _grad_filters_kernel[grid_f(tile)](*args, **meta, **tile)
-        else:
-            with _on_device(x):
-                _grad_filters_tuned[grid_f](*args, **meta)
+        _launch(_grad_filters_kernel, grid_f, args, meta, Ho, Wo, x)
         grad_f = grad_f.to(filters.dtype)
     return grad_x, grad_f

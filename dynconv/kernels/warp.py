@@ -22,16 +22,15 @@ import triton
 import triton.language as tl
 
 from dynconv.backends import triton_interpret
+from dynconv.kernels import _launch as L
 
 __all__ = ["warp_backward", "warp_forward"]
 
 MODES = {"bilinear": 0, "nearest": 1}
 PADDING_MODES = {"zeros": 0, "border": 1, "reflection": 2}
 
-# Pixels x channels per program. The interpreter costs a fixed ~60-90 ms per program instance, so it gets
-# fewer, larger blocks.
-BLOCK_PIXELS = 256 if triton_interpret() else 64
-BLOCK_CHANNELS = 32
+# Pixels x channels per program and warps (dynconv.kernels._launch.warp_config). Tests shrink the blocks here.
+CONFIG = L.warp_config(interpreted=triton_interpret())
 
 
 @triton.jit
@@ -107,20 +106,23 @@ def _warp_forward_kernel(
     N, C, H, W,
     MODE: tl.constexpr, PAD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
+    # Tiles are [channels, pixels]: threads run along the pixels, contiguous in NCHW memory, and each keeps
+    # only a few pixels' geometry (a [pixels, channels] tile put a warp across 32 channels of one pixel: strided
+    # loads, and 16 pixels of geometry per thread, spilling registers on sm_90; dynconv check-kernels).
     pix = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     chan_ok = chans < C
     ok, b, h, w, px, py, dpx, dpy = _pixel_geometry(pix, N, H, W, flow_ptr, s_fb, s_fc, s_fh, s_fw, PAD)
-    base = b[:, None] * s_xb + chans[None, :].to(tl.int64) * s_xc
-    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    base = b[None, :] * s_xb + chans[:, None].to(tl.int64) * s_xc
+    acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
     for corner in tl.static_range(1 if MODE == 1 else 4):
         row, col, weight, inside = _corner(corner, px, py, H, W, ok, MODE)
-        ptrs = x_ptr + base + (row.to(tl.int64) * s_xh + col.to(tl.int64) * s_xw)[:, None]
-        v = tl.load(ptrs, mask=inside[:, None] & chan_ok[None, :], other=0.0).to(tl.float32)
-        acc += v * weight[:, None]
+        ptrs = x_ptr + base + (row.to(tl.int64) * s_xh + col.to(tl.int64) * s_xw)[None, :]
+        v = tl.load(ptrs, mask=inside[None, :] & chan_ok[:, None], other=0.0).to(tl.float32)
+        acc += v * weight[None, :]
     hw = h.to(tl.int64) * W + w
-    dst = (b[:, None] * C + chans[None, :].to(tl.int64)) * H * W + hw[:, None]
-    tl.store(out_ptr + dst, acc.to(out_ptr.dtype.element_ty), mask=ok[:, None] & chan_ok[None, :])
+    dst = (b[None, :] * C + chans[:, None].to(tl.int64)) * H * W + hw[None, :]
+    tl.store(out_ptr + dst, acc.to(out_ptr.dtype.element_ty), mask=ok[None, :] & chan_ok[:, None])
 
 
 @triton.jit
@@ -153,21 +155,21 @@ def _warp_backward_kernel(
         for c0 in range(0, C, BLOCK_C):
             chans = c0 + tl.arange(0, BLOCK_C)
             chan_ok = chans < C
-            both = ok[:, None] & chan_ok[None, :]
-            gy = tl.load(gy_ptr + g_base[:, None] + chans[None, :].to(tl.int64) * s_gc, mask=both, other=0.0)
+            both = ok[None, :] & chan_ok[:, None]
+            gy = tl.load(gy_ptr + g_base[None, :] + chans[:, None].to(tl.int64) * s_gc, mask=both, other=0.0)
             gy = gy.to(tl.float32)
             if NEED_FLOW and MODE == 0:
-                ptrs = x_ptr + b[:, None] * s_xb + chans[None, :].to(tl.int64) * s_xc + xpix[:, None]
-                v = tl.load(ptrs, mask=inside[:, None] & chan_ok[None, :], other=0.0).to(tl.float32)
-                a += tl.sum(gy * v, axis=1)
+                ptrs = x_ptr + b[None, :] * s_xb + chans[:, None].to(tl.int64) * s_xc + xpix[None, :]
+                v = tl.load(ptrs, mask=inside[None, :] & chan_ok[:, None], other=0.0).to(tl.float32)
+                a += tl.sum(gy * v, axis=0)
             if NEED_X:
-                contrib = gy * (weight * inside.to(tl.float32))[:, None]
+                contrib = gy * (weight * inside.to(tl.float32))[None, :]
                 if ATOMIC:
-                    dst = ((b[:, None] * C + chans[None, :].to(tl.int64)) * H + row.to(tl.int64)[:, None]) * W
-                    dst += col.to(tl.int64)[:, None]
-                    tl.atomic_add(gx_ptr + dst, contrib, mask=inside[:, None] & chan_ok[None, :], sem="relaxed")
+                    dst = ((b[None, :] * C + chans[:, None].to(tl.int64)) * H + row.to(tl.int64)[None, :]) * W
+                    dst += col.to(tl.int64)[None, :]
+                    tl.atomic_add(gx_ptr + dst, contrib, mask=inside[None, :] & chan_ok[:, None], sem="relaxed")
                 else:
-                    dst = (pix.to(tl.int64) + n64 * corner)[:, None] * C + chans[None, :]
+                    dst = (pix.to(tl.int64) + n64 * corner)[None, :] * C + chans[:, None]
                     tl.store(gx_ptr + dst, contrib, mask=both)
         if MODE == 0:
             wy = ly if corner // 2 == 1 else 1.0 - ly
@@ -193,11 +195,11 @@ def warp_forward(x: torch.Tensor, flow: torch.Tensor, mode: str, padding_mode: s
     N = B * H * W
     if N == 0:
         return out
-    grid = (triton.cdiv(N, BLOCK_PIXELS), triton.cdiv(C, BLOCK_CHANNELS))
-    _warp_forward_kernel[grid](
-        *_args(x, flow), out, N, C, H, W,
-        MODE=MODES[mode], PAD=PADDING_MODES[padding_mode], BLOCK_P=BLOCK_PIXELS, BLOCK_C=BLOCK_CHANNELS,
-    )  # fmt: skip
+    grid = (triton.cdiv(N, CONFIG["BLOCK_P"]), triton.cdiv(C, CONFIG["BLOCK_C"]))
+    with L.on_device(x):
+        _warp_forward_kernel[grid](
+            *_args(x, flow), out, N, C, H, W, MODE=MODES[mode], PAD=PADDING_MODES[padding_mode], **CONFIG
+        )
     return out
 
 
@@ -233,12 +235,13 @@ def warp_backward(
         gx_buffer = grad_x if need_x else dummy
         gidx = dummy
     if N > 0 and (need_x or (need_flow and mode == "bilinear")):
-        _warp_backward_kernel[(triton.cdiv(N, BLOCK_PIXELS),)](
-            *_args(x, flow), grad_out, *grad_out.stride(), gx_buffer, gidx,
-            grad_flow if need_flow else dummy, N, C, H, W,
-            MODE=MODES[mode], PAD=PADDING_MODES[padding_mode], NEED_X=need_x, ATOMIC=atomic,
-            NEED_FLOW=need_flow, BLOCK_P=BLOCK_PIXELS, BLOCK_C=BLOCK_CHANNELS,
-        )  # fmt: skip
+        with L.on_device(x):
+            _warp_backward_kernel[(triton.cdiv(N, CONFIG["BLOCK_P"]),)](
+                *_args(x, flow), grad_out, *grad_out.stride(), gx_buffer, gidx,
+                grad_flow if need_flow else dummy, N, C, H, W,
+                MODE=MODES[mode], PAD=PADDING_MODES[padding_mode], NEED_X=need_x, ATOMIC=atomic,
+                NEED_FLOW=need_flow, **CONFIG,
+            )  # fmt: skip
     if need_x and not atomic and N > 0:
         table = torch.zeros((N, C), dtype=torch.float32, device=dev)
         table.index_put_((gidx.view(-1),), gx_buffer.view(-1, C), accumulate=True)

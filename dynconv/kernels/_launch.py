@@ -1,0 +1,244 @@
+"""Launch settings shared by dynconv's Triton kernels (the Liger-Kernel ``calculate_settings`` pattern).
+
+**One configuration per kernel and shape, chosen by a rule.** Every kernel family takes its block sizes
+and warps from a function of the shape below, so the first call on a new shape compiles exactly one
+variant of each kernel it launches and times nothing. The rules bound the work one program keeps in
+registers (the accumulator tile and the tiles loaded beside it), which is what decides spills:
+
+* ``local_filter``: a tile of ``BLOCK_H x BLOCK_W`` output pixels times ``BLOCK_C`` channels (all of a small
+  group, at most 16, or 32 for grad filters, and at most the budget over 32), rows of 64 pixels (coalesced NCHW
+  loads along W; 32 for narrow images or when 64 would not fit), as many rows as fit
+  :data:`LOCAL_FILTER_BUDGET` accumulator elements (half of it for fp64), at least one and at most 16 rows and
+  no more than the image has; 4 warps, 2 for a tile of at most 256 elements.
+* ``dcnv``: ``BLOCK_Q`` output pixels (at most 64) times all ``C/G`` channels of a group (``BLOCK_C``),
+  ``BLOCK_Q`` shrunk as ``BLOCK_C`` grows so that ``BLOCK_Q * BLOCK_C`` stays within :data:`DCNV_BUDGET` (half
+  for fp64); 4 warps.
+* ``warp`` and ``deform``: fixed blocks of 64 pixels / 16 rows times 32 channels, 4 warps.
+
+Under ``TRITON_INTERPRET=1`` the interpreter pays ~60-90 ms per program instance and little per element,
+so the rules give it few, large programs instead (one tile per small test image).
+
+**Opt-in autotuning.** With ``DYNCONV_AUTOTUNE=1`` a kernel that has several candidate configurations
+(only ``local_filter`` has) times them once per (device name, dtype, kernel, shape key) and keeps the
+fastest in a JSON file under ``$DYNCONV_CACHE_DIR/autotune/`` (default ``~/.cache/dynconv/autotune/``),
+one file per device name and Triton version, written atomically, so the search is paid once per machine.
+
+**Checks.** ``dynconv check-kernels`` (:mod:`dynconv.kernels.check`) compiles every configuration these rules
+can pick, in every dtype, for a GPU architecture without a GPU, and fails on spills or compile errors; the
+budgets above are what it allowed on sm_90 with a margin (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+AUTOTUNE_ENV = "DYNCONV_AUTOTUNE"
+CACHE_ENV = "DYNCONV_CACHE_DIR"
+
+# Accumulator elements a local_filter program holds (BLOCK_C * BLOCK_H * BLOCK_W): 8 fp32 values per thread at 4
+# warps. The KW taps of a kernel row are unrolled and their loads issued together, so a thread holds several
+# tiles of this size: at 16 values per thread sm_90 needed 246-255 registers and at 32 it spilled
+# (dynconv check-kernels).
+LOCAL_FILTER_BUDGET = 1024
+# BLOCK_Q * BLOCK_C of a dcnv program: 4 fp32 values per thread at 4 warps. The backward keeps grad_out, four
+# corner tiles and their differences of this size live: at 8 values per thread it took 231 registers of the
+# 255 (deterministic path), at 16 it spilled on sm_90 (dynconv check-kernels).
+DCNV_BUDGET = 512
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def acc_is_f64(dtype: torch.dtype) -> bool:
+    """Products accumulate in fp64 for fp64 inputs (gradcheck), in fp32 for every other dtype."""
+    return dtype == torch.float64
+
+
+def needs_int64(*tensors: torch.Tensor, limit: int = 2**30) -> bool:
+    """Whether an offset into one of ``tensors`` (through its strides) can reach ``limit`` elements; the default
+    keeps a factor-2 margin below 2**31 for the masked lanes past the edges."""
+    for t in tensors:
+        extent = 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()) if n > 0)
+        if extent >= limit or t.numel() >= limit:
+            return True
+    return False
+
+
+def on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: tensors on another GPU need it switched for the launch."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------------------------- the rules
+
+
+def local_filter_block_c(channels_per_group: int, cap: int, f64: bool = False) -> int:
+    """Channels per program: all of a small group (the filter tile is then read once), at most ``cap``, and at most
+    what leaves room in the register budget for a row of 32 pixels."""
+    return min(next_power_of_2(channels_per_group), cap, _lf_budget(f64) // 32)
+
+
+def _lf_budget(f64: bool) -> int:
+    return LOCAL_FILTER_BUDGET // (2 if f64 else 1)
+
+
+def local_filter_tile(rows: int, cols: int, block_c: int, f64: bool, interpreted: bool = False) -> dict:
+    """``{BLOCK_H, BLOCK_W, num_warps}`` of a local_filter kernel whose programs cover ``rows x cols`` pixels
+    (output pixels, or one stride residue class of input pixels for grad x) times ``block_c`` channels."""
+    if interpreted:
+        return {"BLOCK_H": min(next_power_of_2(rows), 16), "BLOCK_W": min(next_power_of_2(cols), 32), "num_warps": 1}
+    budget = _lf_budget(f64)
+    block_w = 32 if cols <= 32 or block_c * 64 > budget else 64
+    block_h = max(1, min(16, next_power_of_2(rows), budget // (block_c * block_w)))
+    num_warps = 2 if block_c * block_h * block_w <= 256 else 4
+    return {"BLOCK_H": block_h, "BLOCK_W": block_w, "num_warps": num_warps}
+
+
+# Candidate tiles for the opt-in autotuner: (BLOCK_H, BLOCK_W, num_warps). Rows of 32-128 pixels keep NCHW
+# loads coalesced along W; taller tiles share more of the (k-1)-pixel halo between taps.
+LOCAL_FILTER_CANDIDATES = [(1, 64, 2), (2, 64, 4), (4, 32, 4), (4, 64, 4), (8, 32, 4), (2, 128, 4), (8, 64, 8)]
+
+
+def local_filter_candidates(rows: int, cols: int, block_c: int, f64: bool) -> list[dict]:
+    """The rule's tile first, then the other candidates that fit the image and the register budget."""
+    first = local_filter_tile(rows, cols, block_c, f64)
+    budget = 2 * _lf_budget(f64)  # the autotuner may try up to twice the rule's tile
+    out = [first]
+    for bh, bw, nw in LOCAL_FILTER_CANDIDATES:
+        cfg = {"BLOCK_H": bh, "BLOCK_W": bw, "num_warps": nw}
+        fits = bw <= max(32, next_power_of_2(cols)) and bh <= next_power_of_2(rows) and block_c * bh * bw <= budget
+        if fits and cfg not in out:
+            out.append(cfg)
+    return out
+
+
+def dcnv_config(channels_per_group: int, f64: bool, interpreted: bool = False) -> dict:
+    """``{BLOCK_Q, BLOCK_C, num_warps}`` of the DCNv3/DCNv4 kernels for ``C/G`` channels per group."""
+    block_c = max(next_power_of_2(channels_per_group), 2)
+    if interpreted:
+        return {"BLOCK_Q": 64, "BLOCK_C": block_c, "num_warps": 1}
+    budget = DCNV_BUDGET // (2 if f64 else 1)
+    return {"BLOCK_Q": max(1, min(64, budget // block_c)), "BLOCK_C": block_c, "num_warps": 4}
+
+
+def warp_config(interpreted: bool = False) -> dict:
+    """``{BLOCK_P, BLOCK_C, num_warps}`` of the warp kernels: pixels x channels per program."""
+    return {"BLOCK_P": 256 if interpreted else 64, "BLOCK_C": 32, "num_warps": 4}
+
+
+def deform_config(interpreted: bool = False) -> dict:
+    """``{BLOCK_R, BLOCK_C, num_warps}`` of the deformable-conv kernels: (image, pixel, tap, group) rows x
+    channels per program."""
+    # 32 x 32 (8 values a thread) spilled in the atomic backward on sm_90 (dynconv check-kernels); 16 x 32 does not.
+    return {"BLOCK_R": 128 if interpreted else 16, "BLOCK_C": 32, "num_warps": 4}
+
+
+# ------------------------------------------------------------------------------------- opt-in autotuning
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get(AUTOTUNE_ENV, "") not in ("", "0")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "dynconv")
+    return Path(root) / "autotune"
+
+
+def cache_file(device_name: str) -> Path:
+    """The JSON file of one device name (and Triton version: another compiler may favour another tile)."""
+    try:
+        import triton
+
+        version = triton.__version__
+    except ImportError:  # pragma: no cover - the kernels need Triton anyway
+        version = "none"
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{device_name}-triton{version}")
+    return cache_dir() / f"{name}.json"
+
+
+def _read(path: Path) -> dict:
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return {}  # missing or unreadable: tune again rather than fail the user's call
+    return data if isinstance(data, dict) else {}
+
+
+def _write_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+# Results already read or measured in this process: {(file, key): config}.
+_MEMO: dict[tuple[str, str], dict] = {}
+
+
+def _default_timer(fn: Callable[[], None]) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median"))
+
+
+def select(
+    kernel: str,
+    key: Iterable,
+    dtype: torch.dtype,
+    device_name: str,
+    candidates: list[dict],
+    launch: Callable[[dict], None],
+    timer: Callable[[Callable[[], None]], float] | None = None,
+) -> dict:
+    """The configuration to launch ``kernel`` with: ``candidates[0]`` (the rule's) unless ``DYNCONV_AUTOTUNE``
+    is set and there is a choice; then the fastest candidate, looked up in or added to the on-disk cache.
+
+    Args:
+        kernel: the kernel's name.
+        key: what the best configuration depends on (shape and geometry), JSON-representable values.
+        dtype, device_name: the rest of the cache key.
+        candidates: configurations (dicts of JSON values), the rule's first.
+        launch: runs the kernel with a configuration (the output it writes must not depend on earlier runs).
+        timer: ``timer(fn) -> milliseconds``; ``triton.testing.do_bench`` by default.
+    """
+    if not autotune_enabled() or len(candidates) <= 1:
+        return candidates[0]
+    path = cache_file(device_name)
+    entry = "|".join([kernel, str(dtype).replace("torch.", ""), ",".join(str(v) for v in key)])
+    memo_key = (str(path), entry)
+    if memo_key in _MEMO:
+        return _MEMO[memo_key]
+    found = _read(path).get(entry)
+    if isinstance(found, dict) and found in candidates:
+        _MEMO[memo_key] = found
+        return found
+    timer = timer or _default_timer
+    times = []
+    for cfg in candidates:
+        try:
+            times.append(timer(lambda cfg=cfg: launch(cfg)))
+        except Exception:  # a candidate that fails to compile or launch (out of resources) is not chosen
+            times.append(float("inf"))
+    best = candidates[min(range(len(candidates)), key=times.__getitem__)]
+    data = _read(path)  # re-read: another process may have added entries meanwhile
+    data[entry] = best
+    _write_atomic(path, data)
+    _MEMO[memo_key] = best
+    return best
