@@ -347,14 +347,8 @@ def test_sample_outside_the_image_reads_no_pixel(op, backend):
 @pytest.mark.parametrize("mode", ["bilinear", "nearest"])
 @pytest.mark.parametrize("padding_mode", ["zeros", "border", "reflection"])
 @pytest.mark.parametrize("value", [NAN, INF, -INF])
-def test_nonfinite_flow_follows_grid_sample(backend, mode, padding_mode, value, request):
+def test_nonfinite_flow_follows_grid_sample(backend, mode, padding_mode, value):
     """warp with a NaN or infinite flow gives what F.grid_sample gives on the CPU, in every mode."""
-    if backend == "triton" and padding_mode == "reflection":
-        reason = (
-            "the Triton warp kernel reflects a non-finite position to NaN (bilinear) or out of range (nearest: 0), "
-            "grid_sample to the first pixel; the fix belongs in dynconv/kernels/warp.py (_pad_position)"
-        )
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
     x = torch.arange(40.0).view(1, 2, 4, 5)
     flow = torch.zeros(1, 2, 4, 5)
     flow[0, 0, 1, 1] = value  # dx of pixel (1, 1)

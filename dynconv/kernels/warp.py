@@ -42,6 +42,9 @@ def _pad_position(p, size, PAD: tl.constexpr):
         d = ((p > 0) & (p < last)).to(tl.float32)
         p = tl.minimum(tl.maximum(p, 0.0), last)
     elif PAD == 2:  # reflection about the first and last pixel centres: a triangle wave of period 2 * last
+        # A NaN or infinite position reflects to the first pixel, as grid_sample's does (no gradient there).
+        finite = tl.abs(p) <= 3.0e38  # False for NaN and +-inf
+        p = tl.where(finite, p, 0.0)
         period = 2.0 * last
         a = tl.abs(p)
         sign = tl.where(p < 0, -1.0, 1.0)
@@ -50,7 +53,7 @@ def _pad_position(p, size, PAD: tl.constexpr):
         p = tl.where(flip, period - q, q)
         d = tl.where(flip, -sign, sign)
         p = tl.where(last == 0, 0.0, p)
-        d = tl.where(last == 0, 0.0, d)
+        d = tl.where((last == 0) | (finite == 0), 0.0, d)
     else:
         d = tl.full(p.shape, 1.0, tl.float32)
     return p, d
