@@ -146,7 +146,7 @@ for step in "${steps[@]}"; do
       grep -h "^# finished" "$OUT/tests.txt" | tee -a "$SUMMARY"
       grep -h "^FAILED\|^ERROR" "$OUT/tests.txt" | tee -a "$SUMMARY"
       ;;
-    check_kernels) run_step check_kernels 50 "$OUT/check_kernels.txt" "$PY" -m dynconv check-kernels --arch 90 ;;
+    check_kernels) run_step check_kernels 50 "$OUT/check_kernels.txt" "$PY" -m dynconv check-kernels --arch 90 --jobs 8 ;;
     local_filter) bench local_filter 50 --backends torch,triton ;;
     deform) bench deform 35 --backends torch,triton ;;
     dcnv) bench dcnv 50 --backends torch,triton ;;
