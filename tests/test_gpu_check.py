@@ -76,9 +76,10 @@ def test_bench_commands_run_here_on_tiny_shapes(dry, name, capsys):
     assert len(rows) >= 2 and not [r for r in rows if "not run" in r]
 
 
-def test_train_command_parses(dry):
+def test_train_command_parses(dry, monkeypatch):
     from dynconv.recipes import video_prediction
 
+    monkeypatch.setattr(video_prediction.torch.cuda, "is_available", lambda: True)  # --device cuda is checked
     argv = shlex.split(dry[0]["train"][2])
     assert argv[3:6] == ["train", "video-prediction", "--device"]
     parser = video_prediction.argparse.ArgumentParser()
