@@ -37,7 +37,8 @@ import torch
 from dynconv.errors import UserError
 
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
-DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
+PACKAGE_DIR = "usr/share/datasets/fashion-mnist"  # where the package puts the IDX files
+DEBIAN_DIR = "/" + PACKAGE_DIR  # the package installed
 IDX_FILES = {
     "train_images": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",
@@ -234,7 +235,7 @@ def fetch_debian_package(cache: str, log=print) -> str | None:
     """``apt-get download dataset-fashion-mnist`` and ``dpkg-deb -x`` into ``cache``; returns the folder with
     the IDX files, or None (with the reason logged) when ``apt-get``/``dpkg-deb`` is missing or fails."""
     target = os.path.join(cache, DEBIAN_PACKAGE)
-    folder = target + DEBIAN_DIR
+    folder = os.path.join(target, PACKAGE_DIR)
     if _find_idx(folder, IDX_FILES["train_images"]):
         return folder
     apt, dpkg = shutil.which("apt-get"), shutil.which("dpkg-deb")
@@ -254,7 +255,7 @@ def fetch_debian_package(cache: str, log=print) -> str | None:
         except subprocess.CalledProcessError as exc:
             log(f"{' '.join(exc.cmd[:2])} failed: {(exc.stderr or '').strip()[-300:]}")
             return None
-        if not _find_idx(unpacked + DEBIAN_DIR, IDX_FILES["train_images"]):
+        if not _find_idx(os.path.join(unpacked, PACKAGE_DIR), IDX_FILES["train_images"]):
             log(f"the package {debs[0]} has no IDX files under {DEBIAN_DIR}")
             return None
         if os.path.exists(target):
@@ -290,7 +291,7 @@ def load_image_data(data_dir: str | None = None, log=print, fetch: bool = True) 
         return load_data_dir(data_dir)
     if _find_idx(DEBIAN_DIR, IDX_FILES["train_images"]):
         return load_idx_dir(DEBIAN_DIR, "fashion-mnist")
-    cached = os.path.join(cache_dir(), DEBIAN_PACKAGE) + DEBIAN_DIR
+    cached = os.path.join(cache_dir(), DEBIAN_PACKAGE, PACKAGE_DIR)
     if _find_idx(cached, IDX_FILES["train_images"]):
         return load_idx_dir(cached, "fashion-mnist")
     if fetch:

@@ -26,8 +26,8 @@ weights only (not on norms and biases), optional label smoothing, DY-CNN's tempe
 progress bar with throughput, an atomic ``last.pt`` every ``--save-every`` steps and at every epoch's end,
 ``metrics.jsonl`` (one JSON line per epoch: test top-1/top-5, loss, training seconds) and ``metrics.json``.
 ``--resume`` continues exactly (batches and augmentation are a function of the seed, the epoch and the image;
-the config is the run's own, flags given again change it); ``--time-limit SECONDS`` stops cleanly after a
-checkpoint and skips the final evaluation (said so).
+the config is the run's own, flags given again change it, except ``--time-limit``, which holds for one command
+only); ``--time-limit SECONDS`` stops cleanly after a checkpoint and skips the final evaluation (said so).
 
 ``compare`` trains every ``--convs`` kind (and every ``--ablate num_experts=...`` value) for every seed on the
 same budget, each in its own process, then writes ``compare.md`` and ``compare.png``: parameters, FLOPs per
@@ -248,9 +248,13 @@ def temperature_at(cfg: Config, step: int, spe: int) -> float:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weights, none on norms and biases (every parameter of fewer than 2 dimensions)."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    """Weight decay on weights, none on norms and biases (parameters of normalisation layers, parameters named
+    ``bias``, including the experts' ``[K, C_out]`` biases, and any other parameter of fewer than 2 dimensions)."""
+    norms = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+    exempt = {id(p) for m in model.modules() if isinstance(m, norms) for p in m.parameters(recurse=False)}
+    exempt |= {id(p) for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias" or p.ndim < 2}
+    decay = [p for p in model.parameters() if id(p) not in exempt]
+    no_decay = [p for p in model.parameters() if id(p) in exempt]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -724,8 +728,9 @@ def compare(args: argparse.Namespace, train_argv: list[str], base: Config) -> st
     print(f"data: {data.describe()}", file=sys.stderr)
     passthrough = _strip_flags(train_argv, ("--run-dir", "--conv", "--seed", "--num-experts"))
     runs: dict[str, list[str]] = {}
-    for label, conv, k in variants:
-        for seed in seeds:
+    # Seeds outside, kinds inside: a comparison cut short still holds every kind for its first seeds.
+    for seed in seeds:
+        for label, conv, k in variants:
             run_dir = os.path.join(root, label.replace(" ", "_").replace("=", ""), f"seed{seed}")
             runs.setdefault(label, []).append(run_dir)
             if os.path.isfile(os.path.join(run_dir, "metrics.json")):
@@ -911,7 +916,9 @@ def _resumed_config(ckpt_path: str, given: Config, argv: list[str]) -> Config:
                 f"--{key.replace('_', '-')} {explicit[key]}: {ckpt_path} holds a run with {key} {saved[key]!r}; "
                 "resume it as it is, or use another --run-dir"
             )
-    values = {**dataclasses.asdict(given), **{k: v for k, v in saved.items() if k in names and k not in explicit}}
+    # --time-limit belongs to one invocation (a job's wall-clock slot), not to the run: never restored.
+    restored = {k: v for k, v in saved.items() if k in names and k not in explicit and k != "time_limit"}
+    values = {**dataclasses.asdict(given), **restored}
     values["run_dir"] = given.run_dir
     changed = [
         f"{k} {saved[k]!r} -> {v!r}" for k, v in values.items() if k in saved and saved[k] != v and k != "run_dir"
