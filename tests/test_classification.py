@@ -423,6 +423,11 @@ def test_numeric_flags_refused(flag, value, capsys):
     assert exc.value.code == 2 and flag in capsys.readouterr().err
 
 
+def test_device_checked(tmp_path, capsys):
+    assert cli.main(["train", "classification", "--device", "gpu", "--run-dir", str(tmp_path)]) == 2
+    assert "--device 'gpu': expected cpu, cuda" in capsys.readouterr().err
+
+
 def test_missing_data_dir_is_one_line_error(tmp_path, capsys):
     argv = ["train", "classification", "--data-dir", str(tmp_path / "nothing"), "--run-dir", str(tmp_path / "r")]
     assert cli.main(argv) == 2
