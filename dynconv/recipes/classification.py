@@ -791,7 +791,7 @@ def summarize_comparison(root: str, variants, runs: dict[str, list[str]], data: 
     with open(os.path.join(root, "compare.json"), "w") as fh:
         json.dump({"data": data.describe(), "rows": rows}, fh, indent=1)
     plot = os.path.join(root, "compare.png")
-    if write_plot(rows, plot, data.describe()):
+    if write_plot(rows, plot, data.describe().split(", from ")[0] + f"), {len(runs[variants[0][0]])} seed(s)"):
         table += f"\n\nplot: {plot}"
     return table
 
