@@ -336,6 +336,22 @@ def test_no_weight_decay_on_norms_and_biases():
     assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
 
 
+@pytest.mark.parametrize("conv, K, coefficient", [("condconv", 8, 0.5), ("dynamic", 4, 0.25), ("dynamic", 2, 0.5),
+                                                  ("dynet", 4, 0.5)])  # fmt: skip
+def test_match_lr_scales_are_one_over_k_c_squared(conv, K, coefficient):
+    # at conversion each expert holds W / gain and has coefficient c: a step moves the mixed kernel K c^2 times
+    model = rc.build_model(rc.Config(conv=conv, num_experts=K, **TINY), 1, 10)
+    scales = rc.expert_lr_scales(model)
+    assert len(scales) == 19 and "layer2.0.downsample.0.weight" in scales
+    for value in scales.values():
+        assert value == pytest.approx(1 / (K * coefficient**2), rel=1e-3)
+    groups = rc.param_groups(model, 5e-4, scales)
+    extra = groups[2:]
+    assert len(extra) == 19 and all(g["lr_scale"] == pytest.approx(1 / (K * coefficient**2), rel=1e-3) for g in extra)
+    assert all(g["weight_decay"] * g["lr_scale"] == pytest.approx(5e-4) for g in extra)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
 # ------------------------------------------------------------------------------------------------ training
 
 
@@ -365,7 +381,8 @@ def test_resume_after_interruption_is_exact_and_cli_rules(tmp_path, capsys):
     data_dir = write_idx_dir(tmp_path / "idx")
     common = ["--data-dir", data_dir, "--arch", "mobilenetv2", "--width", "0.1", "--conv", "dynamic",
               "--num-experts", "2", "--batch-size", "8", "--epochs", "2", "--train-images", "24",
-              "--temperature-epochs", "1", "--warmup-epochs", "0.5", "--save-every", "2", "--threads", "1"]  # fmt: skip
+              "--temperature-epochs", "1", "--warmup-epochs", "0.5", "--save-every", "2", "--threads", "1",
+              "--match-lr"]  # fmt: skip
     whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
     assert _run(["train", "classification", "--run-dir", whole, *common]) == 0
     # interrupted after its first step by the time limit, then resumed twice (the second time: already finished)

@@ -22,7 +22,10 @@ papers place them) by :class:`dynconv.nn.ModulatedDeformConv2d` (DCNv2).
 
 Training: SGD with Nesterov momentum, linear warm-up then cosine decay per iteration, weight decay on
 weights only (not on norms and biases), optional label smoothing, DY-CNN's temperature annealed per iteration
-(``--temperature-start`` to 1 over ``--temperature-epochs``) for ``dynamic``, bf16 autocast on CUDA, a
+(``--temperature-start`` to 1 over ``--temperature-epochs``) for ``dynamic``, optionally (``--match-lr``) a
+learning rate per mixture layer's experts that makes its first step move the output as the static layer's
+would (at conversion a step moves a mixture ``K c^2`` times as far: DY-CNN 1/4, ODConv about 1/256, CondConv
+2, DyNet 1; see :func:`expert_lr_scales`), bf16 autocast on CUDA, a
 progress bar with throughput, an atomic ``last.pt`` every ``--save-every`` steps and at every epoch's end,
 ``metrics.jsonl`` (one JSON line per epoch: test top-1/top-5, loss, training seconds) and ``metrics.json``.
 ``--resume`` continues exactly (batches and augmentation are a function of the seed, the epoch and the image;
@@ -87,6 +90,7 @@ class Config:
     weight_decay: float = 5e-4
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.0
+    match_lr: bool = False
     temperature_start: float = 30.0
     temperature_epochs: float = 10.0
     augment: bool = True
@@ -134,6 +138,8 @@ FLAG_HELP = {
     "workers": "data-loading worker processes",
     "time_limit": "stop after this many seconds of training, after a checkpoint (no final evaluation)",
     "bf16": "bf16 autocast on CUDA",
+    "match_lr": "scale each mixture layer's expert learning rate (weight decay inversely) so that at conversion "
+    "an SGD step moves its output as much as the static convolution's step (measured per layer)",
 }
 
 
@@ -247,15 +253,62 @@ def temperature_at(cfg: Config, step: int, spe: int) -> float:
     return temperature_schedule(step / spe, cfg.temperature_epochs, cfg.temperature_start, 1.0)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+@torch.no_grad()
+def _step_response(layer: nn.Module, seed: int = 0) -> float:
+    """How far one SGD step on a mixture layer's experts (``weight [K, C_out, C_in/groups, kh, kw]``) moves its
+    output, relative to the same step on a static convolution of the same geometry, at the layer's current
+    state. Both outputs are linear in their kernels, so a finite step is exact: the ratio is
+    ``|y(W - e g) - y(W)| / |conv(x, e g_static)|`` on a fixed random input and output gradient."""
+    g = torch.Generator().manual_seed(seed)
+    dev, dtype = layer.weight.device, layer.weight.dtype
+    x = torch.randn(4, layer.in_channels, 8, 8, generator=g).to(dev, dtype)
+    was_training = layer.training
+    layer.eval()
+    try:
+        with torch.enable_grad():
+            y0 = layer(x)
+            r = torch.randn(y0.shape, generator=g).to(dev, dtype)
+            grad = torch.autograd.grad((y0 * r).sum(), layer.weight)[0]
+        step = 1e-3 * layer.weight.norm() / grad.norm().clamp_min(1e-30)
+        layer.weight.sub_(step * grad)
+        moved = (layer(x) - y0).norm()
+        layer.weight.add_(step * grad)
+        geometry = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
+        w_shape = layer.weight.shape[1:]
+        grad_static = torch.nn.grad.conv2d_weight(x, w_shape, r, **geometry)
+        static_moved = F.conv2d(x, step * grad_static, **geometry).norm()
+    finally:
+        layer.train(was_training)
+    return float(moved / static_moved)
+
+
+def expert_lr_scales(model: nn.Module) -> dict[str, float]:
+    """``--match-lr``: for each mixture layer's experts (``<name>.weight``), the learning-rate factor that makes
+    its first SGD step move the output as the static convolution's would (:func:`_step_response` inverted).
+    At conversion a step moves the mixed kernel ``K c^2`` times the static step (``c``: each expert's
+    coefficient): CondConv (8 sigmoids at 1/2) 2, DyNet 1, DY-CNN (softmax, K=4) 1/4, ODConv about 1/256."""
+    return {
+        f"{name}.weight": 1.0 / _step_response(m)
+        for name, m in model.named_modules()
+        if isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.ndim == 5 and hasattr(m, "num_experts")
+    }
+
+
+def param_groups(model: nn.Module, weight_decay: float, lr_scales: dict[str, float] | None = None) -> list[dict]:
     """Weight decay on weights, none on norms and biases (parameters of normalisation layers, parameters named
     ``bias``, including the experts' ``[K, C_out]`` biases, and any other parameter of fewer than 2 dimensions)."""
     norms = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
     exempt = {id(p) for m in model.modules() if isinstance(m, norms) for p in m.parameters(recurse=False)}
     exempt |= {id(p) for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias" or p.ndim < 2}
-    decay = [p for p in model.parameters() if id(p) not in exempt]
-    no_decay = [p for p in model.parameters() if id(p) in exempt]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    scaled = {id(p): (n, lr_scales[n]) for n, p in model.named_parameters() if lr_scales and n in lr_scales}
+    decay = [p for p in model.parameters() if id(p) not in exempt and id(p) not in scaled]
+    no_decay = [p for p in model.parameters() if id(p) in exempt and id(p) not in scaled]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    for p in model.parameters():
+        if id(p) in scaled:  # the decay per step (lr * scale * decay) stays the static layer's
+            scale = scaled[id(p)][1]
+            groups.append({"params": [p], "weight_decay": weight_decay / scale, "lr_scale": scale})
+    return groups
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -358,7 +411,10 @@ def train(cfg: Config, data: ImageData | None = None) -> dict:
         torch.manual_seed(cfg.seed)
         model = build_model(cfg, data.channels, data.num_classes).to(device)
         opt = torch.optim.SGD(
-            param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0
+            param_groups(model, cfg.weight_decay, expert_lr_scales(model) if cfg.match_lr else None),
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.momentum > 0,
         )
         ckpt_path = os.path.join(cfg.run_dir, "last.pt")
         start, train_seconds, last_loss = 0, 0.0, None
@@ -407,7 +463,7 @@ def train(cfg: Config, data: ImageData | None = None) -> dict:
                 y = y.to(device, non_blocking=True)
                 lr = learning_rate(cfg, step, spe)
                 for group in opt.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
                 temperature = temperature_at(cfg, step, spe)
                 set_dycnn_temperature(model, temperature)
                 torch.manual_seed(cfg.seed * 1_000_003 + step * 101 + info.rank)  # dropout: a function of the step
