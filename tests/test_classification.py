@@ -373,6 +373,10 @@ def _run(argv: list[str]) -> int:
     return cli.main(argv)
 
 
+def _read_rows(path) -> list[dict]:
+    return [json.loads(line) for line in open(path)]
+
+
 def _log_steps(run_dir) -> list[dict]:
     return [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))]
 
@@ -398,8 +402,11 @@ def test_resume_after_interruption_is_exact_and_cli_rules(tmp_path, capsys):
     assert [r["temperature"] for r in a][:4] == pytest.approx([30.0, 30 - 29 / 3, 30 - 2 * 29 / 3, 1.0])
     m_whole, m_cut = (json.load(open(os.path.join(d, "metrics.json"))) for d in (whole, cut))
     assert m_cut["top1"] == pytest.approx(m_whole["top1"]) and m_cut["finished"]
-    epochs = [json.loads(line)["epoch"] for line in open(os.path.join(cut, "metrics.jsonl"))]
-    assert epochs == [1, 2]
+    rows_cut, rows_whole = (_read_rows(os.path.join(d, "metrics.jsonl")) for d in (cut, whole))
+    assert [r["epoch"] for r in rows_cut] == [1, 2]
+    for a_row, b_row in zip(rows_whole, rows_cut):  # the interrupted epoch's loss averages all its steps
+        assert b_row["train_loss"] == pytest.approx(a_row["train_loss"], rel=1e-6)
+        assert b_row["test_top1"] == a_row["test_top1"] and b_row["test_loss"] == pytest.approx(a_row["test_loss"])
     assert _run(["train", "classification", "--run-dir", cut, "--resume"]) == 0  # finished: nothing nulled
     again = json.load(open(os.path.join(cut, "metrics.json")))
     assert again["top1"] == m_cut["top1"] and again["final_train_loss"] == m_cut["final_train_loss"]

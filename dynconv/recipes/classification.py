@@ -417,12 +417,13 @@ def train(cfg: Config, data: ImageData | None = None) -> dict:
             nesterov=cfg.momentum > 0,
         )
         ckpt_path = os.path.join(cfg.run_dir, "last.pt")
-        start, train_seconds, last_loss = 0, 0.0, None
+        start, train_seconds, last_loss, resumed_epoch_losses = 0, 0.0, None, []
         if os.path.exists(ckpt_path):
             state = load_checkpoint(ckpt_path, map_location=device)
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             start, train_seconds, last_loss = state["step"], state["train_seconds"], state.get("last_loss")
+            resumed_epoch_losses = state.get("epoch_losses", [])
             log(f"resumed {ckpt_path} at step {start}")
         net = model
         if info.enabled:
@@ -457,7 +458,9 @@ def train(cfg: Config, data: ImageData | None = None) -> dict:
                 generator=torch.Generator().manual_seed(cfg.seed),  # the global RNG stays untouched
             )
             net.train()
-            epoch_t0, epoch_losses = time.perf_counter(), []
+            # a resumed epoch's training loss still averages over all of its steps
+            epoch_losses = resumed_epoch_losses if step % spe else []
+            epoch_t0 = time.perf_counter()
             for x, y in loader:
                 x = normalize(x.to(device, non_blocking=True), mean, std)
                 y = y.to(device, non_blocking=True)
@@ -512,6 +515,7 @@ def train(cfg: Config, data: ImageData | None = None) -> dict:
                         state = {
                             "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
                             "train_seconds": train_seconds, "last_loss": last_loss,
+                            "epoch_losses": [] if epoch_end else epoch_losses,
                             "config": dataclasses.asdict(cfg), "data": _data_record(data, mean, std),
                         }  # fmt: skip
                         save_checkpoint(ckpt_path, state)
@@ -526,7 +530,7 @@ def train(cfg: Config, data: ImageData | None = None) -> dict:
                             )
                     if break_now:
                         break
-            if out_of_time:
+            if out_of_time and step < total:
                 log(
                     f"time limit of {cfg.time_limit:g} s reached at step {step}: saved {ckpt_path}; the final "
                     "evaluation is skipped; continue with --resume"
