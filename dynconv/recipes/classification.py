@@ -402,7 +402,11 @@ def train(cfg: Config, data: ImageData | None = None) -> dict:
     device = torch.device(f"cuda:{info.local_rank}" if cfg.device.startswith("cuda") else cfg.device)
     log = _Log(info.is_main)
     try:
+        if info.enabled and not info.is_main:
+            torch.distributed.barrier()  # rank 0 first: it may fetch the Debian package into the shared cache
         data = data if data is not None else load_image_data(cfg.data_dir, log=log)
+        if info.enabled and info.is_main:
+            torch.distributed.barrier()
         log(f"data: {data.describe()}")
         images, labels = train_subset(data, cfg.train_images)
         mean, std = data.mean_std()
