@@ -492,25 +492,26 @@ def test_compare_writes_table_and_plot(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(rc, "_run_train", in_process)
     data_dir = write_idx_dir(tmp_path / "idx", n_train=16, n_test=8)
     root = str(tmp_path / "cmp")
-    argv = ["compare", "classification", "--convs", "static,dynamic", "--seeds", "2", "--run-dir", root,
-            "--data-dir", data_dir, "--width", "0.0625", "--batch-size", "8", "--epochs", "2", "--num-experts", "2",
+    argv = ["compare", "classification", "--convs", "static,dynamic", "--ablate", "num_experts=1,2", "--seeds", "2",
+            "--run-dir", root, "--data-dir", data_dir, "--width", "0.0625", "--batch-size", "8", "--epochs", "2",
             "--threads", "1", "--latency-repeats", "2"]  # fmt: skip
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith("| static") or line.startswith("| dynamic")]
-    assert len(rows) == 2 and "idx (16 train / 8 test" in out
+    rows = [line.split(" | ")[0] for line in out.splitlines() if line.startswith("| static") or "| dynamic" in line]
+    assert rows == ["| static", "| dynamic K=1", "| dynamic K=2"] and "idx (16 train / 8 test" in out
     report = json.load(open(os.path.join(root, "compare.json")))["rows"]
-    for label in ("static", "dynamic"):
-        per_seed = [json.load(open(os.path.join(root, label, f"seed{s}", "metrics.json")))["top1"] for s in (0, 1)]
+    for label, folder in (("static", "static"), ("dynamic K=1", "dynamic_K1"), ("dynamic K=2", "dynamic_K2")):
+        per_seed = [json.load(open(os.path.join(root, folder, f"seed{s}", "metrics.json")))["top1"] for s in (0, 1)]
         assert report[label]["top1"] == pytest.approx(np.mean(per_seed))
         assert report[label]["top1_sem"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2)
         assert report[label]["latency_b1_ms"] > 0 and report[label]["latency_b64_ms"] > 0
-    assert report["dynamic"]["parameters"] > report["static"]["parameters"]
-    assert report["dynamic"]["flops"] > report["static"]["flops"]
+    assert report["dynamic K=2"]["config"]["num_experts"] == 2
+    assert report["static"]["parameters"] < report["dynamic K=1"]["parameters"] < report["dynamic K=2"]["parameters"]
+    assert report["dynamic K=2"]["flops"] > report["static"]["flops"]
     assert os.path.getsize(os.path.join(root, "compare.png")) > 1000
     # a second call reuses the finished runs
     assert cli.main(argv) == 0
-    assert capsys.readouterr().err.count("finished before, reused") == 4
+    assert capsys.readouterr().err.count("finished before, reused") == 6
 
 
 def test_mean_sem():
