@@ -89,7 +89,7 @@ def _main(argv: list[str]) -> int:
         p.add_argument("--output", help="also write the markdown table to this file, row by row as measured")
         p.set_defaults(_bench=name)
 
-    for command in ("train", "eval", "predict"):
+    for command in ("train", "eval", "predict", "compare"):
         p = sub.add_parser(command, help=f"{command} a recipe", add_help=False)
         p.add_argument("task", choices=sorted(RECIPES))
         p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -130,7 +130,7 @@ def _main(argv: list[str]) -> int:
         args.stream = sys.stdout
         _import(BENCHMARKS, args.name, "benchmark").run(args)
         return 0
-    if args.command in ("train", "eval", "predict"):
+    if args.command in ("train", "eval", "predict", "compare"):
         return _import(RECIPES, args.task, "recipe").main(args.command, args.rest) or 0
     if args.command == "demo":
         from dynconv import demo as demo_module

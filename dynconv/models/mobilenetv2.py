@@ -56,9 +56,10 @@ class MobileNetV2(nn.Module):
         width_mult (float): channel multiplier. Default 1.
         small_input (bool): CIFAR strides (see the module docstring).
         dropout (float): dropout before the classifier. Default 0.2.
+        in_channels (int): input channels (1 for grayscale images). Default 3.
 
     Shape:
-        - x: ``[B, 3, H, W]``; output: ``[B, num_classes]``.
+        - x: ``[B, in_channels, H, W]``; output: ``[B, num_classes]``.
     """
 
     # t (expansion), c (channels), n (blocks), s (stride of the first block)
@@ -73,12 +74,17 @@ class MobileNetV2(nn.Module):
     )
 
     def __init__(
-        self, num_classes: int = 10, width_mult: float = 1.0, small_input: bool = True, dropout: float = 0.2
+        self,
+        num_classes: int = 10,
+        width_mult: float = 1.0,
+        small_input: bool = True,
+        dropout: float = 0.2,
+        in_channels: int = 3,
     ) -> None:
         super().__init__()
         cin = _make_divisible(32 * width_mult)
         self.last_channel = _make_divisible(1280 * max(1.0, width_mult))
-        features: list[nn.Module] = [ConvBNReLU6(3, cin, 3, stride=1 if small_input else 2)]
+        features: list[nn.Module] = [ConvBNReLU6(in_channels, cin, 3, stride=1 if small_input else 2)]
         for i, (t, c, n, s) in enumerate(self.SETTINGS):
             cout = _make_divisible(c * width_mult)
             if small_input and i == 1:
@@ -104,6 +110,8 @@ class MobileNetV2(nn.Module):
         return self.classifier(x)
 
 
-def mobilenet_v2(num_classes: int = 10, width_mult: float = 1.0, small_input: bool = True) -> MobileNetV2:
+def mobilenet_v2(
+    num_classes: int = 10, width_mult: float = 1.0, small_input: bool = True, in_channels: int = 3
+) -> MobileNetV2:
     """MobileNetV2 (2.2M parameters with 10 classes at width 1); see :class:`MobileNetV2`."""
-    return MobileNetV2(num_classes=num_classes, width_mult=width_mult, small_input=small_input)
+    return MobileNetV2(num_classes=num_classes, width_mult=width_mult, small_input=small_input, in_channels=in_channels)

@@ -47,23 +47,36 @@ class ResNet(nn.Module):
         layers (sequence of int): blocks per stage. ResNet-18: (2, 2, 2, 2).
         num_classes (int): outputs of ``fc``.
         small_input (bool): CIFAR stem (3x3, stride 1, no max pool) instead of the ImageNet one.
+        width (float): channel multiplier: stage widths ``round(w * (64, 128, 256, 512))`` (at least 1).
+            Default 1.
+        in_channels (int): input channels (1 for grayscale images). Default 3.
 
     Shape:
-        - x: ``[B, 3, H, W]``; output: ``[B, num_classes]``.
+        - x: ``[B, in_channels, H, W]``; output: ``[B, num_classes]``.
     """
 
-    def __init__(self, layers=(2, 2, 2, 2), num_classes: int = 10, small_input: bool = True) -> None:
+    def __init__(
+        self,
+        layers=(2, 2, 2, 2),
+        num_classes: int = 10,
+        small_input: bool = True,
+        width: float = 1.0,
+        in_channels: int = 3,
+    ) -> None:
         super().__init__()
+        if not width > 0:
+            raise ValueError(f"width must be > 0, got {width!r}")
+        widths = [max(1, round(width * c)) for c in (64, 128, 256, 512)]
         if small_input:
-            self.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+            self.conv1 = nn.Conv2d(in_channels, widths[0], 3, stride=1, padding=1, bias=False)
             self.maxpool = nn.Identity()
         else:
-            self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+            self.conv1 = nn.Conv2d(in_channels, widths[0], 7, stride=2, padding=3, bias=False)
             self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
-        inplanes = 64
-        for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), layers)):
+        inplanes = widths[0]
+        for i, (planes, blocks) in enumerate(zip(widths, layers)):
             stride = 1 if i == 0 else 2
             stage = []
             for j in range(blocks):
@@ -71,7 +84,7 @@ class ResNet(nn.Module):
                 inplanes = planes
             setattr(self, f"layer{i + 1}", nn.Sequential(*stage))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(512, num_classes)
+        self.fc = nn.Linear(widths[3], num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -85,6 +98,6 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def resnet18(num_classes: int = 10, small_input: bool = True) -> ResNet:
-    """ResNet-18 (11.2M parameters with 10 classes); see :class:`ResNet`."""
-    return ResNet((2, 2, 2, 2), num_classes=num_classes, small_input=small_input)
+def resnet18(num_classes: int = 10, small_input: bool = True, width: float = 1.0, in_channels: int = 3) -> ResNet:
+    """ResNet-18 (11.2M parameters with 10 classes at width 1); see :class:`ResNet`."""
+    return ResNet((2, 2, 2, 2), num_classes=num_classes, small_input=small_input, width=width, in_channels=in_channels)
