@@ -296,7 +296,7 @@ def test_reduction_flag_checked():
     with pytest.raises(UserError, match="--reduction: condconv has no attention"):
         rc.build_model(rc.Config(conv="condconv", reduction=2, **TINY), 1, 10)
     model = rc.build_model(rc.Config(conv="dynamic", reduction=2, **TINY), 1, 10)
-    assert model.layer4[0].conv2.fc1.out_features == 32 // 2
+    assert model.layer4[0].conv2.attention.fc1.out_features == 32 // 2
 
 
 # ------------------------------------------------------------------------------------------------ schedules
@@ -331,7 +331,7 @@ def test_no_weight_decay_on_norms_and_biases():
           name + ".bias")}  # fmt: skip
     expected = bn | {n for n in by_id.values() if n.endswith(".bias")}
     assert {by_id[id(p)] for p in no_decay["params"]} == expected
-    assert "layer1.0.conv1.bias" in expected and "fc.bias" in expected and "layer2.0.conv1.routing.bias" in expected
+    assert "layer1.0.conv1.bias" in expected and "fc.bias" in expected and "layer2.0.conv1.attention.routing.bias" in expected
     assert {by_id[id(p)] for p in decay["params"]} == set(by_id.values()) - expected
     assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
 
