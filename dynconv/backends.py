@@ -18,6 +18,8 @@ import warnings
 
 import torch
 
+from dynconv.kernels._launch import triton_interpret
+
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("reference", "torch", "triton")
@@ -38,11 +40,6 @@ _TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 def triton_available() -> bool:
     """Whether ``import triton`` would succeed."""
     return _TRITON_AVAILABLE
-
-
-def triton_interpret() -> bool:
-    """Whether Triton kernels run in the interpreter (``TRITON_INTERPRET=1``), which takes CPU tensors."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _refuse(reason: str, raise_error: bool) -> bool:

@@ -58,9 +58,20 @@ def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
+def triton_interpret() -> bool:
+    """Whether Triton kernels run in the interpreter (``TRITON_INTERPRET=1``), which takes CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype products accumulate in, on every backend: fp64 for fp64 inputs (gradcheck sees full precision),
+    fp32 for every other dtype (fp16/bf16 inputs are gathered and summed in fp32)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def acc_is_f64(dtype: torch.dtype) -> bool:
-    """Products accumulate in fp64 for fp64 inputs (gradcheck), in fp32 for every other dtype."""
-    return dtype == torch.float64
+    """Whether :func:`acc_dtype` of ``dtype`` is fp64 (the kernels' ``ACC``/``ACC_F64`` switch)."""
+    return acc_dtype(dtype) == torch.float64
 
 
 def needs_int64(*tensors: torch.Tensor, limit: int = 2**30) -> bool:
@@ -71,6 +82,22 @@ def needs_int64(*tensors: torch.Tensor, limit: int = 2**30) -> bool:
         if extent >= limit or t.numel() >= limit:
             return True
     return False
+
+
+def check_launchable(*tensors: torch.Tensor, interpreted: bool) -> None:
+    """Refuse CPU tensors when the calling kernel module was imported without ``TRITON_INTERPRET=1``:
+    ``triton.jit`` reads it at import, so setting it later cannot make a compiled kernel take host pointers."""
+    if any(t.device.type == "cpu" for t in tensors) and not interpreted:
+        raise RuntimeError(
+            "dynconv's Triton kernels got CPU tensors, but dynconv.kernels was imported without "
+            "TRITON_INTERPRET=1 (triton.jit reads it at import): set it before the first triton-backend call"
+        )
+
+
+def resolve_deterministic(deterministic: bool | None) -> bool:
+    """``None`` follows ``torch.are_deterministic_algorithms_enabled()``: atomics in the backward kernels when it
+    is off, a deterministic two-pass scatter when it is on."""
+    return torch.are_deterministic_algorithms_enabled() if deterministic is None else bool(deterministic)
 
 
 def on_device(t: torch.Tensor):
