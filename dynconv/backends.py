@@ -1,6 +1,6 @@
 """Choosing the implementation of an op: ``reference``, ``torch`` or ``triton``.
 
-The rule (see DESIGN.md): an explicit ``backend=`` argument wins and, if it cannot run, the error says
+The rule: an explicit ``backend=`` argument wins and, if it cannot run, the error says
 why; then the ``DYNCONV_BACKEND`` environment variable (if it cannot run an op, that op falls back to the
 automatic choice with a one-time :class:`BackendFallbackWarning`); then ``triton`` for CUDA tensors when Triton is
 importable and the op has a Triton kernel for the dtype; otherwise ``torch``. ``reference`` always runs.

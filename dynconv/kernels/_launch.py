@@ -15,7 +15,7 @@ registers (the accumulator tile and the tiles loaded beside it), which is what d
   for fp64); 4 warps.
 * ``warp`` and ``deform``: fixed blocks of 64 pixels / 16 rows times 32 channels, 4 warps.
 
-Under ``TRITON_INTERPRET=1`` the interpreter pays ~60-90 ms per program instance and little per element,
+Under ``TRITON_INTERPRET=1`` the interpreter pays a large fixed cost per program instance and little per element,
 so the rules give it few, large programs instead (one tile per small test image).
 
 **Opt-in autotuning.** With ``DYNCONV_AUTOTUNE=1`` a kernel that has several candidate configurations

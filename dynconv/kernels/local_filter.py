@@ -21,8 +21,8 @@ accumulate in fp32 (fp64 for fp64 inputs) and are stored in the input dtype. Off
 unless a tensor spans 2**30 elements or more (a factor-2 margin for the masked lanes past the edges), when
 the program ids, and with them every offset, are promoted to int64.
 
-Taps: a runtime loop over the kernel rows, the taps of a row unrolled. Unrolling all k*k taps took 18-51 s
-per kernel and config to compile for sm_90 at k=9 (this 2-core machine), the row loop 1.1-2.6 s.
+Taps: a runtime loop over the kernel rows, the taps of a row unrolled: unrolling all k*k taps made large kernels
+compile more than ten times slower (docs/benchmarks.md, "Notes behind code choices").
 
 Block sizes: one tile (``BLOCK_H x BLOCK_W`` pixels, warps) per kernel and shape from the rule in
 :func:`dynconv.kernels._launch.local_filter_tile`, with ``BLOCK_C`` from

@@ -37,7 +37,7 @@ TRITON_OPS["deform_conv2d"] = (torch.float32, torch.float16, torch.bfloat16)
 
 def _floor(t: torch.Tensor) -> torch.Tensor:
     # floor(t) for finite t. torch.floor (also trunc and round) has a large fixed cost per call on some CPUs and a
-    # floor division does not (measured in docs/benchmarks.md, "Notes behind code choices").
+    # floor division does not (docs/benchmarks.md, "Notes behind code choices").
     return torch.div(t, 1, rounding_mode="floor")
 
 
