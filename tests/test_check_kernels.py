@@ -1,4 +1,4 @@
-"""Launch rules, opt-in autotuning cache and ``dynconv check-kernels`` (dynconv/kernels/_launch.py, check.py).
+"""Launch rules, opt-in autotuning cache and ``dynconv check-kernels`` (kernels/_launch.py, check_kernels.py).
 
 The rules and the cache are plain Python (a fake timer stands in for CUDA events); the compile checks run
 Triton's compiler for sm_90 in child processes with ``TRITON_INTERPRET=0`` (no GPU needed) and are skipped
@@ -12,8 +12,8 @@ import pytest
 
 pytest.importorskip("triton")
 
+from dynconv import check_kernels as check  # noqa: E402
 from dynconv.kernels import _launch as L  # noqa: E402
-from dynconv.kernels import check  # noqa: E402
 
 
 def _pow2(n):

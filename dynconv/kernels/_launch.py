@@ -23,7 +23,7 @@ so the rules give it few, large programs instead (one tile per small test image)
 fastest in a JSON file under ``$DYNCONV_CACHE_DIR/autotune/`` (default ``~/.cache/dynconv/autotune/``),
 one file per device name and Triton version, written atomically, so the search is paid once per machine.
 
-**Checks.** ``dynconv check-kernels`` (:mod:`dynconv.kernels.check`) compiles every configuration these rules
+**Checks.** ``dynconv check-kernels`` (:mod:`dynconv.check_kernels`) compiles every configuration these rules
 can pick, in every dtype, for a GPU architecture without a GPU, and fails on spills or compile errors; the
 budgets above are what it allowed on sm_90 with a margin (docs/benchmarks.md).
 """
