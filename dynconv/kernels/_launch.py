@@ -76,7 +76,11 @@ def acc_is_f64(dtype: torch.dtype) -> bool:
 
 def needs_int64(*tensors: torch.Tensor, limit: int = 2**30) -> bool:
     """Whether an offset into one of ``tensors`` (through its strides) can reach ``limit`` elements; the default
-    keeps a factor-2 margin below 2**31 for the masked lanes past the edges."""
+    keeps a factor-2 margin below 2**31 for the masked lanes past the edges.
+
+    The local-filter kernels take this as their ``INT64`` switch. The deform, dcnv and warp kernels do not ask:
+    they form every offset in int64 whatever the size (a single rule for all four waits for the shared
+    sampling core of issue 15)."""
     for t in tensors:
         extent = 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()) if n > 0)
         if extent >= limit or t.numel() >= limit:
