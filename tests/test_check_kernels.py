@@ -229,3 +229,32 @@ def test_cli_routes_check_kernels_and_refuses_a_bad_arch(capsys):
         cli.main(["check-kernels", "--arch", "0"])
     assert exc.value.code == 2
     assert "--arch: expected an integer >= 1, got '0'" in capsys.readouterr().err
+
+
+def test_shared_launch_helpers(monkeypatch):
+    """The one copy of the helpers every kernel family (and the torch backend) uses."""
+    import torch
+
+    assert [L.acc_dtype(d) for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)] == [
+        torch.float32,
+        torch.float32,
+        torch.float32,
+        torch.float64,
+    ]
+    cpu = torch.zeros(1)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        L.check_launchable(cpu, interpreted=False)
+    L.check_launchable(cpu, interpreted=True)  # the interpreter takes CPU tensors
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not L.triton_interpret()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert L.triton_interpret()
+    assert L.resolve_deterministic(True) and not L.resolve_deterministic(False)
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert L.resolve_deterministic(None)
+        torch.use_deterministic_algorithms(False)
+        assert not L.resolve_deterministic(None)
+    finally:
+        torch.use_deterministic_algorithms(previous)
