@@ -1,6 +1,6 @@
 """Choosing the implementation of an op: ``reference``, ``torch`` or ``triton``.
 
-The rule (see DESIGN.md): an explicit ``backend=`` argument wins and, if it cannot run, the error says
+The rule: an explicit ``backend=`` argument wins and, if it cannot run, the error says
 why; then the ``DYNCONV_BACKEND`` environment variable (if it cannot run an op, that op falls back to the
 automatic choice with a one-time :class:`BackendFallbackWarning`); then ``triton`` for CUDA tensors when Triton is
 importable and the op has a Triton kernel for the dtype; otherwise ``torch``. ``reference`` always runs.
@@ -17,6 +17,8 @@ import os
 import warnings
 
 import torch
+
+from dynconv.kernels._launch import triton_interpret
 
 logger = logging.getLogger(__name__)
 
@@ -38,11 +40,6 @@ _TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 def triton_available() -> bool:
     """Whether ``import triton`` would succeed."""
     return _TRITON_AVAILABLE
-
-
-def triton_interpret() -> bool:
-    """Whether Triton kernels run in the interpreter (``TRITON_INTERPRET=1``), which takes CPU tensors."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _refuse(reason: str, raise_error: bool) -> bool:

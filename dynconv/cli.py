@@ -111,10 +111,10 @@ def _main(argv: list[str]) -> int:
         print(_recipe_list(argv[0]), file=sys.stdout if asked else sys.stderr)
         return 0 if asked else 2
 
-    # check-kernels owns its options (dynconv/kernels/check.py): listed here, parsed there.
+    # check-kernels owns its options (dynconv/check_kernels.py): listed here, parsed there.
     sub.add_parser("check-kernels", help="compile every Triton kernel variant for a GPU (no GPU needed)")
     if argv[:1] == ["check-kernels"]:
-        from dynconv.kernels import check as check_module
+        from dynconv import check_kernels as check_module
 
         return check_module.main(argv[1:])
 

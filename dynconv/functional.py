@@ -244,6 +244,7 @@ def local_filter2d(
     stride: IntOrPair = 1,
     padding: IntOrPair | str | None = None,
     dilation: IntOrPair = 1,
+    *,
     backend: str | None = None,
 ) -> torch.Tensor:
     r"""Dynamic local filtering (Dynamic Filter Networks' *dynamic local filtering layer*; also the
@@ -332,6 +333,7 @@ def sample_conv2d(
     padding: IntOrPair | str = 0,
     dilation: IntOrPair = 1,
     groups: int = 1,
+    *,
     backend: str | None = None,
 ) -> torch.Tensor:
     r"""Sample-specific convolution: every sample of the batch is convolved with its own kernel (Dynamic Filter
@@ -515,6 +517,7 @@ def dcnv3(
     group: int = 1,
     offset_scale: float = 1.0,
     remove_center: bool = False,
+    *,
     backend: str | None = None,
 ) -> torch.Tensor:
     r"""The DCNv3 core (InternImage, Wang et al., CVPR 2023): deformable sampling with ``group`` groups of
@@ -587,6 +590,7 @@ def dcnv4(
     group: int = 1,
     offset_scale: float = 1.0,
     remove_center: bool = False,
+    *,
     backend: str | None = None,
 ) -> torch.Tensor:
     r"""The DCNv4 core (Xiong et al., "Efficient Deformable ConvNets", CVPR 2024): the sampling of

@@ -81,8 +81,8 @@ def _bilinear_gather(x: torch.Tensor, py: torch.Tensor, px: torch.Tensor) -> tor
     """
     N, C, H, W = x.shape
     flat = x.reshape(N, C, H * W)
-    # torch.div(.., rounding_mode='floor') is floor; torch.floor costs a fixed ~8 ms per call on this project's CPUs,
-    # which would distort every benchmark against the reference.
+    # torch.div(.., rounding_mode='floor') is floor; torch.floor has a large fixed cost per call on some CPUs
+    # (docs/benchmarks.md), which would distort every benchmark against the reference.
     y0, x0 = torch.div(py, 1, rounding_mode="floor"), torch.div(px, 1, rounding_mode="floor")
     out = 0
     for row, wy in ((y0, 1 - (py - y0)), (y0 + 1, py - y0)):

@@ -1,4 +1,4 @@
-"""Launch rules, opt-in autotuning cache and ``dynconv check-kernels`` (dynconv/kernels/_launch.py, check.py).
+"""Launch rules, opt-in autotuning cache and ``dynconv check-kernels`` (kernels/_launch.py, check_kernels.py).
 
 The rules and the cache are plain Python (a fake timer stands in for CUDA events); the compile checks run
 Triton's compiler for sm_90 in child processes with ``TRITON_INTERPRET=0`` (no GPU needed) and are skipped
@@ -12,8 +12,8 @@ import pytest
 
 pytest.importorskip("triton")
 
+from dynconv import check_kernels as check  # noqa: E402
 from dynconv.kernels import _launch as L  # noqa: E402
-from dynconv.kernels import check  # noqa: E402
 
 
 def _pow2(n):
@@ -229,3 +229,32 @@ def test_cli_routes_check_kernels_and_refuses_a_bad_arch(capsys):
         cli.main(["check-kernels", "--arch", "0"])
     assert exc.value.code == 2
     assert "--arch: expected an integer >= 1, got '0'" in capsys.readouterr().err
+
+
+def test_shared_launch_helpers(monkeypatch):
+    """The one copy of the helpers every kernel family (and the torch backend) uses."""
+    import torch
+
+    assert [L.acc_dtype(d) for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)] == [
+        torch.float32,
+        torch.float32,
+        torch.float32,
+        torch.float64,
+    ]
+    cpu = torch.zeros(1)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        L.check_launchable(cpu, interpreted=False)
+    L.check_launchable(cpu, interpreted=True)  # the interpreter takes CPU tensors
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not L.triton_interpret()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert L.triton_interpret()
+    assert L.resolve_deterministic(True) and not L.resolve_deterministic(False)
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert L.resolve_deterministic(None)
+        torch.use_deterministic_algorithms(False)
+        assert not L.resolve_deterministic(None)
+    finally:
+        torch.use_deterministic_algorithms(previous)

@@ -98,13 +98,13 @@ def test_triton_deterministic_flag_follows_torch(monkeypatch):
     from dynconv.kernels import deform as kernels
 
     calls = []
-    original = kernels.deform_conv2d_backward
+    original = kernels.backward
 
     def spy(*args):
         calls.append(args[-1])
         return original(*args)
 
-    monkeypatch.setattr(kernels, "deform_conv2d_backward", spy)
+    monkeypatch.setattr(kernels, "backward", spy)
     tensors, geometry = make(CASES[0], torch.float32)
     torch.use_deterministic_algorithms(True)
     try:

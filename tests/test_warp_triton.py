@@ -101,13 +101,13 @@ def test_triton_deterministic_flag_follows_torch(monkeypatch):
     from dynconv.kernels import warp as kernels
 
     calls = []
-    original = kernels.warp_backward
+    original = kernels.backward
 
     def spy(*args):
         calls.append(args[-1])
         return original(*args)
 
-    monkeypatch.setattr(kernels, "warp_backward", spy)
+    monkeypatch.setattr(kernels, "backward", spy)
     x, flow = make(CASES[0], torch.float32)
     torch.use_deterministic_algorithms(True)
     try:

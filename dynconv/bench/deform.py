@@ -10,8 +10,8 @@ is measured, and on CUDA the kernel time by CUDA-graph replay stands beside the 
 counts every input and the output once, and for forward+backward twice that (their gradients).
 
 The candidates are timed interleaved, one call of each per round, and the medians taken over rounds: on a
-shared machine a burst of someone else's load then slows every candidate alike instead of one of them (timed
-back to back, the same forward varied 88-592 ms between consecutive runs here).
+shared machine a burst of someone else's load then slows every candidate alike instead of one of them
+(:func:`dynconv.bench.timing.measure_interleaved`).
 """
 
 from __future__ import annotations

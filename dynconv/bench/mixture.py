@@ -10,7 +10,7 @@ each formulation of the mixture: ``grouped`` (per-sample kernels, batch folded i
 (K dense convolutions, then the weighted sum), ``chunked`` (a few samples per grouped convolution), ``loop``
 (one ``F.conv2d`` per sample) and ``auto`` (the per-layer rule in :mod:`dynconv.nn.mixture`).
 
-``--quick`` measures what fits in a few minutes on a 2-core CPU: both models at 32x32 (batch 1 and 64) and
+``--quick`` measures what fits in a few minutes on a small CPU: both models at 32x32 (batch 1 and 64) and
 224x224 at batch 1, and skips 224x224 at batch 64 (it says so in the table).
 
 Each row is printed as soon as it is measured; on CUDA the forward's time by CUDA-graph replay stands beside the

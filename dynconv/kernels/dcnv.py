@@ -25,13 +25,12 @@ import torch
 import triton
 import triton.language as tl
 
-from dynconv.backends import triton_interpret
 from dynconv.kernels import _launch as L
 
 __all__ = ["forward", "backward"]
 
 # Whether the kernels below were created by the interpreter (decided when this module was imported).
-INTERPRETED = triton_interpret()
+INTERPRETED = L.triton_interpret()
 
 
 @triton.jit
@@ -184,12 +183,12 @@ def _meta(value, offset, kernel_size, stride, padding, dilation, remove_center):
 
 
 def _scale(offset_scale: float, value: torch.Tensor) -> torch.Tensor:
-    return torch.full((1,), offset_scale, dtype=torch.float64 if L.acc_is_f64(value.dtype) else torch.float32,
-                      device=value.device)  # fmt: skip
+    return torch.full((1,), offset_scale, dtype=L.acc_dtype(value.dtype), device=value.device)
 
 
 def forward(value, offset, mask, kernel_size, stride, padding, dilation, offset_scale, remove_center):
     """``[B, H_out, W_out, C]`` in the dtype of ``value`` (the launcher of :func:`_dcn_forward_kernel`)."""
+    L.check_launchable(value, offset, mask, interpreted=INTERPRETED)
     value, offset, mask = value.contiguous(), offset.contiguous(), mask.contiguous()
     B, H, W, C = value.shape
     _, Ho, Wo = offset.shape[:3]
@@ -207,14 +206,14 @@ def backward(grad_out, value, offset, mask, kernel_size, stride, padding, dilati
     ``deterministic=None`` follows ``torch.are_deterministic_algorithms_enabled()``.
     """
     need_value, need_offset, need_mask = needs
-    if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
+    deterministic = L.resolve_deterministic(deterministic)
+    L.check_launchable(grad_out, value, offset, mask, interpreted=INTERPRETED)
     value, offset, mask = value.contiguous(), offset.contiguous(), mask.contiguous()
     grad_out = grad_out.contiguous()
     B, H, W, C = value.shape
     _, Ho, Wo, G, P, _ = offset.shape
     meta, grid = _meta(value, offset, kernel_size, stride, padding, dilation, remove_center)
-    acc = torch.float64 if value.dtype == torch.float64 else torch.float32
+    acc = L.acc_dtype(value.dtype)
     grad_offset = torch.empty(offset.shape, dtype=acc, device=value.device)
     grad_mask = torch.empty(mask.shape, dtype=acc, device=value.device)
     grad_value = torch.zeros(value.shape, dtype=acc, device=value.device) if need_value else grad_offset

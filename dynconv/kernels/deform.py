@@ -15,15 +15,15 @@ import torch
 import triton
 import triton.language as tl
 
-from dynconv.backends import triton_interpret
+from dynconv import _columns as cm
 from dynconv.kernels import _launch as L
-from dynconv.ops.deform import _acc_dtype, _columns_matmul, _grad_columns, _grad_weight, images_per_chunk
 
-__all__ = ["deform_conv2d_backward", "deform_conv2d_forward"]
+__all__ = ["backward", "forward"]
 
 # Rows (image, pixel, tap, group) x channels per program and warps (dynconv.kernels._launch.deform_config).
 # Tests shrink the blocks here.
-CONFIG = L.deform_config(interpreted=triton_interpret())
+INTERPRETED = L.triton_interpret()
+CONFIG = L.deform_config(interpreted=INTERPRETED)
 
 
 @triton.jit
@@ -204,8 +204,9 @@ def _columns(x, offset, mask, b0, b1, kernel_size, stride, padding, dilation):
     return cols
 
 
-def deform_conv2d_forward(x, offset, weight, bias, mask, kernel_size, stride, padding, dilation):
+def forward(x, offset, weight, bias, mask, kernel_size, stride, padding, dilation):
     """Forward on validated arguments: Triton columns per chunk of images, then one torch matmul per chunk."""
+    L.check_launchable(x, offset, weight, interpreted=INTERPRETED)
     B, C = x.shape[:2]
     Co = weight.shape[0]
     K = kernel_size[0] * kernel_size[1]
@@ -214,31 +215,29 @@ def deform_conv2d_forward(x, offset, weight, bias, mask, kernel_size, stride, pa
     wacc = weight.float()
     bacc = bias.float() if bias is not None else None
     out = torch.empty((B, Ho, Wo, Co), dtype=x.dtype, device=x.device)
-    step = images_per_chunk(Ho * Wo * K * C, B)
+    step = cm.images_per_chunk(Ho * Wo * K * C, B)
     for b0 in range(0, B, step):
         b1 = min(B, b0 + step)
         cols = _columns(x, offset, mask, b0, b1, kernel_size, stride, padding, dilation)
-        out[b0:b1].view(-1, Co).copy_(_columns_matmul(cols.view(-1, K * C), wacc, G_w, bacc))
+        out[b0:b1].view(-1, Co).copy_(cm.columns_matmul(cols.view(-1, K * C), wacc, G_w, bacc))
     return out.permute(0, 3, 1, 2).contiguous()
 
 
-def deform_conv2d_backward(
-    grad_out, x, offset, weight, mask, kernel_size, stride, padding, dilation, needs, deterministic=None
-):
+def backward(grad_out, x, offset, weight, mask, kernel_size, stride, padding, dilation, needs, deterministic=None):
     """Gradients wrt ``(x, offset, weight, bias, mask)`` (empty where ``needs`` is False).
 
     ``deterministic=None`` follows ``torch.are_deterministic_algorithms_enabled()``: atomics when it is off,
     the sorted two-pass accumulation when it is on.
     """
     need_x, need_offset, need_weight, need_bias, need_mask = needs
-    if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
+    deterministic = L.resolve_deterministic(deterministic)
+    L.check_launchable(grad_out, x, offset, weight, interpreted=INTERPRETED)
     B, C, H, W = x.shape
     Co = weight.shape[0]
     K = kernel_size[0] * kernel_size[1]
     Ho, Wo = offset.shape[-2:]
     G_w = C // weight.shape[1]
-    acc = _acc_dtype(x.dtype)
+    acc = L.acc_dtype(x.dtype)
     wacc = weight.to(acc)
     tensors, geometry, G, _ = _geometry_args(x, offset, mask, kernel_size, stride, padding, dilation)
     Cg = C // G
@@ -251,7 +250,7 @@ def deform_conv2d_backward(
     gout_nhwc = grad_out.permute(0, 2, 3, 1)
     grad_bias = gout_nhwc.to(acc).sum((0, 1, 2)).to(weight.dtype) if need_bias else None
     dummy = torch.empty(1, dtype=torch.float32, device=dev)
-    step = images_per_chunk(Ho * Wo * K * C, B)
+    step = cm.images_per_chunk(Ho * Wo * K * C, B)
     for b0 in range(0, B, step):
         b1 = min(B, b0 + step)
         nb = b1 - b0
@@ -259,11 +258,11 @@ def deform_conv2d_backward(
         gout2d = gout_nhwc[b0:b1].to(acc).reshape(nb * Ho * Wo, Co)
         if need_weight:
             cols = _columns(x, offset, mask, b0, b1, kernel_size, stride, padding, dilation)
-            grad_weight += _grad_weight(cols.view(-1, K * C), gout2d, weight.shape, G_w)
+            grad_weight += cm.grad_weight(cols.view(-1, K * C), gout2d, weight.shape, G_w)
             del cols
         if not (need_x or need_offset or need_mask):
             continue
-        gcols = _grad_columns(gout2d, wacc, G_w).contiguous()
+        gcols = cm.grad_columns(gout2d, wacc, G_w).contiguous()
         if need_x and not atomic:
             gx_buffer = torch.empty((4, R, Cg), dtype=torch.float32, device=dev)
             gidx = torch.empty((4, R), dtype=torch.int64, device=dev)

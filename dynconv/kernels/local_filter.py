@@ -21,8 +21,8 @@ accumulate in fp32 (fp64 for fp64 inputs) and are stored in the input dtype. Off
 unless a tensor spans 2**30 elements or more (a factor-2 margin for the masked lanes past the edges), when
 the program ids, and with them every offset, are promoted to int64.
 
-Taps: a runtime loop over the kernel rows, the taps of a row unrolled. Unrolling all k*k taps took 18-51 s
-per kernel and config to compile for sm_90 at k=9 (this 2-core machine), the row loop 1.1-2.6 s.
+Taps: a runtime loop over the kernel rows, the taps of a row unrolled: unrolling all k*k taps made large kernels
+compile more than ten times slower (docs/benchmarks.md, "Notes behind code choices").
 
 Block sizes: one tile (``BLOCK_H x BLOCK_W`` pixels, warps) per kernel and shape from the rule in
 :func:`dynconv.kernels._launch.local_filter_tile`, with ``BLOCK_C`` from
@@ -40,13 +40,12 @@ import torch
 import triton
 import triton.language as tl
 
-from dynconv.backends import triton_interpret
 from dynconv.kernels import _launch as L
 
 __all__ = ["forward", "backward"]
 
 # Whether the kernels below were created by the interpreter (decided when this module was imported).
-INTERPRETED = triton_interpret()
+INTERPRETED = L.triton_interpret()
 
 # Tests set this to run the int64 offset path on small tensors.
 FORCE_INT64 = False
@@ -313,14 +312,6 @@ def _needs_int64(*tensors: torch.Tensor) -> bool:
     return FORCE_INT64 or L.needs_int64(*tensors)
 
 
-def _check_launchable(*tensors: torch.Tensor) -> None:
-    if tensors[0].device.type == "cpu" and not INTERPRETED:
-        raise RuntimeError(
-            "dynconv's Triton kernels got CPU tensors, but dynconv.kernels.local_filter was imported without "
-            "TRITON_INTERPRET=1 (triton.jit reads it at import): set it before the first triton-backend call"
-        )
-
-
 def _launch(kernel, grid, args, meta: dict, rows: int, cols: int, like: torch.Tensor) -> None:
     """Launch ``kernel`` with the tile of the rule (or, with ``DYNCONV_AUTOTUNE=1``, the cached fastest) for
     programs covering ``rows x cols`` pixels; ``grid(tile)`` is the launch grid of a tile."""
@@ -365,7 +356,7 @@ def forward(
     Returns:
         Tensor[B, C, H_out, W_out]: contiguous, dtype of ``x``.
     """
-    _check_launchable(x, filters)
+    L.check_launchable(x, filters, interpreted=INTERPRETED)
     B, C, H, W = x.shape
     _, G, _, Ho, Wo = filters.shape
     y = _output((B, C, Ho, Wo), x)
@@ -409,7 +400,7 @@ def backward(
         (Tensor[B, C, H, W], Tensor[B, G, kh*kw, H_out, W_out]): contiguous gradients in the input dtype;
         a gradient not asked for is an empty tensor.
     """
-    _check_launchable(x, filters, grad_out)
+    L.check_launchable(x, filters, grad_out, interpreted=INTERPRETED)
     B, C, H, W = x.shape
     _, G, _, Ho, Wo = filters.shape
     cpg = C // G

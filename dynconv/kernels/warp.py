@@ -21,16 +21,16 @@ import torch
 import triton
 import triton.language as tl
 
-from dynconv.backends import triton_interpret
 from dynconv.kernels import _launch as L
 
-__all__ = ["warp_backward", "warp_forward"]
+__all__ = ["backward", "forward"]
 
 MODES = {"bilinear": 0, "nearest": 1}
 PADDING_MODES = {"zeros": 0, "border": 1, "reflection": 2}
 
 # Pixels x channels per program and warps (dynconv.kernels._launch.warp_config). Tests shrink the blocks here.
-CONFIG = L.warp_config(interpreted=triton_interpret())
+INTERPRETED = L.triton_interpret()
+CONFIG = L.warp_config(interpreted=INTERPRETED)
 
 
 @triton.jit
@@ -191,8 +191,9 @@ def _args(x: torch.Tensor, flow: torch.Tensor):
     return (x, *x.stride(), flow, *flow.stride())
 
 
-def warp_forward(x: torch.Tensor, flow: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
+def forward(x: torch.Tensor, flow: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
     """``y(p) = x(p + flow(p))`` on validated arguments (see :func:`dynconv.warp`); output contiguous NCHW."""
+    L.check_launchable(x, flow, interpreted=INTERPRETED)
     B, C, H, W = x.shape
     out = torch.empty((B, C, H, W), dtype=x.dtype, device=x.device)
     N = B * H * W
@@ -206,7 +207,7 @@ def warp_forward(x: torch.Tensor, flow: torch.Tensor, mode: str, padding_mode: s
     return out
 
 
-def warp_backward(
+def backward(
     grad_out: torch.Tensor,
     x: torch.Tensor,
     flow: torch.Tensor,
@@ -221,8 +222,8 @@ def warp_backward(
     off, the two-pass ``index_put_`` accumulation when it is on. ``"nearest"`` has a zero flow gradient.
     """
     need_x, need_flow = needs
-    if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
+    deterministic = L.resolve_deterministic(deterministic)
+    L.check_launchable(grad_out, x, flow, interpreted=INTERPRETED)
     B, C, H, W = x.shape
     N = B * H * W
     dev = x.device

@@ -7,4 +7,5 @@ from dynconv.ops import (
     dcnv,  # noqa: F401  (registers dynconv::dcn_sample)
     deform,  # noqa: F401  (registers dynconv::deform_conv2d)
     local_filter,  # noqa: F401  (registers dynconv::local_filter2d)
+    warp,  # noqa: F401  (registers dynconv::warp_triton and its backward)
 )

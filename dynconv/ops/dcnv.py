@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from dynconv.backends import TRITON_OPS
+from dynconv.kernels._launch import acc_dtype
 from dynconv.ops._autograd import refuse_double_backward
 from dynconv.reference import dcn_kernel_points
 
@@ -27,11 +28,6 @@ __all__ = ["dcn_sample_op"]
 # The Triton kernels (dynconv/kernels/dcnv.py) accumulate in fp32, and in fp64 for fp64 inputs (gradcheck).
 for _op in ("dcnv3", "dcnv4"):
     TRITON_OPS[_op] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    # fp16/bf16 accumulate in fp32 (CPU grid_sample has no half kernels either); fp64 stays fp64 for gradcheck.
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _grouped_nchw(t: torch.Tensor, G: int, dtype: torch.dtype) -> torch.Tensor:
@@ -90,7 +86,7 @@ def _sample(xg: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
 def _torch_forward(value, offset, mask, kernel_size, stride, padding, dilation, offset_scale, remove_center):
     B, H, W, C = value.shape
     _, Ho, Wo, G, P, _ = offset.shape
-    acc = _acc_dtype(value.dtype)
+    acc = acc_dtype(value.dtype)
     xg = _grouped_nchw(value, G, acc)
     geom = _Geometry((H, W), offset, kernel_size, stride, padding, dilation, offset_scale, remove_center, acc)
     out = torch.zeros((B * G, C // G, Ho * Wo), dtype=acc, device=value.device)
@@ -106,7 +102,7 @@ def _torch_backward(
     need_value, need_offset, need_mask = needs
     B, H, W, C = value.shape
     _, Ho, Wo, G, P, _ = offset.shape
-    acc = _acc_dtype(value.dtype)
+    acc = acc_dtype(value.dtype)
     xg = _grouped_nchw(value, G, acc)
     gy = _grouped_nchw(grad_out, G, acc).view(B * G, C // G, Ho * Wo, 1)
     geom = _Geometry((H, W), offset, kernel_size, stride, padding, dilation, offset_scale, remove_center, acc)

@@ -25,31 +25,19 @@ from __future__ import annotations
 
 import torch
 
+from dynconv import _columns as cm
 from dynconv.backends import TRITON_OPS
+from dynconv.kernels._launch import acc_dtype
 from dynconv.ops._autograd import refuse_double_backward
 
-__all__ = ["COLUMN_BUDGET_BYTES", "deform_conv2d_op", "images_per_chunk", "sampling_corners"]
+__all__ = ["deform_conv2d_op", "sampling_corners"]
 
 TRITON_OPS["deform_conv2d"] = (torch.float32, torch.float16, torch.bfloat16)
 
-# Upper bound on one chunk's column buffer. Two buffers of this size (columns + gather scratch) are live at
-# once, plus the column gradient in the backward; at least one image is processed per chunk.
-COLUMN_BUDGET_BYTES = 64 * 2**20
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    # fp16/bf16 gather and accumulate in fp32; fp64 stays fp64 so gradcheck sees full precision.
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def images_per_chunk(per_image_elements: int, batch: int, element_size: int = 4) -> int:
-    """How many images fit in :data:`COLUMN_BUDGET_BYTES` when each needs ``per_image_elements`` column entries."""
-    return max(1, min(batch, COLUMN_BUDGET_BYTES // max(1, per_image_elements * element_size)))
-
 
 def _floor(t: torch.Tensor) -> torch.Tensor:
-    # floor(t) for finite t. On the 2-core AVX-512 CPU machines of this project torch.floor (also trunc and round)
-    # costs a fixed ~8 ms per call whatever the size (10k elements: 8 ms, vs 19 us for this and 3 us for an add).
+    # floor(t) for finite t. torch.floor (also trunc and round) has a large fixed cost per call on some CPUs and a
+    # floor division does not (docs/benchmarks.md, "Notes behind code choices").
     return torch.div(t, 1, rounding_mode="floor")
 
 
@@ -165,44 +153,6 @@ def _gather_columns(table, corners, mask, columns, scratch):
             columns.addcmul_(scratch, w)
 
 
-def _columns_matmul(cols2d: torch.Tensor, weight: torch.Tensor, G_w: int, bias: torch.Tensor | None) -> torch.Tensor:
-    """``[rows, K*C_in] @ weight -> [rows, C_out]`` with weight groups (and the bias fused when given)."""
-    Co, Cw, kh, kw = weight.shape
-    K = kh * kw
-    rows = cols2d.shape[0]
-    if G_w == 1:
-        wmat = weight.permute(2, 3, 1, 0).reshape(K * Cw, Co)
-        return torch.addmm(bias, cols2d, wmat) if bias is not None else cols2d @ wmat
-    cols = cols2d.view(rows, K, G_w, Cw).permute(2, 0, 1, 3).reshape(G_w, rows, K * Cw)
-    wmat = weight.view(G_w, Co // G_w, Cw, K).permute(0, 3, 2, 1).reshape(G_w, K * Cw, Co // G_w)
-    out = torch.bmm(cols, wmat).permute(1, 0, 2).reshape(rows, Co)
-    return out + bias if bias is not None else out
-
-
-def _grad_columns(gout2d: torch.Tensor, weight: torch.Tensor, G_w: int) -> torch.Tensor:
-    """The transpose of :func:`_columns_matmul`: ``[rows, C_out] -> [rows, K*C_in]`` (contiguous)."""
-    Co, Cw, kh, kw = weight.shape
-    K = kh * kw
-    rows = gout2d.shape[0]
-    if G_w == 1:
-        return gout2d @ weight.permute(2, 3, 1, 0).reshape(K * Cw, Co).t()
-    wmat = weight.view(G_w, Co // G_w, Cw, K).permute(0, 3, 2, 1).reshape(G_w, K * Cw, Co // G_w)
-    g = torch.bmm(gout2d.view(rows, G_w, Co // G_w).permute(1, 0, 2), wmat.transpose(1, 2))  # [G_w, rows, K*Cw]
-    return g.view(G_w, rows, K, Cw).permute(1, 2, 0, 3).reshape(rows, K * G_w * Cw)
-
-
-def _grad_weight(cols2d: torch.Tensor, gout2d: torch.Tensor, weight_shape, G_w: int) -> torch.Tensor:
-    """``d loss / d weight`` of one chunk from its columns ``[rows, K*C_in]`` and output gradient ``[rows, C_out]``."""
-    Co, Cw, kh, kw = weight_shape
-    K = kh * kw
-    rows = cols2d.shape[0]
-    if G_w == 1:
-        return (cols2d.t() @ gout2d).view(kh, kw, Cw, Co).permute(3, 2, 0, 1)
-    cols = cols2d.view(rows, K, G_w, Cw).permute(2, 1, 3, 0).reshape(G_w, K * Cw, rows)
-    g = torch.bmm(cols, gout2d.view(rows, G_w, Co // G_w).permute(1, 0, 2))  # [G_w, K*Cw, Co/G_w]
-    return g.view(G_w, kh, kw, Cw, Co // G_w).permute(0, 4, 3, 1, 2).reshape(Co, Cw, kh, kw)
-
-
 def _torch_forward(x, offset, weight, bias, mask, kernel_size, stride, padding, dilation):
     B, C, H, W = x.shape
     Co = weight.shape[0]
@@ -210,11 +160,11 @@ def _torch_forward(x, offset, weight, bias, mask, kernel_size, stride, padding, 
     Ho, Wo = offset.shape[-2:]
     G_off = offset.shape[1] // (2 * K)
     G_w = C // weight.shape[1]
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     wacc = weight.to(acc)
     bacc = bias.to(acc) if bias is not None else None
     out = torch.empty((B, Ho, Wo, Co), dtype=x.dtype, device=x.device)
-    step = images_per_chunk(Ho * Wo * K * C, B, torch.finfo(acc).bits // 8)
+    step = cm.images_per_chunk(Ho * Wo * K * C, B, torch.finfo(acc).bits // 8)
     columns = scratch = None
     for b0 in range(0, B, step):
         b1 = min(B, b0 + step)
@@ -224,7 +174,7 @@ def _torch_forward(x, offset, weight, bias, mask, kernel_size, stride, padding, 
             scratch = torch.empty_like(columns)
         corners, m = _chunk_geometry(offset, mask, b0, b1, kernel_size, stride, padding, dilation, H, W, acc)
         _gather_columns(_input_table(x, b0, b1, G_off, acc), corners, m, columns, scratch)
-        res = _columns_matmul(columns.view(-1, K * C), wacc, G_w, bacc)
+        res = cm.columns_matmul(columns.view(-1, K * C), wacc, G_w, bacc)
         out[b0:b1].view(-1, Co).copy_(res)
     # The fake kernel promises a contiguous NCHW result.
     return out.permute(0, 3, 1, 2).contiguous()
@@ -239,7 +189,7 @@ def _torch_backward(grad_out, x, offset, weight, mask, kernel_size, stride, padd
     G_off = offset.shape[1] // (2 * K)
     Cg = C // G_off
     G_w = C // weight.shape[1]
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     wacc = weight.to(acc)
     grad_x = torch.empty((B, C, H, W), dtype=x.dtype, device=x.device) if need_x else None
     grad_offset = torch.empty(offset.shape, dtype=offset.dtype, device=x.device) if need_offset else None
@@ -248,7 +198,7 @@ def _torch_backward(grad_out, x, offset, weight, mask, kernel_size, stride, padd
     gout_nhwc = grad_out.permute(0, 2, 3, 1)
     grad_bias = gout_nhwc.to(acc).sum((0, 1, 2)).to(weight.dtype) if need_bias else None
     need_geometry = need_x or need_offset or need_mask
-    step = images_per_chunk(Ho * Wo * K * C, B, torch.finfo(acc).bits // 8)
+    step = cm.images_per_chunk(Ho * Wo * K * C, B, torch.finfo(acc).bits // 8)
     for b0 in range(0, B, step):
         b1 = min(B, b0 + step)
         nb = b1 - b0
@@ -260,7 +210,7 @@ def _torch_backward(grad_out, x, offset, weight, mask, kernel_size, stride, padd
         table = _input_table(x, b0, b1, G_off, acc)
         scratch = torch.empty((rows, Cg), dtype=acc, device=x.device)
         columns = torch.zeros((rows, Cg), dtype=acc, device=x.device) if need_weight else None
-        gcols = _grad_columns(gout2d, wacc, G_w).view(rows, Cg) if need_geometry else None
+        gcols = cm.grad_columns(gout2d, wacc, G_w).view(rows, Cg) if need_geometry else None
         grad_table = torch.zeros_like(table) if need_x else None
         dots = []
         for index, w, *_ in corners:
@@ -278,7 +228,7 @@ def _torch_backward(grad_out, x, offset, weight, mask, kernel_size, stride, padd
                 else:
                     grad_table.index_add_(0, index, scratch)
         if need_weight:
-            grad_weight += _grad_weight(columns.view(-1, K * C), gout2d, weight.shape, G_w)
+            grad_weight += cm.grad_weight(columns.view(-1, K * C), gout2d, weight.shape, G_w)
         if need_offset:
             gy = sum(a * c[2] for a, c in zip(dots, corners))
             gx = sum(a * c[3] for a, c in zip(dots, corners))
@@ -318,7 +268,7 @@ def deform_conv2d_op(
     if backend == "triton":
         from dynconv.kernels import deform as kernels
 
-        return kernels.deform_conv2d_forward(x, offset, weight, bias, mask, kernel_size, stride, padding, dilation)
+        return kernels.forward(x, offset, weight, bias, mask, kernel_size, stride, padding, dilation)
     return _torch_forward(x, offset, weight, bias, mask, kernel_size, stride, padding, dilation)
 
 
@@ -350,7 +300,7 @@ def deform_conv2d_backward_op(
     if backend == "triton":
         from dynconv.kernels import deform as kernels
 
-        return kernels.deform_conv2d_backward(
+        return kernels.backward(
             grad_out, x, offset, weight, mask, kernel_size, stride, padding, dilation, needs, deterministic
         )
     return _torch_backward(

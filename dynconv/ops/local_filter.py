@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from dynconv.backends import TRITON_OPS
+from dynconv.kernels._launch import acc_dtype
 from dynconv.ops._autograd import refuse_double_backward
 
 __all__ = ["local_filter2d_op"]
@@ -26,13 +27,6 @@ __all__ = ["local_filter2d_op"]
 # The Triton kernels (dynconv/kernels/local_filter.py) accumulate in fp32, and in fp64 for fp64 inputs, which
 # lets gradcheck check them too.
 TRITON_OPS["local_filter2d"] = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-_ACC = torch.float32
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    # fp16/bf16 accumulate in fp32; fp64 stays fp64 so gradcheck sees full precision.
-    return torch.float64 if dtype == torch.float64 else _ACC
 
 
 def _padded(x: torch.Tensor, padding: list[int], dtype: torch.dtype) -> torch.Tensor:
@@ -58,7 +52,7 @@ def _tap_window(
 def _torch_forward(x, filters, kernel_size, stride, padding, dilation):
     B, C = x.shape[:2]
     _, G, K, Ho, Wo = filters.shape
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     # Reading x in a low precision and accumulating in fp32 would mix dtypes in every addcmul_; one upcast
     # of x (fused with the padding copy) is cheaper than k*k upcasts of its windows.
     # The filters are upcast one tap at a time: a whole fp32 copy would be 2x their bf16 size.
@@ -75,7 +69,7 @@ def _torch_forward(x, filters, kernel_size, stride, padding, dilation):
 def _torch_backward(grad_out, x, filters, kernel_size, stride, padding, dilation, need_x, need_f):
     B, C, H, W = x.shape
     _, G, K, Ho, Wo = filters.shape
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     gy = grad_out.to(acc).contiguous().view(B, G, C // G, Ho, Wo)
     kh, kw = kernel_size
     ph, pw = padding

@@ -59,7 +59,7 @@ def warp_triton_op(
     """Forward of the Triton backend on validated arguments (see :func:`dynconv.warp`)."""
     from dynconv.kernels import warp as kernels
 
-    return kernels.warp_forward(x, flow, mode, padding_mode)
+    return kernels.forward(x, flow, mode, padding_mode)
 
 
 @warp_triton_op.register_fake
@@ -80,7 +80,7 @@ def warp_triton_backward_op(
     """Gradients wrt ``(x, flow)``; one not asked for in ``needs`` comes back empty."""
     from dynconv.kernels import warp as kernels
 
-    return kernels.warp_backward(grad_out, x, flow, mode, padding_mode, needs, deterministic)
+    return kernels.backward(grad_out, x, flow, mode, padding_mode, needs, deterministic)
 
 
 @warp_triton_backward_op.register_fake

@@ -16,6 +16,10 @@ without the optional tensors. A variant fails on a compile error,
 on spills, or when an fp64 variant takes an fp32 scalar argument (Triton passes Python floats as fp32 on a
 GPU but as fp64 in the interpreter: a precision loss only a GPU shows).
 
+It lives beside the command line rather than in :mod:`dynconv.kernels` because it reads the benchmarks' shapes
+(``dynconv.bench``) and the command-line types (``dynconv.recipes.args``): the kernel package imports nothing above
+itself.
+
 ``python -m dynconv check-kernels --first-call`` instead times, per family, shape and dtype, the compilation of
 every kernel the first forward+backward of a new shape needs (the start-up cost a user pays once per shape).
 """
