@@ -95,18 +95,22 @@ class SyntheticSegmentationVideo:
                     phase=float(rng.uniform(0, 2 * np.pi)),
                 )
             )
+        # Background: three colours mixed by random plane waves of periods 10-40 pixels in all directions, so that
+        # its motion is visible everywhere and not ambiguous (no single period, no aperture problem).
+        k = rng.uniform(0.15, 0.6, 12) * 64 / S
+        theta = rng.uniform(0, 2 * np.pi, 12)
         waves = np.stack(
             [
-                rng.uniform(-0.25, 0.25, 8) * 64 / S,
-                rng.uniform(-0.25, 0.25, 8) * 64 / S,
-                rng.uniform(0, 2 * np.pi, 8),
-                rng.uniform(0.3, 1.0, 8),
-                rng.integers(0, 3, 8).astype(float),
+                k * np.cos(theta),
+                k * np.sin(theta),
+                rng.uniform(0, 2 * np.pi, 12),
+                rng.uniform(0.8, 2.0, 12),
+                rng.integers(0, 3, 12).astype(float),
             ],
             1,
         )
         grey = rng.uniform(0.3, 0.6, (3, 1))
-        bg_colour = np.clip(grey + rng.uniform(-0.12, 0.12, (3, 3)), 0, 1).astype(np.float32)
+        bg_colour = np.clip(grey + rng.uniform(-0.25, 0.25, (3, 3)), 0, 1).astype(np.float32)
         return _Scene(S, shapes, rng.uniform(0, S, 2), rng.uniform(-1.0, 1.0, 2) * S / 64, waves, bg_colour)
 
     # -------------------------------------------------------------------------------- geometry
@@ -154,7 +158,6 @@ class SyntheticSegmentationVideo:
             fields[int(ch)] += amp * np.sin(kx * bx + ky * by + phase)
         weights = np.exp(fields) / np.exp(fields).sum(0, keepdims=True)
         image = np.einsum("kc,khw->chw", scene.bg_colour, weights)
-        image = image * (0.85 + 0.15 * np.sin(1.3 * bx) * np.sin(1.1 * by))  # fine background grain
         labels, layers = self._layers(scene, t)
         for shape, (u, v, on_top) in zip(scene.shapes, layers):
             f = shape.frequency

@@ -123,7 +123,7 @@ class FlowNetS(nn.Module):
     transposed convolutions, concatenating the encoder's features and the coarser flow (FlowNet's refinement),
     and predicts the flow at the feature stride. Flow is in pixels of the feature grid, ``(dx, dy)``, from the
     current frame to the key frame (the convention of :func:`dynconv.warp`). The flow predictors start at
-    zero (identity warp) and the scale function at 1.
+    small random values (near the identity warp) and the scale function at exactly 1.
 
     Args:
         in_channels: channels of one frame.
@@ -161,8 +161,14 @@ class FlowNetS(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) and m.bias is not None:
+                nn.init.kaiming_normal_(m.weight, a=0.1, nonlinearity="leaky_relu")
+                nn.init.zeros_(m.bias)
+        # The flow predictors start small, not zero: a zero predictor passes no gradient to the layers below it,
+        # and a FlowNetS trained that way on the synthetic set still predicted zero flow after 200 steps.
         for m in (self.predict0, self.predict1, self.predict2):
-            nn.init.zeros_(m.weight)
+            nn.init.normal_(m.weight, std=0.01)
             nn.init.zeros_(m.bias)
         for m in (self.up1_flow, self.up2_flow):  # bilinear upsampling of the coarser flow, times 2 (units)
             with torch.no_grad():
@@ -183,7 +189,7 @@ class FlowNetS(nn.Module):
         return F.pad(x, (0, w - x.shape[-1], 0, h - x.shape[-2]))
 
     def forward(self, key: torch.Tensor, current: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = F.avg_pool2d(torch.cat([key, current], 1), 2, ceil_mode=True)
+        x = F.avg_pool2d(torch.cat([key, current], 1), 2, ceil_mode=True) - 0.5  # frames in [0, 1], centred
         for layer in self.encoder:
             x = layer(x)
         skip0 = x
@@ -194,6 +200,90 @@ class FlowNetS(nn.Module):
         coarse = self._fit(self.up1_flow(self.predict1(x) + coarse), skip0)
         x = self.refine(torch.cat([skip0, self._fit(self.up1(x), skip0), coarse], 1))
         return self.predict0(x) + coarse, self.scale(x)
+
+
+class FlowNetC(nn.Module):
+    """``N_flow`` with a correlation layer (FlowNet's *FlowNetCorr*, Dosovitskiy et al., ICCV 2015): both frames,
+    downsampled 2x, go through one shared encoder to the feature stride; the correlation of the current frame's
+    encoder features with the key frame's over displacements up to ``max_displacement`` image pixels gives a
+    cost volume; its soft-argmax is a first flow, which a small dilated decoder refines. The scale function is
+    a 1x1 convolution of the decoder's features (weight 0, bias 1: exactly 1 at the start).
+
+    Why it is the default here: a narrow :class:`FlowNetS` trained on the synthetic set with end-point-error
+    supervision stayed at zero flow for its first 200 steps (the plateau FlowNets are known to start on),
+    while the correlation's soft-argmax points the right way from the first step, which a CPU budget needs.
+
+    Args:
+        in_channels: channels of one frame.
+        feature_channels: channels of the scale field (those of the features it multiplies).
+        feature_stride: the feature network's output stride (4, 8, 16 or 32).
+        width: channels of the encoder.
+        max_displacement: the largest displacement the correlation compares, in image pixels.
+
+    Shape: ``key, current [B, C, H, W]`` -> ``flow [B, 2, h, w]`` (feature pixels, current -> key, (dx, dy)),
+    ``scale [B, feature_channels, h, w]``, ``h = ceil(H / feature_stride)``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        feature_channels: int = 128,
+        feature_stride: int = 8,
+        width: int = 16,
+        max_displacement: int = 16,
+    ):
+        super().__init__()
+        if feature_stride not in (4, 8, 16, 32):
+            raise ValueError(f"feature_stride must be 4, 8, 16 or 32, got {feature_stride}")
+        self.feature_stride = feature_stride
+        self.radius = max(1, max_displacement // feature_stride)
+        enc, cin = [], in_channels
+        for _ in range({4: 1, 8: 2, 16: 3, 32: 4}[feature_stride]):
+            enc.append(_flow_conv(cin, width, 3, 2))
+            cin = width
+        enc.append(nn.Conv2d(width, width, 3, 1, 1))
+        self.encoder = nn.Sequential(*enc)
+        d = 2 * self.radius + 1
+        r = torch.arange(-self.radius, self.radius + 1, dtype=torch.float32)
+        dy, dx = torch.meshgrid(r, r, indexing="ij")  # unfold's order: kernel rows (dy), then columns (dx)
+        self.register_buffer("displacements", torch.stack([dx.flatten(), dy.flatten()]), persistent=False)
+        self.temperature = nn.Parameter(torch.tensor(50.0))
+        self.decoder = nn.Sequential(
+            _flow_conv(d * d + width + 2, 2 * width),
+            nn.Sequential(nn.Conv2d(2 * width, 2 * width, 3, 1, 2, 2), nn.LeakyReLU(0.1, inplace=True)),
+            nn.Sequential(nn.Conv2d(2 * width, 2 * width, 3, 1, 4, 4), nn.LeakyReLU(0.1, inplace=True)),
+        )
+        self.predict = nn.Conv2d(2 * width, 2, 3, 1, 1)
+        self.scale = nn.Conv2d(2 * width, feature_channels, 1)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, a=0.1, nonlinearity="leaky_relu")
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.predict.weight, std=0.01)  # the refinement starts near zero: flow = soft-argmax
+        nn.init.zeros_(self.predict.bias)
+        nn.init.zeros_(self.scale.weight)  # the scale function starts as the identity: S = 1 everywhere
+        nn.init.ones_(self.scale.bias)
+        with torch.no_grad():
+            self.temperature.fill_(50.0)
+
+    def correlation(self, key: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+        """``[B, (2R+1)^2, h, w]``: cosine similarity of ``current(p)`` and ``key(p + d)`` per displacement ``d``
+        (zero where ``p + d`` leaves the map)."""
+        B, C, h, w = current.shape
+        d = 2 * self.radius + 1
+        key = F.unfold(key, d, padding=self.radius).view(B, C, d * d, h, w)
+        return (key * current[:, :, None]).sum(1)
+
+    def forward(self, key: torch.Tensor, current: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pair = F.avg_pool2d(torch.cat([key, current]), 2, ceil_mode=True) - 0.5  # frames in [0, 1], centred
+        fk, fc = F.normalize(self.encoder(pair), dim=1).chunk(2)
+        cost = self.correlation(fk, fc)
+        first = torch.einsum("bdhw,cd->bchw", (self.temperature * cost).softmax(1), self.displacements)
+        x = self.decoder(torch.cat([cost, fc, first], 1))
+        return first + self.predict(x), self.scale(x)
 
 
 class DeepFeatureFlow(nn.Module):
@@ -207,6 +297,7 @@ class DeepFeatureFlow(nn.Module):
         blocks: basic blocks per stage of the feature network.
         output_stride: the feature stride.
         flow_width: the flow network's first-layer width.
+        flow_net: ``"c"`` (:class:`FlowNetC`, the default) or ``"s"`` (:class:`FlowNetS`).
     """
 
     def __init__(
@@ -217,11 +308,15 @@ class DeepFeatureFlow(nn.Module):
         blocks: tuple[int, ...] = (2, 2, 2, 2),
         output_stride: int = 8,
         flow_width: int = 16,
+        flow_net: str = "c",
     ):
         super().__init__()
+        if flow_net not in ("c", "s"):
+            raise ValueError(f"flow_net must be 'c' (FlowNetC) or 's' (FlowNetS), got {flow_net!r}")
         self.features = FeatureNet(in_channels, width, tuple(blocks), output_stride)
         self.task = TaskNet(self.features.out_channels, num_classes)
-        self.flow = FlowNetS(in_channels, self.features.out_channels, output_stride, flow_width)
+        flow_cls = FlowNetC if flow_net == "c" else FlowNetS
+        self.flow = flow_cls(in_channels, self.features.out_channels, output_stride, flow_width)
 
     def segment(self, frame: torch.Tensor) -> torch.Tensor:
         """The per-frame baseline: ``[B, C, H, W]`` -> logits ``[B, classes, H, W]``."""

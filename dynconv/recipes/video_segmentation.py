@@ -67,10 +67,12 @@ class Config:
     data: str = "synthetic"
     cityscapes_dir: str | None = None
     frame_size: int = 64
-    width: int = 48
+    width: int = 24
     blocks: str = "2,3,4,2"
-    output_stride: int = 8
-    flow_width: int = 8
+    output_stride: int = 4
+    flow_net: str = "s"
+    flow_width: int = 16
+    flow_pretrain: bool = True
     perframe_steps: int = 600
     dff_steps: int = 600
     max_steps: int | None = None
@@ -164,6 +166,9 @@ class TrainBatches:
 
     def __call__(self, step: int, pairs: bool) -> dict[str, torch.Tensor]:
         cfg, B = self.cfg, self.cfg.batch_size
+        # flow pretraining in the per-frame stage: pairs with their exact flow (the paper pretrains its FlowNet on
+        # Flying Chairs; the synthetic set's flow plays that part)
+        pairs = pairs or (cfg.flow_pretrain and cfg.data == "synthetic")
         rng = np.random.default_rng([cfg.seed, step, self.rank])
         out = {"current": [], "labels": [], "key": [], "flow": []}
         for b in range(B):
@@ -207,6 +212,11 @@ def learning_rate(cfg: Config, step: int) -> float:
     return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * position / max(length, 1))))
 
 
+def _epe(flow: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean end-point error ``|flow - target|`` over the pixels; ``[B, 2, h, w]`` each."""
+    return (flow - target).square().sum(1).add(1e-8).sqrt().mean()
+
+
 class _Step(nn.Module):
     """``forward`` = one training step's loss, so DistributedDataParallel sees one forward per step."""
 
@@ -220,7 +230,12 @@ class _Step(nn.Module):
         if not pairs:
             logits = model.segment(batch["current"])
             loss = F.cross_entropy(logits, batch["labels"], ignore_index=ignore)
-            return loss, {"ce": loss.item()}
+            parts = {"ce": loss.item()}
+            if "flow" in batch:  # flow pretraining beside the per-frame stage
+                epe = _epe(model.flow(batch["key"], batch["current"])[0], batch["flow"])
+                parts["epe"] = epe.item()
+                loss = loss + cfg.flow_loss_weight * epe
+            return loss, parts
         if cfg.finetune_features:
             key_features = model.features(batch["key"])
         else:
@@ -231,7 +246,7 @@ class _Step(nn.Module):
         parts = {"ce": ce.item()}
         loss = ce
         if "flow" in batch and cfg.flow_loss_weight > 0:
-            epe = (flow - batch["flow"]).square().sum(1).add(1e-8).sqrt().mean()
+            epe = _epe(flow, batch["flow"])
             parts["epe"] = epe.item()
             loss = loss + cfg.flow_loss_weight * epe
         return loss, parts
@@ -691,7 +706,9 @@ def _add_config_arguments(p: argparse.ArgumentParser, defaults: bool = True) -> 
             p.add_argument(flag, default=default, choices=("synthetic", "cityscapes"))
         elif f.name == "output_stride":
             p.add_argument(flag, default=default, type=int, choices=(4, 8, 16, 32))
-        elif f.name == "finetune_features":
+        elif f.name == "flow_net":
+            p.add_argument(flag, default=default, choices=("s", "c"))
+        elif f.name in ("finetune_features", "flow_pretrain"):
             p.add_argument(flag, default=default, action=argparse.BooleanOptionalAction)
         elif f.name in _FLAG_TYPES:
             p.add_argument(flag, type=_FLAG_TYPES[f.name], default=default)
@@ -706,7 +723,7 @@ def _resumed_config(ckpt_path: str, given: Config, argv: list[str]) -> Config:
     flags = argparse.ArgumentParser(add_help=False)
     _add_config_arguments(flags, defaults=False)
     explicit = vars(flags.parse_known_args(argv)[0])
-    architecture = ("data", "width", "blocks", "output_stride", "flow_width", "frame_size")
+    architecture = ("data", "width", "blocks", "output_stride", "flow_net", "flow_width", "frame_size")
     for k in architecture:
         if k in explicit and k in saved and saved[k] != explicit[k]:
             raise UserError(f"--{k.replace('_', '-')} {explicit[k]}: {ckpt_path} holds a run with {saved[k]!r}")
