@@ -15,7 +15,7 @@ from dynconv.cli import main
 from dynconv.data.cityscapes import CityscapesVideo
 from dynconv.data.synthetic_segmentation import NUM_CLASSES, SyntheticSegmentationVideo
 from dynconv.errors import UserError
-from dynconv.models.dff import DeepFeatureFlow, FeatureNet, FlowNetS
+from dynconv.models.dff import DeepFeatureFlow, FeatureNet, FlowNetC, FlowNetS
 from dynconv.recipes import video_segmentation as vs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -171,38 +171,71 @@ def test_adaptive_schedule_takes_a_key_frame_when_the_flow_is_large():
     torch.manual_seed(0)
     model = DeepFeatureFlow(4, width=8, blocks=(1, 1)).eval()
     frames = torch.rand(12, 3, 32, 32)
-    # a fresh flow network predicts zero flow: below any threshold, so only the interval forces key frames
+    # a fresh flow network predicts almost no flow: below the threshold, so only the interval forces key frames
     assert model.segment_video(frames, 5, "adaptive", threshold=0.5)[1] == [0, 5, 10]
-    with torch.no_grad():
-        model.flow.predict0.bias.fill_(1.0)  # one feature pixel everywhere: above a threshold of 0.5
-    assert model.segment_video(frames, 5, "adaptive", threshold=0.5)[1] == list(range(12))
-    assert model.segment_video(frames, 5, "adaptive", threshold=2.0)[1] == [0, 5, 10]
+    with torch.no_grad():  # flow (1, 1) feature pixel everywhere: |dx| + |dy| = 2
+        for m in (model.flow.predict0, model.flow.predict1, model.flow.predict2):
+            m.weight.zero_()
+            m.bias.zero_()
+        model.flow.predict0.bias.fill_(1.0)
+    assert model.segment_video(frames, 5, "adaptive", threshold=1.5)[1] == list(range(12))
+    assert model.segment_video(frames, 5, "adaptive", threshold=2.5)[1] == [0, 5, 10]
     with pytest.raises(ValueError, match="schedule"):
         model.segment_video(frames, 5, "sometimes")
 
 
-def test_scale_function_starts_as_identity_and_a_fresh_network_propagates_features_unchanged():
+@pytest.mark.parametrize("flow_net", ["s", "c"])
+def test_scale_function_starts_as_identity(flow_net):
+    """The scale field of a fresh flow network is exactly 1 whatever the input, so propagation is the warp alone."""
     torch.manual_seed(0)
-    model = DeepFeatureFlow(4, width=8, blocks=(1, 1, 1)).eval()
+    model = DeepFeatureFlow(4, width=8, blocks=(1, 1, 1), flow_net=flow_net).eval()
     key, current = torch.rand(3, 3, 48, 40), torch.rand(3, 3, 48, 40)
     flow, scale = model.flow(key, current)
     assert flow.shape == (3, 2, 6, 5) and scale.shape == (3, 32, 6, 5)
-    assert torch.equal(scale, torch.ones_like(scale)) and torch.equal(flow, torch.zeros_like(flow))
+    assert torch.equal(scale, torch.ones_like(scale))
     features = model.features(key)
     assert features.shape == (3, 32, 6, 5)
-    propagated, _ = model.propagate(features, key, current)
-    torch.testing.assert_close(propagated, features, rtol=0, atol=1e-6)
-    # the scale function multiplies: with weight 0 and bias 2 it doubles the warped features
+    propagated, got_flow = model.propagate(features, key, current)
+    torch.testing.assert_close(got_flow, flow)
+    torch.testing.assert_close(propagated, warp(features, flow, padding_mode="border"), rtol=0, atol=1e-6)
+    # the scale function multiplies: with bias 2 it doubles the warped features
     with torch.no_grad():
         model.flow.scale.bias.fill_(2.0)
-    torch.testing.assert_close(model.propagate(features, key, current)[0], 2 * features, rtol=0, atol=1e-5)
+    doubled = model.propagate(features, key, current)[0]
+    torch.testing.assert_close(doubled, 2 * warp(features, flow, padding_mode="border"), rtol=0, atol=1e-5)
+
+
+def test_fresh_flownets_start_near_the_identity_warp_and_zeroed_predictors_give_it_exactly():
+    torch.manual_seed(0)
+    model = DeepFeatureFlow(4, width=8, blocks=(1, 1, 1)).eval()
+    key, current = torch.rand(3, 3, 48, 40), torch.rand(3, 3, 48, 40)
+    assert model.flow(key, current)[0].abs().max() < 0.1  # feature pixels
+    with torch.no_grad():
+        for m in (model.flow.predict0, model.flow.predict1, model.flow.predict2):
+            m.weight.zero_()
+            m.bias.zero_()
+    features = model.features(key)
+    torch.testing.assert_close(model.propagate(features, key, current)[0], features, rtol=0, atol=1e-6)
+
+
+def test_flownetc_correlation_finds_a_known_shift():
+    """The cost volume peaks at the displacement that maps the current frame back onto the key frame: for a
+    current frame equal to the key shifted right by one feature pixel, ``flow = (dx, dy) = (-1, 0)``."""
+    net = FlowNetC(3, 8, feature_stride=4, width=8)
+    key = torch.randn(1, 8, 10, 12)
+    current = torch.roll(key, 1, dims=-1)  # current(x) = key(x - 1)
+    cost = net.correlation(F.normalize(key, dim=1), F.normalize(current, dim=1))
+    best = net.displacements[:, cost[0, :, 5, 2:-2].argmax(0)]
+    assert torch.equal(best, torch.tensor([[-1.0], [0.0]]).expand_as(best))
 
 
 @pytest.mark.parametrize("stride", [4, 8, 16])
 def test_feature_and_flow_networks_meet_at_the_feature_stride(stride):
-    feat, flow = FeatureNet(3, 8, (1, 1, 1, 1), stride), FlowNetS(3, 32, stride, 8)
+    feat = FeatureNet(3, 8, (1, 1, 1, 1), stride)
+    flow_s, flow_c = FlowNetS(3, 32, stride, 8), FlowNetC(3, 32, stride, 8)
     x = torch.rand(1, 3, 70, 50)
-    assert feat(x).shape[-2:] == flow(x, x)[0].shape[-2:] == (-(-70 // stride), -(-50 // stride))
+    expected = (-(-70 // stride), -(-50 // stride))
+    assert feat(x).shape[-2:] == flow_s(x, x)[0].shape[-2:] == flow_c(x, x)[0].shape[-2:] == expected
     with pytest.raises(ValueError, match="output_stride"):
         FeatureNet(output_stride=6)
 

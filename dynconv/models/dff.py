@@ -209,9 +209,8 @@ class FlowNetC(nn.Module):
     cost volume; its soft-argmax is a first flow, which a small dilated decoder refines. The scale function is
     a 1x1 convolution of the decoder's features (weight 0, bias 1: exactly 1 at the start).
 
-    Why it is the default here: a narrow :class:`FlowNetS` trained on the synthetic set with end-point-error
-    supervision stayed at zero flow for its first 200 steps (the plateau FlowNets are known to start on),
-    while the correlation's soft-argmax points the right way from the first step, which a CPU budget needs.
+    An alternative to :class:`FlowNetS` (``flow_net="c"``): the cost volume is a direct cue to the motion, at the
+    price of a slower network.
 
     Args:
         in_channels: channels of one frame.
@@ -297,7 +296,7 @@ class DeepFeatureFlow(nn.Module):
         blocks: basic blocks per stage of the feature network.
         output_stride: the feature stride.
         flow_width: the flow network's first-layer width.
-        flow_net: ``"c"`` (:class:`FlowNetC`, the default) or ``"s"`` (:class:`FlowNetS`).
+        flow_net: ``"s"`` (:class:`FlowNetS`, the default) or ``"c"`` (:class:`FlowNetC`).
     """
 
     def __init__(
@@ -308,7 +307,7 @@ class DeepFeatureFlow(nn.Module):
         blocks: tuple[int, ...] = (2, 2, 2, 2),
         output_stride: int = 8,
         flow_width: int = 16,
-        flow_net: str = "c",
+        flow_net: str = "s",
     ):
         super().__init__()
         if flow_net not in ("c", "s"):
