@@ -115,6 +115,44 @@ def _flow_conv(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Sequentia
     return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2), nn.LeakyReLU(0.1, inplace=True))
 
 
+@torch.no_grad()
+def lucas_kanade(key: torch.Tensor, current: torch.Tensor, windows: tuple[int, ...] = (8, 4, 2)) -> torch.Tensor:
+    """Coarse-to-fine Lucas-Kanade flow from ``current`` to ``key`` (no parameters, no gradient).
+
+    At each window size (coarse to fine) the key frame is warped by the flow so far, both frames are box-blurred
+    by ``window // 4`` pixels, and the 2x2 structure tensor of the image gradients, summed over the channels and
+    over ``window x window`` blocks, is solved for the remaining displacement (brightness constancy
+    ``current - warped key = grad I . du``); each block's step is clipped to the window size.
+
+    Args:
+        key, current (Tensor[B, C, H, W]): frames.
+        windows: block sizes in pixels, coarse to fine.
+
+    Returns:
+        Tensor[B, 2, H, W]: ``(dx, dy)`` in pixels, the convention of :func:`dynconv.warp`.
+    """
+    B, C, H, W = key.shape
+    flow = key.new_zeros(B, 2, H, W)
+    kx = key.new_tensor([-0.5, 0.0, 0.5]).view(1, 1, 1, 3).expand(C, 1, 1, 3)
+    for win in windows:
+        k, c = warp(key, flow, padding_mode="border"), current
+        r = win // 4
+        if r >= 1:
+            k = F.avg_pool2d(k, 2 * r + 1, 1, r, count_include_pad=False)
+            c = F.avg_pool2d(c, 2 * r + 1, 1, r, count_include_pad=False)
+        mean = 0.5 * (k + c)
+        ix = F.conv2d(F.pad(mean, (1, 1, 0, 0), mode="replicate"), kx, groups=C)
+        iy = F.conv2d(F.pad(mean, (0, 0, 1, 1), mode="replicate"), kx.transpose(-1, -2), groups=C)
+        it = c - k
+        terms = torch.stack([ix * ix, ix * iy, iy * iy, ix * it, iy * it], 1).sum(2)  # [B, 5, H, W]
+        a, b, d, e, f = F.avg_pool2d(terms, win, ceil_mode=True).unbind(1)
+        det = a * d - b * b
+        det = torch.where(det.abs() < 1e-12, torch.full_like(det, float("inf")), det)  # flat blocks: no step
+        step = torch.stack([(d * e - b * f) / det, (a * f - b * e) / det], 1).clamp(-win, win)
+        flow = flow + F.interpolate(step, size=(H, W), mode="bilinear", align_corners=False)
+    return flow
+
+
 class FlowNetS(nn.Module):
     """``N_flow``: a FlowNet-Simple encoder-decoder (Dosovitskiy et al., ICCV 2015), narrow, on the key and
     current frames stacked along channels and downsampled 2x (as DFF feeds FlowNet half-resolution frames).
@@ -122,7 +160,11 @@ class FlowNetS(nn.Module):
     The encoder halves the resolution down to 4x below the feature stride; the decoder upsamples twice with
     transposed convolutions, concatenating the encoder's features and the coarser flow (FlowNet's refinement),
     and predicts the flow at the feature stride. Flow is in pixels of the feature grid, ``(dx, dy)``, from the
-    current frame to the key frame (the convention of :func:`dynconv.warp`). The flow predictors start at
+    current frame to the key frame (the convention of :func:`dynconv.warp`). With ``init="lk"`` the network
+    predicts a correction to a parameter-free coarse-to-fine Lucas-Kanade flow (:func:`lucas_kanade`) of the
+    half-resolution pair: trained from scratch on the synthetic set, the plain network was still predicting
+    almost zero flow after 360 steps, while the Lucas-Kanade start halves the end-point error before any
+    training. The flow predictors start at
     small random values (near the identity warp) and the scale function at exactly 1.
 
     Args:
@@ -135,11 +177,20 @@ class FlowNetS(nn.Module):
     ``h = ceil(H / feature_stride)``.
     """
 
-    def __init__(self, in_channels: int = 3, feature_channels: int = 128, feature_stride: int = 8, width: int = 16):
+    def __init__(
+        self,
+        in_channels: int = 3,
+        feature_channels: int = 128,
+        feature_stride: int = 8,
+        width: int = 16,
+        init: str = "zero",
+    ):
         super().__init__()
         if feature_stride not in (4, 8, 16, 32):
             raise ValueError(f"feature_stride must be 4, 8, 16 or 32, got {feature_stride}")
-        self.feature_stride = feature_stride
+        if init not in ("zero", "lk"):
+            raise ValueError(f"init must be 'zero' or 'lk', got {init!r}")
+        self.feature_stride, self.init = feature_stride, init
         levels = {4: 1, 8: 2, 16: 3, 32: 4}[feature_stride]  # stride-2 convs to reach the feature stride at half res
         enc, cin, c = [], 2 * in_channels, width
         for i in range(levels):
@@ -199,7 +250,15 @@ class FlowNetS(nn.Module):
         x = torch.cat([skip1, self._fit(self.up2(x), skip1), coarse], 1)
         coarse = self._fit(self.up1_flow(self.predict1(x) + coarse), skip0)
         x = self.refine(torch.cat([skip0, self._fit(self.up1(x), skip0), coarse], 1))
-        return self.predict0(x) + coarse, self.scale(x)
+        flow = self.predict0(x) + coarse
+        if self.init == "lk":
+            half = F.avg_pool2d(torch.cat([key, current]), 2, ceil_mode=True)
+            # windows of 4 and 2 half-resolution pixels: 0.52 feature pixels of end-point error on the synthetic set
+            # against 0.49 with (8, 4, 2) and 0.92 for zero flow, at two thirds of the cost
+            start = lucas_kanade(*half.chunk(2), windows=(4, 2))  # half-resolution pixels
+            s = self.feature_stride // 2
+            flow = flow + self._fit(F.avg_pool2d(start, s, ceil_mode=True) / s, flow)
+        return flow, self.scale(x)
 
 
 class FlowNetC(nn.Module):
@@ -297,6 +356,7 @@ class DeepFeatureFlow(nn.Module):
         output_stride: the feature stride.
         flow_width: the flow network's first-layer width.
         flow_net: ``"s"`` (:class:`FlowNetS`, the default) or ``"c"`` (:class:`FlowNetC`).
+        flow_init: FlowNetS refines a Lucas-Kanade flow (``init="lk"``) rather than starting from zero.
     """
 
     def __init__(
@@ -308,14 +368,18 @@ class DeepFeatureFlow(nn.Module):
         output_stride: int = 8,
         flow_width: int = 16,
         flow_net: str = "s",
+        flow_init: bool = True,
     ):
         super().__init__()
         if flow_net not in ("c", "s"):
             raise ValueError(f"flow_net must be 'c' (FlowNetC) or 's' (FlowNetS), got {flow_net!r}")
         self.features = FeatureNet(in_channels, width, tuple(blocks), output_stride)
         self.task = TaskNet(self.features.out_channels, num_classes)
-        flow_cls = FlowNetC if flow_net == "c" else FlowNetS
-        self.flow = flow_cls(in_channels, self.features.out_channels, output_stride, flow_width)
+        if flow_net == "c":
+            self.flow = FlowNetC(in_channels, self.features.out_channels, output_stride, flow_width)
+        else:
+            init = "lk" if flow_init else "zero"
+            self.flow = FlowNetS(in_channels, self.features.out_channels, output_stride, flow_width, init)
 
     def segment(self, frame: torch.Tensor) -> torch.Tensor:
         """The per-frame baseline: ``[B, C, H, W]`` -> logits ``[B, classes, H, W]``."""

@@ -67,11 +67,12 @@ class Config:
     data: str = "synthetic"
     cityscapes_dir: str | None = None
     frame_size: int = 64
-    width: int = 24
+    width: int = 32
     blocks: str = "2,3,4,2"
     output_stride: int = 4
     flow_net: str = "s"
     flow_width: int = 16
+    flow_init: bool = True
     flow_pretrain: bool = True
     perframe_steps: int = 600
     dff_steps: int = 600
@@ -708,7 +709,7 @@ def _add_config_arguments(p: argparse.ArgumentParser, defaults: bool = True) -> 
             p.add_argument(flag, default=default, type=int, choices=(4, 8, 16, 32))
         elif f.name == "flow_net":
             p.add_argument(flag, default=default, choices=("s", "c"))
-        elif f.name in ("finetune_features", "flow_pretrain"):
+        elif f.name in ("finetune_features", "flow_pretrain", "flow_init"):
             p.add_argument(flag, default=default, action=argparse.BooleanOptionalAction)
         elif f.name in _FLAG_TYPES:
             p.add_argument(flag, type=_FLAG_TYPES[f.name], default=default)
@@ -723,7 +724,7 @@ def _resumed_config(ckpt_path: str, given: Config, argv: list[str]) -> Config:
     flags = argparse.ArgumentParser(add_help=False)
     _add_config_arguments(flags, defaults=False)
     explicit = vars(flags.parse_known_args(argv)[0])
-    architecture = ("data", "width", "blocks", "output_stride", "flow_net", "flow_width", "frame_size")
+    architecture = ("data", "width", "blocks", "output_stride", "flow_net", "flow_width", "flow_init", "frame_size")
     for k in architecture:
         if k in explicit and k in saved and saved[k] != explicit[k]:
             raise UserError(f"--{k.replace('_', '-')} {explicit[k]}: {ckpt_path} holds a run with {saved[k]!r}")
