@@ -96,22 +96,28 @@ def _write_png(path, array):
     Image.fromarray(array).save(path)
 
 
-def test_cityscapes_loader_reads_the_20th_frame_label_and_the_frames_before_it(tmp_path):
-    """A fixture tree in the official layout: one 30-frame snippet whose frame 000019 is annotated with labelIds;
-    ids map to train ids (road 7 -> 0, car 26 -> 13) and everything else to 255."""
-    root = tmp_path / "cs"
+def _cityscapes_tree(root, split: str) -> None:
+    """One 30-frame snippet, ``bonn_000003_000000 .. 000029``, whose frame 000019 is annotated with labelIds:
+    the top half road (id 7), the bottom left car (26), the bottom right an ignored id (3)."""
     for n in range(30):
         frame = np.full((8, 16, 3), n, np.uint8)  # the frame number, readable back from the pixels
-        _write_png(str(root / f"leftImg8bit_sequence/val/bonn/bonn_000003_{n:06d}_leftImg8bit.png"), frame)
+        frame[4:, :8, 0] = 200  # the car is red
+        _write_png(str(root / f"leftImg8bit_sequence/{split}/bonn/bonn_000003_{n:06d}_leftImg8bit.png"), frame)
     ids = np.zeros((8, 16), np.uint8)
     ids[:4], ids[4:, :8], ids[4:, 8:] = 7, 26, 3
-    _write_png(str(root / "gtFine/val/bonn/bonn_000003_000019_gtFine_labelIds.png"), ids)
+    _write_png(str(root / f"gtFine/{split}/bonn/bonn_000003_000019_gtFine_labelIds.png"), ids)
+
+
+def test_cityscapes_loader_reads_the_20th_frame_label_and_the_frames_before_it(tmp_path):
+    """The official layout; label ids map to train ids (road 7 -> 0, car 26 -> 13) and everything else to 255."""
+    root = tmp_path / "cs"
+    _cityscapes_tree(root, "val")
     data = CityscapesVideo(str(root), "val", max_distance=9)
     assert len(data) == 1
     frames, label = data[0]
     assert frames.shape == (10, 3, 8, 16)
-    assert [round(v * 255) for v in frames[:, 0, 0, 0].tolist()] == list(range(10, 20))
-    assert round(data.frame(0, 5)[0, 0, 0].item() * 255) == 14
+    assert [round(v * 255) for v in frames[:, 1, 0, 0].tolist()] == list(range(10, 20))
+    assert round(data.frame(0, 5)[1, 0, 0].item() * 255) == 14
     assert (label[:4] == 0).all() and (label[4:, :8] == 13).all() and (label[4:, 8:] == 255).all()
     small = CityscapesVideo(str(root), "val", max_distance=2, size=(4, 8))
     assert small[0][0].shape == (3, 3, 4, 8) and small.label(0).shape == (4, 8)
@@ -371,6 +377,20 @@ def test_time_limit_stops_after_a_checkpoint_and_skips_the_final_evaluation(tmp_
     assert not os.path.exists(os.path.join(run, "metrics.json"))
     assert torch.load(os.path.join(run, "last.pt"), weights_only=True)["step"] == 1
     assert not [n for n in os.listdir(run) if n.startswith(".tmp-")]
+
+
+def test_cli_trains_and_evaluates_on_a_cityscapes_tree(tmp_path, capsys):
+    root = tmp_path / "cs"
+    for split in ("train", "val"):
+        _cityscapes_tree(root, split)
+    run = str(tmp_path / "run")
+    assert main(["train", "video-segmentation", "--run-dir", run, *TINY, "--frame-size", "16", "--data",
+                 "cityscapes", "--cityscapes-dir", str(root), "--perframe-steps", "2", "--dff-steps", "2",
+                 "--eval-repeats", "1"]) == 0  # fmt: skip
+    metrics = json.load(open(os.path.join(run, "metrics.json")))
+    assert metrics["test_sequences"] == 1 and 0 <= metrics["miou_distance_9"] <= 100
+    assert "miou_interval_10" in metrics and "epe" not in _log(run)[-1]  # no ground-truth flow in Cityscapes
+    assert vs.load_model(os.path.join(run, "last.pt"))[0].task.classifier.out_channels == 19
 
 
 @pytest.mark.parametrize(

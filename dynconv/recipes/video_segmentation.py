@@ -529,7 +529,7 @@ def evaluate_cityscapes(model: DeepFeatureFlow, cfg: Config) -> dict:
 
     data = CityscapesVideo(cfg.cityscapes_dir, "val", cfg.max_distance, cfg.image_size)
     device = next(model.parameters()).device
-    reach = max(d for d in range(cfg.max_distance + 1))
+    reach = cfg.max_distance
     confs = {d: torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.long) for d in range(reach + 1)}
     for i in range(len(data)):
         frames, label = data[i]
