@@ -322,6 +322,9 @@ def test_cli_train_resume_eval_predict_and_flow_check(tmp_path, capsys):
     assert main(["eval", "video-segmentation", "--checkpoint", ckpt, "--num-sequences", "1", "--repeats", "1",
                  "--output", out_json]) == 0  # fmt: skip
     assert json.load(open(out_json))["test_sequences"] == 1 and os.path.isfile(str(tmp_path / "eval.png"))
+    assert main(["eval", "video-segmentation", "--checkpoint", ckpt, "--speed-size", "48", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "frames 48x48" in out and "| DFF, key interval l = 10 | - |" in out
     assert main(["predict", "video-segmentation", "--checkpoint", ckpt, "--output", str(tmp_path / "seg.gif")]) == 0
     assert "key frames [0, 5, 10]" in capsys.readouterr().out and os.path.isfile(str(tmp_path / "seg.png"))
 

@@ -556,11 +556,12 @@ def markdown(m: dict) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for l in INTERVALS:
-        if f"miou_interval_{l}" not in m:
+        if f"ms_per_frame_interval_{l}" not in m:
             continue
         name = "per-frame (l = 1)" if l == 1 else f"DFF, key interval l = {l}"
+        miou = f"{m[f'miou_interval_{l}']:.2f}" if f"miou_interval_{l}" in m else "-"
         lines.append(
-            f"| {name} | {m[f'miou_interval_{l}']:.2f} | {m[f'ms_per_frame_interval_{l}']:.2f} | "
+            f"| {name} | {miou} | {m[f'ms_per_frame_interval_{l}']:.2f} | "
             f"{m[f'fps_interval_{l}']:.1f} | {m[f'speedup_interval_{l}']:.2f}x |"
         )
     lines += ["", "| propagation distance d | DFF mIoU (%) | per-frame mIoU, same frames (%) |", "|---:|---:|---:|"]
@@ -802,6 +803,13 @@ def main(command: str, argv: list[str]) -> int:
         p.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda)")
         p.add_argument("--threads", type=positive_int, default=None, help="torch threads (the timings depend on it)")
         p.add_argument("--output", help="also write the metrics JSON here (and the plot beside it, .png)")
+        p.add_argument(
+            "--speed-size",
+            type=positive_int,
+            metavar="H",
+            help="instead: time the schedules only, on synthetic frames of H x H (x 2H for Cityscapes runs) pixels "
+            "(on a GPU, small frames measure launch overhead rather than the networks)",
+        )
         p.add_argument("--flow-check", metavar="FRAMES_DIR", help="instead: photometric check of the flow on a video")
         p.add_argument("--flow-check-frames", type=positive_int, default=100, help="frames of FRAMES_DIR to read")
         p.add_argument("--flow-check-height", type=positive_int, default=96, help="frames resized to this height")
@@ -817,12 +825,18 @@ def main(command: str, argv: list[str]) -> int:
                 f"(mean |I_t - warp(I_t-1)|) {m['photometric_error_warped']:.5f} with the trained flow vs "
                 f"{m['photometric_error_identity']:.5f} unwarped; {m['pairs_improved']} pairs improved"
             )
+        elif args.speed_size:
+            size = dataclasses.replace(cfg, frame_size=args.speed_size).image_size
+            clip = synthetic.SyntheticSegmentationVideo(1, cfg.test_frames, args.speed_size, TEST_SEED)[0][0]
+            clip = F.interpolate(clip, size=size, mode="bilinear", align_corners=False)
+            m = {"frame_size": list(size), "device": args.device} | speed(model, clip.to(args.device), args.repeats)
+            print(f"frames {size[0]}x{size[1]}, {args.device}\n\n" + markdown(m))
         else:
             m = evaluate(model, cfg, args.num_sequences, args.repeats)
             print(markdown(m))
         if args.output:
             _write_json(args.output, m)
-            if not args.flow_check:
+            if not (args.flow_check or args.speed_size):
                 print("plot: " + plot(m, os.path.splitext(args.output)[0] + ".png"))
         return 0
     if command == "predict":
