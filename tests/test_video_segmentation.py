@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -416,6 +417,20 @@ def test_numeric_flags_are_checked_at_parse_time(tmp_path, capsys, flag):
     with pytest.raises(SystemExit) as exc:
         main(["train", "video-segmentation", "--run-dir", str(tmp_path / "r"), flag, "-1"])
     assert exc.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_frame_folder_errors_name_the_flag_and_the_folder(tmp_path, capsys):
+    ckpt = tmp_path / "run" / "last.pt"
+    vs.train(_tiny_cfg(tmp_path / "run", perframe_steps=1, dff_steps=0))
+    (tmp_path / "one").mkdir()
+    _write_png(str(tmp_path / "one" / "0.png"), np.zeros((8, 8, 3), np.uint8))
+    for argv, message in (
+        (["eval", "--flow-check", str(tmp_path / "none")], "--flow-check: .*none is not a folder"),
+        (["eval", "--flow-check", str(tmp_path / "one")], "--flow-check: .*one holds 1 frame"),
+        (["predict", "--frames-dir", str(tmp_path / "one")], "--frames-dir: .*one holds 1 frame"),
+    ):
+        assert main([argv[0], "video-segmentation", "--checkpoint", str(ckpt), *argv[1:]]) == 2
+        assert re.search(message, capsys.readouterr().err)
 
 
 def test_an_existing_run_needs_resume(tmp_path, capsys):

@@ -607,17 +607,17 @@ def plot(m: dict, path: str, title: str = "") -> str:
 # ------------------------------------------------------------------------------------------------ flow check
 
 
-def read_frames(folder: str, limit: int, height: int) -> torch.Tensor:
+def read_frames(folder: str, limit: int, height: int, flag: str = "--flow-check") -> torch.Tensor:
     """The first ``limit`` frames of a folder (sorted by name) as RGB ``[T, 3, height, W]`` in [0, 1] (grey
     frames repeated over three channels; the aspect ratio kept)."""
     from PIL import Image
 
     if not os.path.isdir(folder):
-        raise UserError(f"--flow-check: {folder} is not a folder; expected a folder of frames {FRAME_EXTENSIONS}")
+        raise UserError(f"{flag}: {folder} is not a folder; expected a folder of frames {FRAME_EXTENSIONS}")
     names = sorted(n for n in os.listdir(folder) if n.lower().endswith(FRAME_EXTENSIONS))[:limit]
     if len(names) < 2:
         raise UserError(
-            f"--flow-check: {folder} holds {len(names)} frame(s); expected at least 2 files with the extensions "
+            f"{flag}: {folder} holds {len(names)} frame(s); expected at least 2 files with the extensions "
             f"{FRAME_EXTENSIONS}, in temporal order by name"
         )
     frames = []
@@ -627,7 +627,7 @@ def read_frames(folder: str, limit: int, height: int) -> torch.Tensor:
             width = max(1, round(im.width * height / im.height))
             frames.append(np.asarray(im.resize((width, height), Image.BILINEAR), np.float32) / 255.0)
     if len({f.shape for f in frames}) > 1:
-        raise UserError(f"--flow-check: the frames in {folder} differ in size; expected one video's frames")
+        raise UserError(f"{flag}: the frames in {folder} differ in size; expected one video's frames")
     return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()
 
 
@@ -855,7 +855,7 @@ def main(command: str, argv: list[str]) -> int:
         args = p.parse_args(argv)
         model, cfg = load_model(args.checkpoint)
         if args.frames_dir:
-            frames, labels = read_frames(args.frames_dir, 60, cfg.image_size[0]), None
+            frames, labels = read_frames(args.frames_dir, 60, cfg.image_size[0], "--frames-dir"), None
         else:
             data = synthetic.SyntheticSegmentationVideo(args.index + 1, cfg.test_frames, cfg.frame_size, TEST_SEED)
             frames, labels = data[args.index]
