@@ -607,14 +607,14 @@ def plot(m: dict, path: str, title: str = "") -> str:
 # ------------------------------------------------------------------------------------------------ flow check
 
 
-def read_frames(folder: str, limit: int, height: int, flag: str = "--flow-check") -> torch.Tensor:
-    """The first ``limit`` frames of a folder (sorted by name) as RGB ``[T, 3, height, W]`` in [0, 1] (grey
-    frames repeated over three channels; the aspect ratio kept)."""
+def read_frames(folder: str, limit: int, height: int, flag: str = "--flow-check", step: int = 1) -> torch.Tensor:
+    """The first ``limit`` frames of a folder (sorted by name; every ``step``-th) as RGB ``[T, 3, height, W]`` in
+    [0, 1] (grey frames repeated over three channels; the aspect ratio kept)."""
     from PIL import Image
 
     if not os.path.isdir(folder):
         raise UserError(f"{flag}: {folder} is not a folder; expected a folder of frames {FRAME_EXTENSIONS}")
-    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(FRAME_EXTENSIONS))[:limit]
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(FRAME_EXTENSIONS))[::step][:limit]
     if len(names) < 2:
         raise UserError(
             f"{flag}: {folder} holds {len(names)} frame(s); expected at least 2 files with the extensions "
@@ -813,12 +813,15 @@ def main(command: str, argv: list[str]) -> int:
         p.add_argument("--flow-check", metavar="FRAMES_DIR", help="instead: photometric check of the flow on a video")
         p.add_argument("--flow-check-frames", type=positive_int, default=100, help="frames of FRAMES_DIR to read")
         p.add_argument("--flow-check-height", type=positive_int, default=96, help="frames resized to this height")
+        p.add_argument("--flow-check-step", type=positive_int, default=1, help="every N-th frame (larger motion)")
         args = p.parse_args(argv)
         if args.threads:
             torch.set_num_threads(args.threads)
         model, cfg = load_model(args.checkpoint, args.device)
         if args.flow_check:
-            frames = read_frames(args.flow_check, args.flow_check_frames, args.flow_check_height).to(args.device)
+            frames = read_frames(
+                args.flow_check, args.flow_check_frames, args.flow_check_height, step=args.flow_check_step
+            ).to(args.device)
             m = flow_check(model, frames)
             print(
                 f"{m['pairs']} frame pairs at {m['frame_size'][0]}x{m['frame_size'][1]}: photometric error "
