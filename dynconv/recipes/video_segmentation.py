@@ -49,7 +49,7 @@ from torch import nn
 from dynconv.data import synthetic_segmentation as synthetic
 from dynconv.errors import UserError
 from dynconv.functional import warp
-from dynconv.models.dff import DeepFeatureFlow
+from dynconv.models.dff import DeepFeatureFlow, lucas_kanade
 from dynconv.recipes.args import nonnegative_float, nonnegative_int, positive_float, positive_int
 from dynconv.recipes.checkpoint import load_checkpoint, save_checkpoint
 from dynconv.recipes.distributed import all_reduce_mean, cleanup, init_distributed
@@ -638,7 +638,8 @@ def flow_check(model: DeepFeatureFlow, frames: torch.Tensor, margin: int = 4) ->
     border, averaged over the pairs. ``frames``: ``[T, 3, H, W]``."""
     stride = model.flow.feature_stride
     H, W = frames.shape[-2:]
-    warped_err, identity_err, better = [], [], 0
+    warped_err, identity_err, lk_err, better = [], [], [], 0
+    uses_lk = getattr(model.flow, "init", None) == "lk"
     inner = (slice(None), slice(None), slice(margin, H - margin), slice(margin, W - margin))
     for t in range(1, len(frames)):
         key, cur = frames[t - 1 : t], frames[t : t + 1]
@@ -651,13 +652,17 @@ def flow_check(model: DeepFeatureFlow, frames: torch.Tensor, margin: int = 4) ->
         warped_err.append(e_w)
         identity_err.append(e_i)
         better += e_w < e_i
+        if uses_lk:  # the parameter-free start alone, on the half-resolution pair as the network computes it
+            half = F.avg_pool2d(torch.cat([key, cur]), 2, ceil_mode=True)
+            start = 2 * F.interpolate(lucas_kanade(*half.chunk(2), windows=(4, 2)), size=(H, W), mode="bilinear")
+            lk_err.append((warp(key, start, padding_mode="border") - cur)[inner].abs().mean().item())
     return {
         "pairs": len(warped_err),
         "frame_size": [H, W],
         "photometric_error_warped": float(np.mean(warped_err)),
         "photometric_error_identity": float(np.mean(identity_err)),
         "pairs_improved": better,
-    }
+    } | ({"photometric_error_lucas_kanade_start": float(np.mean(lk_err))} if uses_lk else {})
 
 
 # ------------------------------------------------------------------------------------------------ pictures
@@ -827,6 +832,11 @@ def main(command: str, argv: list[str]) -> int:
                 f"{m['pairs']} frame pairs at {m['frame_size'][0]}x{m['frame_size'][1]}: photometric error "
                 f"(mean |I_t - warp(I_t-1)|) {m['photometric_error_warped']:.5f} with the trained flow vs "
                 f"{m['photometric_error_identity']:.5f} unwarped; {m['pairs_improved']} pairs improved"
+                + (
+                    f"; the Lucas-Kanade start alone: {m['photometric_error_lucas_kanade_start']:.5f}"
+                    if "photometric_error_lucas_kanade_start" in m
+                    else ""
+                )
             )
         elif args.speed_size:
             size = dataclasses.replace(cfg, frame_size=args.speed_size).image_size
