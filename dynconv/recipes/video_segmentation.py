@@ -717,23 +717,25 @@ def colourize(labels: torch.Tensor) -> np.ndarray:
 
 def write_pictures(frames: torch.Tensor, pred: torch.Tensor, labels: torch.Tensor | None, keys: list[int],
                    out: str) -> list[str]:  # fmt: skip
-    """GIF (frame | prediction | ground truth; a white bar over key frames) and a PNG strip of every 3rd frame."""
+    """GIF (frame | prediction | ground truth; a white bar over key frames) and a PNG of every 3rd frame (one
+    column per frame: frame, prediction, ground truth from top to bottom)."""
     from PIL import Image
 
-    rows = []
+    rows, columns = [], []
     for t in range(len(frames)):
         image = (frames[t].permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255).astype(np.uint8)
         panels = [image, colourize(pred[t])] + ([colourize(labels[t])] if labels is not None else [])
-        row = np.concatenate(panels, 1)
         if t in keys:
-            row[:2] = 255
-        rows.append(row)
+            for panel in panels:
+                panel[:2] = 255
+        rows.append(np.concatenate(panels, 1))
+        columns.append(np.pad(np.concatenate(panels, 0), ((0, 0), (0, 2), (0, 0)), constant_values=255))
     base = os.path.splitext(out)[0]
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     scale = max(1, 192 // frames.shape[-2])
     pics = [Image.fromarray(r).resize((r.shape[1] * scale, r.shape[0] * scale), Image.NEAREST) for r in rows]
     pics[0].save(base + ".gif", save_all=True, append_images=pics[1:], duration=150, loop=0)
-    Image.fromarray(np.concatenate(rows[::3], 0)).save(base + ".png")
+    Image.fromarray(np.concatenate(columns[::3], 1)).save(base + ".png")
     return [base + ".gif", base + ".png"]
 
 
