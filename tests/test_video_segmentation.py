@@ -381,6 +381,11 @@ def test_time_limit_stops_after_a_checkpoint_and_skips_the_final_evaluation(tmp_
     assert not os.path.exists(os.path.join(run, "metrics.json"))
     assert torch.load(os.path.join(run, "last.pt"), weights_only=True)["step"] == 1
     assert not [n for n in os.listdir(run) if n.startswith(".tmp-")]
+    # resumed without the limit (given again, flags change the run's config), it finishes and evaluates
+    small = ["--test-sequences", "2", "--test-frames", "11", "--eval-repeats", "1"]
+    assert main(["train", "video-segmentation", "--run-dir", run, "--resume", "--time-limit", "1e9", *small]) == 0
+    assert [r["step"] for r in _log(run)] == [1, 2, 3, 4, 5, 6]
+    assert json.load(open(os.path.join(run, "metrics.json")))["step"] == 6
 
 
 def test_cli_trains_and_evaluates_on_a_cityscapes_tree(tmp_path, capsys):
