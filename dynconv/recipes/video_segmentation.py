@@ -15,8 +15,11 @@ single frames (the per-frame baseline), then ``--dff-steps`` of DFF: per sample 
 current frame ``I_i`` with ``0 <= i - k <= --max-distance``, the features of ``I_k`` propagated to ``I_i``
 through the flow network, :func:`dynconv.warp` and the scale function, and the cross-entropy on the current
 frame's labels only; the flow network trains end to end through the warp, plus ``--flow-loss-weight`` times
-the end-point error against the ground-truth flow where the data has it (the synthetic set). The feature
-network is frozen in the DFF stage unless ``--finetune-features``. Adam with a cosine learning rate per stage.
+the end-point error against the ground-truth flow where the data has it (the synthetic set; there the flow
+network also trains on it beside the per-frame stage, ``--flow-pretrain``, as the paper pretrains FlowNet on
+Flying Chairs). The flow network is FlowNetS-style, refining a Lucas-Kanade start (``--no-flow-init``: from
+zero; ``--flow-net c``: FlowNetC-style). The feature network is frozen in the DFF stage unless
+``--finetune-features``. Adam with a cosine learning rate per stage.
 Every ``--save-every`` steps the run folder gets an atomically written ``last.pt``; ``--resume`` continues it
 exactly with the run's own config (flags given again change it); ``--time-limit SECONDS`` stops after a
 checkpoint and skips the final evaluation.
@@ -24,7 +27,8 @@ checkpoint and skips the final evaluation.
 Evaluation (``eval``, and at the end of ``train``): mIoU of the per-frame baseline and of DFF at key intervals
 ``l`` in 1, 2, 3, 5, 7, 10 and at propagation distances 1, 5, 9; the per-frame runtime of the feature network,
 flow network, warp and task network (batch 1); frames per second of each schedule and the speed-up against the
-per-frame baseline, measured in the same run; a plot of mIoU against speed-up. ``--flow-check FRAMES_DIR``
+per-frame baseline, measured in the same run (on one CPU thread, by the thread's CPU time); a plot of mIoU
+against speed-up; on the synthetic set also DFF with the exact flow in place of the network's. ``--flow-check FRAMES_DIR``
 measures, on a real video without labels, the photometric error of frame t against frame t-1 warped with the
 trained flow, and against frame t-1 itself.
 """
