@@ -28,9 +28,9 @@ Evaluation (``eval``, and at the end of ``train``): mIoU of the per-frame baseli
 ``l`` in 1, 2, 3, 5, 7, 10 and at propagation distances 1, 5, 9; the per-frame runtime of the feature network,
 flow network, warp and task network (batch 1); frames per second of each schedule and the speed-up against the
 per-frame baseline, measured in the same run (on one CPU thread, by the thread's CPU time); a plot of mIoU
-against speed-up; on the synthetic set also DFF with the exact flow in place of the network's. ``--flow-check FRAMES_DIR``
-measures, on a real video without labels, the photometric error of frame t against frame t-1 warped with the
-trained flow, and against frame t-1 itself.
+against speed-up; on the synthetic set also DFF with the exact flow in place of the network's.
+``--flow-check FRAMES_DIR`` measures, on a real video without labels, the photometric error of frame t against
+frame t-1 warped with the trained flow, and against frame t-1 itself.
 """
 
 from __future__ import annotations
