@@ -56,6 +56,8 @@
 #                              (sha256 eacf5bff14cb89ff68e5513af6f9b9d0c98b9981d8b8645f1cc4104b76820b13); carry [".sdist"]
 #   classification_resnet18, classification_mobilenetv2  issue 16 on the GPU: full width, full Fashion-MNIST, static
 #                            then DY-CNN, ~200 s each (carry data/fashion-mnist: see the step)
+#   video_segmentation       issue 17: DFF's mIoU and speed-up vs per-frame on CUDA (carry runs/dff-long if you
+#                            have a CPU-trained run, else it trains one for VSEG_SECONDS first)
 set -u
 OUT=${OUT:-gpu_out}
 PY=${PY:-python3}
@@ -204,8 +206,22 @@ EOF
           --data-dir data/fashion-mnist --device cuda --workers 8 --epochs ${CLS_EPOCHS:-6} --batch-size 256 --lr 0.2 \
           --warmup-epochs 1 --temperature-epochs 2 --label-smoothing 0.1 --time-limit ${CLS_SECONDS:-200} --fresh \
           --run-dir \$d; echo \"\$conv: rc=\$?\"; cat \$d/metrics.jsonl 2>/dev/null; done" ;;
-    video_segmentation)  # issue 17: see the lead's note in the header; added with the recipe
-      echo "video_segmentation: not prepared yet" | tee -a "$SUMMARY" ;;
+    video_segmentation)
+      # issue 17: DFF's speed-up on CUDA. With a CPU-trained run carried as runs/dff-long (about 26 MB: carry
+      # ["runs/dff-long"]) it only evaluates; otherwise it first trains one on the GPU for VSEG_SECONDS (default
+      # 200). Then the mIoU / speed-up table at the training size and the timings at 256 and 512 pixels (at 64x64
+      # a GPU measures launch overhead, not the networks).
+      ckpt=runs/dff-long/last.pt
+      if [ ! -f "$ckpt" ]; then
+        ckpt=runs/dff-gpu/last.pt; resume=(); [ -f "$ckpt" ] && resume=(--resume)
+        run_step video_segmentation_train $(( ${VSEG_SECONDS:-200} + 40 )) "$OUT/video_segmentation.txt" "$PY" -m \
+          dynconv train video-segmentation --device cuda --run-dir runs/dff-gpu --time-limit "${VSEG_SECONDS:-200}" \
+          "${resume[@]}"
+      fi
+      run_step video_segmentation $(( $(left) - 5 )) "$OUT/video_segmentation.txt" bash -c "$PY -m dynconv eval \
+        video-segmentation --device cuda --checkpoint $ckpt --repeats 20 --output $OUT/video_segmentation.json && \
+        for s in 256 512; do $PY -m dynconv eval video-segmentation --device cuda --checkpoint $ckpt --repeats 20 \
+        --speed-size \$s; done" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
