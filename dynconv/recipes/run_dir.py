@@ -48,10 +48,10 @@ def resume_from(run_dir: str, resume: bool, resume_if_exists: bool = False) -> s
     if exists:
         raise UserError(f"{path} exists: pass --resume to continue that run, or choose another --run-dir")
     if resume:
-        hint = "the folder does not exist" if not os.path.isdir(run_dir) else "the folder holds no last.pt"
+        hint = " (the folder does not exist)" if not os.path.isdir(run_dir) else ""
         raise UserError(
-            f"--resume: nothing to resume in --run-dir {run_dir} ({hint}); check the path, or leave out --resume "
-            "to start a new run (--resume-if-exists does either)"
+            f"--resume: nothing to resume in --run-dir {run_dir}: it holds no last.pt{hint}; check the path, or leave "
+            "out --resume to start a new run (--resume-if-exists does either)"
         )
     return None
 

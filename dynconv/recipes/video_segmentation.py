@@ -37,12 +37,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -54,6 +52,7 @@ from dynconv.data import synthetic_segmentation as synthetic
 from dynconv.errors import UserError
 from dynconv.functional import warp
 from dynconv.models.dff import DeepFeatureFlow, lucas_kanade
+from dynconv.recipes import run_dir
 from dynconv.recipes.args import nonnegative_float, nonnegative_int, positive_float, positive_int
 from dynconv.recipes.checkpoint import load_checkpoint, save_checkpoint
 from dynconv.recipes.distributed import all_reduce_mean, cleanup, init_distributed
@@ -281,24 +280,6 @@ class Progress:
             print(line, file=sys.stderr, flush=True)
 
 
-def _truncate_log(path: str, step: int) -> None:
-    """Keep the log rows up to ``step`` (a resumed run rewrites the steps after its checkpoint), atomically."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as fh:
-        rows = [line for line in fh if line.strip() and json.loads(line)["step"] <= step]
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w") as fh:
-            fh.writelines(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def train(cfg: Config) -> dict:
     """Train (or continue) the run in ``cfg.run_dir``. Returns ``{"losses", "step", "finished"}``."""
     check_config(cfg)
@@ -320,7 +301,6 @@ def train(cfg: Config) -> dict:
             opt.load_state_dict(state["optimizer"])
             start = state["step"]
             if info.is_main:
-                _truncate_log(log_path, start)
                 print(f"resumed {ckpt_path} at step {start}", file=sys.stderr)
         net = _Step(model, cfg)
         if info.enabled:  # the flow net is unused in the per-frame stage, the frozen backbone in the DFF stage
@@ -328,9 +308,9 @@ def train(cfg: Config) -> dict:
                 net, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
             )
         if info.is_main:
-            os.makedirs(cfg.run_dir, exist_ok=True)
-            with open(os.path.join(cfg.run_dir, "config.json"), "w") as fh:
-                json.dump(dataclasses.asdict(cfg), fh, indent=2)
+            for path in run_dir.remove_stale_temporaries(cfg.run_dir):
+                print(f"removed {path}, left by a process killed while saving", file=sys.stderr)
+            run_dir.write_json(os.path.join(cfg.run_dir, "config.json"), dataclasses.asdict(cfg))
             count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
             print(
                 f"DFF: feature net {count(model.features):,}, flow net {count(model.flow):,}, task net "
@@ -339,7 +319,7 @@ def train(cfg: Config) -> dict:
                 file=sys.stderr,
             )
         progress = Progress(cfg.total_steps, start, info.is_main)
-        log = open(log_path, "a") if info.is_main else None
+        log = run_dir.TrainingLog(log_path, start, enabled=info.is_main)
         losses, done, out_of_time = [], start, False
         started = time.monotonic()
         for step in range(start, cfg.total_steps):
@@ -360,8 +340,7 @@ def train(cfg: Config) -> dict:
             losses.append(value)
             stage = "dff" if pairs else "per-frame"
             progress.update(step, value, stage)
-            if log is not None:
-                log.write(json.dumps({"step": step + 1, "stage": stage, "loss": value, **parts, "lr": lr}) + "\n")
+            log.write({"step": step + 1, "stage": stage, "loss": value, **parts, "lr": lr})
             done = step + 1
             # --time-limit: every rank stops at the same step (rank 0's clock decides), after a checkpoint.
             out_of_time = (
@@ -369,16 +348,15 @@ def train(cfg: Config) -> dict:
                 and all_reduce_mean(float(info.is_main and time.monotonic() - started > cfg.time_limit), info) > 0
             )
             if info.is_main and (done % cfg.save_every == 0 or done == cfg.total_steps or out_of_time):
+                log.flush()  # before the checkpoint: a resume keeps the rows up to its step
                 state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done}
                 save_checkpoint(ckpt_path, {**state, "config": dataclasses.asdict(cfg)})
-                log.flush()
             if out_of_time and done < cfg.total_steps:
                 if info.is_main:
                     print(f"time limit of {cfg.time_limit:g} s reached at step {done}: saved {ckpt_path}; "
                           "continue with --resume", file=sys.stderr)  # fmt: skip
                 break
-        if log is not None:
-            log.close()
+        log.close()
         return {"losses": losses, "step": done, "finished": done >= cfg.total_steps}
     finally:
         cleanup(info)
@@ -784,27 +762,6 @@ def _resumed_config(ckpt_path: str, given: Config, argv: list[str]) -> Config:
     return Config(**values)
 
 
-def _write_json(path: str, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes the file private; metrics are an ordinary file
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _last_logged_loss(run_dir: str) -> float | None:
-    path = os.path.join(run_dir, "log.jsonl")
-    if not os.path.isfile(path):
-        return None
-    rows = [json.loads(line) for line in open(path) if line.strip()]
-    return rows[-1]["loss"] if rows else None
-
-
 def main(command: str, argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog=f"dynconv {command} video-segmentation",
@@ -818,12 +775,8 @@ def main(command: str, argv: list[str]) -> int:
         args = p.parse_args(argv)
         cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
         check_config(cfg)
-        ckpt_path = os.path.join(cfg.run_dir, "last.pt")
-        if os.path.exists(ckpt_path) and not args.resume:
-            raise UserError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --run-dir")
-        if args.resume:
-            if not os.path.exists(ckpt_path):
-                raise UserError(f"--resume: {cfg.run_dir} holds no last.pt to continue; start without --resume")
+        ckpt_path = os.path.join(cfg.run_dir, run_dir.CHECKPOINT)
+        if run_dir.resume_from(cfg.run_dir, args.resume):
             cfg = _resumed_config(ckpt_path, cfg, argv)
         metrics_path = os.path.join(cfg.run_dir, "metrics.json")
         result = train(cfg)
@@ -837,9 +790,10 @@ def main(command: str, argv: list[str]) -> int:
             return 0
         model = load_model(ckpt_path, "cuda" if cfg.device.startswith("cuda") else cfg.device)[0]
         m = evaluate(model, cfg, repeats=args.eval_repeats)
-        m["final_train_loss"] = _last_logged_loss(cfg.run_dir)
+        logged = [row["loss"] for row in run_dir.read_log(os.path.join(cfg.run_dir, run_dir.LOG)) if "loss" in row]
+        m["final_train_loss"] = logged[-1] if logged else None
         m["step"] = result["step"]
-        _write_json(metrics_path, m)
+        run_dir.write_json(metrics_path, m)
         plot(m, os.path.join(cfg.run_dir, "miou_vs_speedup.png"))
         print(markdown(m))
         return 0
@@ -890,7 +844,7 @@ def main(command: str, argv: list[str]) -> int:
             m = evaluate(model, cfg, args.num_sequences, args.repeats)
             print(markdown(m))
         if args.output:
-            _write_json(args.output, m)
+            run_dir.write_json(args.output, m)
             if not (args.flow_check or args.speed_size):
                 print("plot: " + plot(m, os.path.splitext(args.output)[0] + ".png"))
         return 0
