@@ -65,6 +65,7 @@ from dynconv.nn.mixture import temperature_schedule
 from dynconv.recipes.args import fraction, nonnegative_float, nonnegative_int, positive_float, positive_int
 from dynconv.recipes.checkpoint import load_checkpoint, save_checkpoint
 from dynconv.recipes.distributed import all_reduce_mean, cleanup, init_distributed
+from dynconv.recipes.run_dir import TrainingLog, read_log, remove_stale_temporaries, write_json, write_text
 
 ARCHS = ("resnet18", "mobilenetv2")
 CONVS = ("static", "condconv", "dynamic", "odconv", "dynet", "deform")
@@ -383,16 +384,6 @@ def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
 
 
-def _truncate_jsonl(path: str, key: str, last: int) -> None:
-    """Drop the lines of ``path`` whose ``key`` is past ``last`` (what a resumed run will write again)."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as fh:
-        rows = [line for line in fh if line.strip() and json.loads(line)[key] <= last]
-    with open(path, "w") as fh:
-        fh.writelines(rows)
-
-
 def train(cfg: Config, data: ImageData | None = None) -> dict:
     """Train per ``cfg``; continues from ``RUN_DIR/last.pt`` when it exists. Returns ``{"losses", "step",
     "finished", "epochs"}`` (the per-epoch metrics of this call)."""
@@ -435,20 +426,18 @@ def train(cfg: Config, data: ImageData | None = None) -> dict:
             net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         log_path, epochs_path = os.path.join(cfg.run_dir, "log.jsonl"), os.path.join(cfg.run_dir, "metrics.jsonl")
         if info.is_main:
-            os.makedirs(cfg.run_dir, exist_ok=True)
-            with open(os.path.join(cfg.run_dir, "config.json"), "w") as fh:
-                json.dump(dataclasses.asdict(cfg), fh, indent=2)
-            # A resumed run writes the steps and epochs after its checkpoint again: no duplicated lines.
-            _truncate_jsonl(log_path, "step", start)
-            _truncate_jsonl(epochs_path, "epoch", start // spe)
+            for path in remove_stale_temporaries(cfg.run_dir):
+                log(f"removed {path}, left by a process killed while saving")
+            write_json(os.path.join(cfg.run_dir, "config.json"), dataclasses.asdict(cfg))
             log(
                 f"{cfg.arch} width {cfg.width:g}, conv {cfg.conv}: {count_parameters(model):,} parameters; "
                 f"{total} steps of {cfg.batch_size} x {info.world_size} images ({spe} per epoch)"
             )
         dataset = ClassificationDataset(images, labels, augment=cfg.augment, flip=data.flip, seed=cfg.seed)
         progress = Progress(total, start, info.is_main)
-        step_log = open(log_path, "a") if info.is_main else None
-        epoch_log = open(epochs_path, "a") if info.is_main else None
+        # A resumed run writes the steps and epochs after its checkpoint again: the logs keep each step once.
+        step_log = TrainingLog(log_path, start, enabled=info.is_main)
+        epoch_log = TrainingLog(epochs_path, start, enabled=info.is_main)
         losses, epoch_rows, out_of_time = [], [], False
         started = time.monotonic()
         step = start
@@ -486,9 +475,7 @@ def train(cfg: Config, data: ImageData | None = None) -> dict:
                 last_loss = value
                 progress.update(step, value, cfg.batch_size * info.world_size, epoch)
                 step += 1
-                if step_log is not None:
-                    step_log.write(json.dumps({"step": step, "loss": value, "lr": lr, "temperature": temperature}))
-                    step_log.write("\n")
+                step_log.write({"step": step, "loss": value, "lr": lr, "temperature": temperature})
                 out_of_time = (
                     cfg.time_limit is not None
                     and all_reduce_mean(float(info.is_main and time.monotonic() - started > cfg.time_limit), info) > 0
@@ -522,11 +509,13 @@ def train(cfg: Config, data: ImageData | None = None) -> dict:
                             "epoch_losses": [] if epoch_end else epoch_losses,
                             "config": dataclasses.asdict(cfg), "data": _data_record(data, mean, std),
                         }  # fmt: skip
-                        save_checkpoint(ckpt_path, state)
-                        step_log.flush()
+                        # the logs before the checkpoint: a kill between the two loses no row a resume keeps
                         if row is not None:
-                            epoch_log.write(json.dumps(row) + "\n")
-                            epoch_log.flush()
+                            epoch_log.write(row)
+                        step_log.flush()
+                        epoch_log.flush()
+                        save_checkpoint(ckpt_path, state)
+                        if row is not None:
                             log(
                                 f"epoch {row['epoch']}: test top-1 {row['test_top1']:.4f} top-5 {row['test_top5']:.4f} "
                                 f"({row['test_images']} images), train loss {row['train_loss']:.4f}, "
@@ -539,9 +528,8 @@ def train(cfg: Config, data: ImageData | None = None) -> dict:
                     f"time limit of {cfg.time_limit:g} s reached at step {step}: saved {ckpt_path}; the final "
                     "evaluation is skipped; continue with --resume"
                 )
-        for fh in (step_log, epoch_log):
-            if fh is not None:
-                fh.close()
+        step_log.close()
+        epoch_log.close()
         return {
             "losses": losses,
             "step": step,
@@ -723,13 +711,6 @@ def _mean_sem(values: list[float]) -> tuple[float, float | None]:
     return float(a.mean()), (float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else None)
 
 
-def _read_jsonl(path: str) -> list[dict]:
-    if not os.path.isfile(path):
-        return []
-    with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
 def time_to_reach(curves: list[list[dict]], target: float) -> float | None:
     """Training seconds (mean over seeds) at the first epoch whose seed-mean test top-1 reaches ``target``."""
     epochs = min(len(c) for c in curves) if curves else 0
@@ -819,7 +800,7 @@ def summarize_comparison(root: str, variants, runs: dict[str, list[str]], data: 
     models = {}
     for label, _, _ in variants:
         finals = [json.load(open(os.path.join(d, "metrics.json"))) for d in runs[label]]
-        curves = [_read_jsonl(os.path.join(d, "metrics.jsonl")) for d in runs[label]]
+        curves = [read_log(os.path.join(d, "metrics.jsonl")) for d in runs[label]]
         missing = [d for d, f in zip(runs[label], finals) if f.get("top1") is None]
         if missing:
             raise UserError(f"{label}: runs without a final evaluation ({', '.join(missing)}); resume them first")
@@ -850,10 +831,8 @@ def summarize_comparison(root: str, variants, runs: dict[str, list[str]], data: 
     for row in rows.values():
         row["time_to_static_s"] = None if static is None else time_to_reach(row["curves"], static["top1"])
     table = comparison_markdown(rows, data, len(next(iter(runs.values()))))
-    with open(os.path.join(root, "compare.md"), "w") as fh:
-        fh.write(table + "\n")
-    with open(os.path.join(root, "compare.json"), "w") as fh:
-        json.dump({"data": data.describe(), "rows": rows}, fh, indent=1)
+    write_text(os.path.join(root, "compare.md"), table + "\n")
+    write_json(os.path.join(root, "compare.json"), {"data": data.describe(), "rows": rows})
     plot = os.path.join(root, "compare.png")
     if write_plot(rows, plot, data.describe().split(", from ")[0] + f"), {len(runs[variants[0][0]])} seed(s)"):
         table += f"\n\nplot: {plot}"
@@ -997,7 +976,7 @@ def _final_metrics(cfg: Config, result: dict) -> dict:
     ckpt = os.path.join(cfg.run_dir, "last.pt")
     device = "cuda" if cfg.device.startswith("cuda") else cfg.device
     model, _, record = load_model(ckpt, device)
-    epochs = _read_jsonl(os.path.join(cfg.run_dir, "metrics.jsonl"))
+    epochs = read_log(os.path.join(cfg.run_dir, "metrics.jsonl"))
     peak = max([r["peak_memory_mb"] for r in epochs], default=None)
     base = {
         "data": record["describe"],
@@ -1067,8 +1046,7 @@ def main(command: str, argv: list[str]) -> int:
         result = train(cfg)
         if int(os.environ.get("RANK", "0")) == 0:
             m = _final_metrics(cfg, result)
-            with open(os.path.join(cfg.run_dir, "metrics.json"), "w") as fh:
-                json.dump(m, fh, indent=2)
+            write_json(os.path.join(cfg.run_dir, "metrics.json"), m)
             if m["finished"]:
                 print(f"data: {m['data']}\n\n" + markdown([(f"{cfg.arch} {cfg.conv}", m)]))
             else:
