@@ -65,6 +65,7 @@ from dynconv.nn.mixture import temperature_schedule
 from dynconv.recipes.args import fraction, nonnegative_float, nonnegative_int, positive_float, positive_int
 from dynconv.recipes.checkpoint import load_checkpoint, save_checkpoint
 from dynconv.recipes.distributed import all_reduce_mean, cleanup, init_distributed
+from dynconv.recipes.progress import Progress
 from dynconv.recipes.run_dir import TrainingLog, read_log, remove_stale_temporaries, write_json, write_text
 
 ARCHS = ("resnet18", "mobilenetv2")
@@ -346,33 +347,6 @@ class _Log:
 # ------------------------------------------------------------------------------------------------ training
 
 
-class Progress:
-    """A one-line progress bar with loss and throughput: redrawn in place on a terminal; otherwise a line every
-    10% of the run or every ``seconds``."""
-
-    def __init__(self, total: int, start: int, enabled: bool, seconds: float = 60.0):
-        self.total, self.start, self.enabled, self.seconds = total, start, enabled, seconds
-        self.t0, self.tty = time.perf_counter(), sys.stderr.isatty()
-        self.every = max(1, (total - start) // 10)
-        self.last = self.t0
-
-    def update(self, step: int, loss: float, images: int, epoch: int) -> None:
-        if not self.enabled:
-            return
-        done, now = step + 1, time.perf_counter()
-        rate = (done - self.start) * images / max(now - self.t0, 1e-9)
-        filled = int(30 * done / self.total)
-        line = (
-            f"[{'#' * filled}{'.' * (30 - filled)}] epoch {epoch + 1} step {done}/{self.total} "
-            f"loss {loss:.4f} {rate:.1f} img/s"
-        )
-        if self.tty:
-            print("\r" + line, end="" if done < self.total else "\n", file=sys.stderr, flush=True)
-        elif (done - self.start) % self.every == 0 or done == self.total or now - self.last >= self.seconds:
-            self.last = now
-            print(line, file=sys.stderr, flush=True)
-
-
 def _autocast(cfg: Config, device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
 
@@ -434,7 +408,7 @@ def train(cfg: Config, data: ImageData | None = None) -> dict:
                 f"{total} steps of {cfg.batch_size} x {info.world_size} images ({spe} per epoch)"
             )
         dataset = ClassificationDataset(images, labels, augment=cfg.augment, flip=data.flip, seed=cfg.seed)
-        progress = Progress(total, start, info.is_main)
+        progress = Progress(total, start, info.is_main, unit="img")
         # A resumed run writes the steps and epochs after its checkpoint again: the logs keep each step once.
         step_log = TrainingLog(log_path, start, enabled=info.is_main)
         epoch_log = TrainingLog(epochs_path, start, enabled=info.is_main)
@@ -473,7 +447,7 @@ def train(cfg: Config, data: ImageData | None = None) -> dict:
                 losses.append(value)
                 epoch_losses.append(value)
                 last_loss = value
-                progress.update(step, value, cfg.batch_size * info.world_size, epoch)
+                progress.update(step, value, cfg.batch_size * info.world_size, f"(epoch {epoch + 1})")
                 step += 1
                 step_log.write({"step": step, "loss": value, "lr": lr, "temperature": temperature})
                 out_of_time = (

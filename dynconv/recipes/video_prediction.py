@@ -55,6 +55,7 @@ from dynconv.models.dfn_video import ConvLSTMPredictor, CopyLastFrame, DFNVideoP
 from dynconv.recipes import args as types
 from dynconv.recipes.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dynconv.recipes.distributed import all_reduce_mean, cleanup, init_distributed
+from dynconv.recipes.progress import Progress
 from dynconv.recipes.run_dir import TrainingLog, read_log, remove_stale_temporaries, resume_from, write_json, write_text
 
 MODELS = ("dfn", "baseline", "convlstm", "seed")
@@ -291,45 +292,6 @@ def learning_rate(cfg: Config, step: int) -> float:
     if cfg.warmup_steps:
         lr *= min(1.0, (step + 1) / cfg.warmup_steps)
     return lr
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-class Progress:
-    """A one-line progress bar with loss, throughput and the time left (ETA, from the rate so far): redrawn in
-    place on a terminal; otherwise (a log file, a CI job) a line every 10% of the run or every ``seconds``,
-    whichever comes first. ``what`` names the unit counted (``step``; ``batch`` for an evaluation)."""
-
-    def __init__(
-        self, total: int, start: int, enabled: bool, seconds: float = 60.0, what: str = "step", clock=time.perf_counter
-    ):
-        self.total, self.start, self.enabled, self.seconds, self.what = total, start, enabled, seconds, what
-        self.clock = clock
-        self.t0, self.tty = clock(), sys.stderr.isatty()
-        self.every = max(1, (total - start) // 10)
-        self.last = self.t0
-
-    def update(self, step: int, loss: float | None, sequences: int) -> None:
-        if not self.enabled:
-            return
-        done, now = step + 1, self.clock()
-        elapsed = max(now - self.t0, 1e-9)
-        rate = (done - self.start) * sequences / elapsed
-        eta = (self.total - done) * elapsed / max(done - self.start, 1)
-        filled = int(30 * done / self.total)
-        shown = "" if loss is None else f" loss {loss:.4f}"
-        line = (
-            f"[{'#' * filled}{'.' * (30 - filled)}] {self.what} {done}/{self.total}{shown} {rate:.1f} seq/s "
-            f"ETA {_clock(eta)}"
-        )
-        if self.tty:
-            print("\r" + line, end="" if done < self.total else "\n", file=sys.stderr, flush=True)
-        elif (done - self.start) % self.every == 0 or done == self.total or now - self.last >= self.seconds:
-            self.last = now
-            print(line, file=sys.stderr, flush=True)
 
 
 def train(cfg: Config) -> dict:

@@ -56,6 +56,7 @@ from dynconv.recipes import run_dir
 from dynconv.recipes.args import nonnegative_float, nonnegative_int, positive_float, positive_int
 from dynconv.recipes.checkpoint import load_checkpoint, save_checkpoint
 from dynconv.recipes.distributed import all_reduce_mean, cleanup, init_distributed
+from dynconv.recipes.progress import Progress
 
 TEST_SEED = 1_000_003  # the fixed seed of the generated test set (training uses --seed)
 TRAIN_FRAMES = 30  # synthetic training clips: key and current frames are drawn from frames 0..29
@@ -256,30 +257,6 @@ class _Step(nn.Module):
         return loss, parts
 
 
-class Progress:
-    """A one-line progress bar: redrawn in place on a terminal; otherwise a line every 10% or every minute."""
-
-    def __init__(self, total: int, start: int, enabled: bool, seconds: float = 60.0):
-        self.total, self.start, self.enabled, self.seconds = total, start, enabled, seconds
-        self.t0, self.tty = time.perf_counter(), sys.stderr.isatty()
-        self.every = max(1, (total - start) // 10)
-        self.last = self.t0
-
-    def update(self, step: int, loss: float, stage: str) -> None:
-        if not self.enabled:
-            return
-        done, now = step + 1, time.perf_counter()
-        rate = (done - self.start) / max(now - self.t0, 1e-9)
-        filled = int(30 * done / max(self.total, 1))
-        bar = "#" * filled + "." * (30 - filled)
-        line = f"[{bar}] step {done}/{self.total} {stage} loss {loss:.4f} {rate:.2f} step/s"
-        if self.tty:
-            print("\r" + line, end="" if done < self.total else "\n", file=sys.stderr, flush=True)
-        elif (done - self.start) % self.every == 0 or done == self.total or now - self.last >= self.seconds:
-            self.last = now
-            print(line, file=sys.stderr, flush=True)
-
-
 def train(cfg: Config) -> dict:
     """Train (or continue) the run in ``cfg.run_dir``. Returns ``{"losses", "step", "finished"}``."""
     check_config(cfg)
@@ -318,7 +295,7 @@ def train(cfg: Config) -> dict:
                 f"(run to {cfg.total_steps}) of {cfg.batch_size} x {info.world_size}",
                 file=sys.stderr,
             )
-        progress = Progress(cfg.total_steps, start, info.is_main)
+        progress = Progress(cfg.total_steps, start, info.is_main, unit="clip")
         log = run_dir.TrainingLog(log_path, start, enabled=info.is_main)
         losses, done, out_of_time = [], start, False
         started = time.monotonic()
@@ -339,7 +316,7 @@ def train(cfg: Config) -> dict:
             value = all_reduce_mean(loss.item(), info)
             losses.append(value)
             stage = "dff" if pairs else "per-frame"
-            progress.update(step, value, stage)
+            progress.update(step, value, cfg.batch_size * info.world_size, stage)
             log.write({"step": step + 1, "stage": stage, "loss": value, **parts, "lr": lr})
             done = step + 1
             # --time-limit: every rank stops at the same step (rank 0's clock decides), after a checkpoint.
