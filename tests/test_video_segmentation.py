@@ -424,6 +424,14 @@ def test_numeric_flags_are_checked_at_parse_time(tmp_path, capsys, flag):
     assert exc.value.code == 2 and flag in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command, where", [("train", "--run-dir"), ("eval", "--checkpoint")])
+def test_device_is_checked_at_parse_time(tmp_path, capsys, command, where):
+    """A misspelt device is refused before any model is built (it was a torch traceback after set-up)."""
+    with pytest.raises(SystemExit) as exc:
+        main([command, "video-segmentation", where, str(tmp_path / "r"), "--device", "cudx"])
+    assert exc.value.code == 2 and "argument --device" in capsys.readouterr().err
+
+
 def test_frame_folder_errors_name_the_flag_and_the_folder(tmp_path, capsys):
     ckpt = tmp_path / "run" / "last.pt"
     vs.train(_tiny_cfg(tmp_path / "run", perframe_steps=1, dff_steps=0))

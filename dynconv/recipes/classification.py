@@ -62,7 +62,7 @@ from dynconv.errors import UserError
 from dynconv.models import mobilenet_v2, resnet18
 from dynconv.nn import DynamicConv2d, ModulatedDeformConv2d, convert
 from dynconv.nn.mixture import temperature_schedule
-from dynconv.recipes.args import fraction, nonnegative_float, nonnegative_int, positive_float, positive_int
+from dynconv.recipes.args import device, fraction, nonnegative_float, nonnegative_int, positive_float, positive_int
 from dynconv.recipes.checkpoint import load_checkpoint, save_checkpoint
 from dynconv.recipes.distributed import all_reduce_mean, cleanup, init_distributed
 from dynconv.recipes.progress import Progress
@@ -1030,7 +1030,7 @@ def main(command: str, argv: list[str]) -> int:
         p.add_argument("--checkpoint", nargs="+", required=True, help="checkpoint files (last.pt)")
         p.add_argument("--data-dir", help="the test data (default: as in training)")
         p.add_argument("--eval-images", type=positive_int, help="the first N test images (default: all)")
-        p.add_argument("--device", default="cpu")
+        p.add_argument("--device", type=device, default="cpu", help="where the models run (cpu, cuda)")
         p.add_argument("--output", help="also write the markdown table here")
         args = p.parse_args(argv)
         rows, described = [], set()

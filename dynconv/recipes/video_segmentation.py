@@ -53,7 +53,7 @@ from dynconv.errors import UserError
 from dynconv.functional import warp
 from dynconv.models.dff import DeepFeatureFlow, lucas_kanade
 from dynconv.recipes import run_dir
-from dynconv.recipes.args import nonnegative_float, nonnegative_int, positive_float, positive_int
+from dynconv.recipes.args import device, nonnegative_float, nonnegative_int, positive_float, positive_int
 from dynconv.recipes.checkpoint import load_checkpoint, save_checkpoint
 from dynconv.recipes.distributed import all_reduce_mean, cleanup, init_distributed
 from dynconv.recipes.progress import Progress
@@ -111,6 +111,7 @@ class Config:
 
 # Every numeric flag is checked at parse time (dynconv.recipes.args); None means "not set" for the optional ones.
 _FLAG_TYPES = {
+    "device": device,
     "frame_size": positive_int, "width": positive_int, "output_stride": positive_int, "flow_width": positive_int,
     "perframe_steps": nonnegative_int, "dff_steps": nonnegative_int, "max_steps": positive_int,
     "batch_size": positive_int, "lr": positive_float, "max_distance": nonnegative_int,
@@ -778,7 +779,7 @@ def main(command: str, argv: list[str]) -> int:
         p.add_argument("--checkpoint", required=True, help="a checkpoint file (RUN_DIR/last.pt)")
         p.add_argument("--num-sequences", type=positive_int, default=None, help="default: the training config's")
         p.add_argument("--repeats", type=positive_int, default=5, help="timing repeats (medians)")
-        p.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda)")
+        p.add_argument("--device", type=device, default="cpu", help="where the model runs (cpu, cuda)")
         p.add_argument("--threads", type=positive_int, default=None, help="torch threads (the timings depend on it)")
         p.add_argument("--output", help="also write the metrics JSON here (and the plot beside it, .png)")
         p.add_argument(
