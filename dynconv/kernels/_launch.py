@@ -40,8 +40,9 @@ from pathlib import Path
 
 import torch
 
+from dynconv._cache import cache_root
+
 AUTOTUNE_ENV = "DYNCONV_AUTOTUNE"
-CACHE_ENV = "DYNCONV_CACHE_DIR"
 
 # Accumulator elements a local_filter program holds (BLOCK_C * BLOCK_H * BLOCK_W): 8 fp32 values per thread at 4
 # warps. The KW taps of a kernel row are unrolled and their loads issued together, so a thread holds several
@@ -181,8 +182,7 @@ def autotune_enabled() -> bool:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "dynconv")
-    return Path(root) / "autotune"
+    return Path(cache_root()) / "autotune"
 
 
 def cache_file(device_name: str) -> Path:
