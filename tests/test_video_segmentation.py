@@ -234,6 +234,47 @@ def test_lucas_kanade_recovers_a_known_flow_and_halves_the_error_on_the_syntheti
     assert np.mean(epe) < 0.7 * np.mean(magnitude)
 
 
+def _camera_pair(seed: int, shift: tuple[float, float], noise: float = 0.003, H: int = 48, W: int = 64):
+    """Two grey frames like a camera's: a dark and a bright flat area with sharp-edged blobs, the second frame the
+    first translated by ``shift`` = its flow ``(dx, dy)`` to the first (rendered 4x finer and box-filtered, so the
+    sub-pixel motion is exact), each with its own sensor noise of ``noise``."""
+    g, up = torch.Generator().manual_seed(seed), 4
+    y, x = torch.meshgrid(torch.arange(H * up * 1.0), torch.arange(W * up * 1.0), indexing="ij")
+    scene = torch.full((H * up, W * up), 0.25)
+    scene[:, W * up // 2 :] = 0.8
+    for _ in range(8):
+        cx, cy, r = torch.rand(3, generator=g) * torch.tensor([W * up, H * up, 20.0]) + torch.tensor([0, 0, 8.0])
+        scene[(x - cx) ** 2 + (y - cy) ** 2 < r * r] = torch.rand(1, generator=g).item()
+    frames = []
+    for dx, dy in ((0.0, 0.0), shift):
+        flow = torch.tensor([dx * up, dy * up]).view(1, 2, 1, 1).expand(1, 2, H * up, W * up).contiguous()
+        f = F.avg_pool2d(warp(scene[None, None], flow, padding_mode="border"), up)
+        frames.append((f + noise * torch.randn(f.shape, generator=g)).expand(1, 3, H, W).contiguous())
+    return frames
+
+
+def test_lucas_kanade_ridge_keeps_camera_noise_out_of_zero_and_sub_pixel_motion():
+    """The cause of the real-video check's failure on consecutive frames: plain Lucas-Kanade solves weakly
+    textured blocks for noise over noise, so on still or barely moving camera frames its warp raises the
+    photometric error above no warp at all; the ridge (the default) keeps those steps near zero and the warp then
+    lowers the error."""
+
+    def errors(shift, ridge):
+        out = []
+        for seed in range(4):
+            key, cur = _camera_pair(seed, shift)
+            e = lambda a: (a - cur)[..., 4:-4, 4:-4].abs().mean().item()  # noqa: E731
+            lk = lucas_kanade(key, cur, (4, 2)) if ridge is None else lucas_kanade(key, cur, (4, 2), ridge=ridge)
+            out.append((e(key), e(warp(key, lk, padding_mode="border"))))
+        return np.mean(out, 0)
+
+    identity, default = errors((0.0, 0.0), None)
+    assert default < 1.03 * identity  # no motion: the warp changes almost nothing
+    assert errors((0.0, 0.0), 0.0)[1] > 1.3 * identity  # plain Lucas-Kanade fits the noise (measured 1.6x)
+    identity, default = errors((-0.05, 0.05), None)
+    assert default < 0.85 * identity  # a twentieth of a pixel (measured 0.79x; plain Lucas-Kanade 0.99x)
+
+
 def test_fresh_flownets_start_near_the_identity_warp_and_zeroed_predictors_give_it_exactly():
     torch.manual_seed(0)
     model = DeepFeatureFlow(4, width=8, blocks=(1, 1, 1), flow_init=False).eval()
@@ -373,6 +414,35 @@ def test_flow_check_measures_the_warp_with_the_flow_network_in_image_pixels():
     assert exact["photometric_error_warped"] < 0.55 * exact["photometric_error_identity"]
 
 
+def test_real_frame_pairs_for_the_photometric_loss(tmp_path):
+    """--flow-frames-dir: every step adds pairs of the folder's frames 0 .. max_distance apart, from an rng of their
+    own (the synthetic batch is that of a run without them), a pure function of the step; the photometric loss is
+    logged and added to the loss with its weight."""
+    frames_dir = tmp_path / "frames"
+    for t in range(12):  # frame t is uniformly 16 t grey levels: a pair's frames tell their indices
+        _write_png(str(frames_dir / f"{t:03d}.png"), np.full((8, 12), 16 * t, np.uint8))
+    cfg = _tiny_cfg(tmp_path / "run", frame_size=16, batch_size=16, max_distance=3)
+    real = vs.TrainBatches(vs.Config(**{**cfg.__dict__, "flow_frames_dir": str(frames_dir), "flow_frames_height": 16}),
+                           0, 1)  # fmt: skip
+    plain = vs.TrainBatches(cfg, 0, 1)
+    batch = real(5, pairs=True)
+    assert batch["real_key"].shape == batch["real_current"].shape == (16, 3, 16, 24)
+    first, second = ((batch[k][:, 0, 0, 0] * 255 / 16).round().long() for k in ("real_key", "real_current"))
+    distance = second - first
+    assert distance.min() >= 0 and distance.max() <= 3 and len(set(distance.tolist())) > 1
+    assert (second <= 11).all()
+    for k, v in plain(5, pairs=True).items():
+        assert torch.equal(batch[k], v)
+    assert torch.equal(real(5, pairs=True)["real_key"], batch["real_key"])
+    assert not torch.equal(real(6, pairs=True)["real_key"], batch["real_key"])
+
+    run = tmp_path / "run2"
+    vs.train(_tiny_cfg(run, perframe_steps=0, dff_steps=2, flow_frames_dir=str(frames_dir), flow_frames_height=16))
+    rows = _log(run)
+    assert all(r["photometric"] >= 0 for r in rows)
+    assert rows[0]["loss"] == pytest.approx(rows[0]["ce"] + rows[0]["epe"] + 10.0 * rows[0]["photometric"], rel=1e-5)
+
+
 def test_time_limit_stops_after_a_checkpoint_and_skips_the_final_evaluation(tmp_path, capsys):
     run = str(tmp_path / "run")
     args = ["train", "video-segmentation", "--run-dir", run, *TINY, "--perframe-steps", "3", "--dff-steps", "3"]
@@ -409,6 +479,8 @@ def test_cli_trains_and_evaluates_on_a_cityscapes_tree(tmp_path, capsys):
         (["--blocks", "2,x"], "--blocks: expected comma-separated integers"),
         (["--data", "cityscapes"], "needs --cityscapes-dir"),
         (["--data", "cityscapes", "--cityscapes-dir", "/nonexistent"], "leftImg8bit_sequence/train is not a folder"),
+        (["--flow-frames-dir", "/nonexistent"], "--flow-frames-dir: /nonexistent is not a folder"),
+        (["--flow-frames-height", "8"], "--flow-frames-height must be >= 16"),
     ],
 )
 def test_cli_user_errors_are_one_line(tmp_path, capsys, argv, message):

@@ -86,6 +86,9 @@ class Config:
     max_distance: int = 9
     flow_loss_weight: float = 1.0
     finetune_features: bool = False
+    flow_frames_dir: str | None = None
+    flow_frames_height: int = 96
+    photometric_weight: float = 10.0
     seed: int = 0
     save_every: int = 50
     test_sequences: int = 32
@@ -115,7 +118,8 @@ _FLAG_TYPES = {
     "frame_size": positive_int, "width": positive_int, "output_stride": positive_int, "flow_width": positive_int,
     "perframe_steps": nonnegative_int, "dff_steps": nonnegative_int, "max_steps": positive_int,
     "batch_size": positive_int, "lr": positive_float, "max_distance": nonnegative_int,
-    "flow_loss_weight": nonnegative_float, "seed": nonnegative_int, "save_every": positive_int,
+    "flow_loss_weight": nonnegative_float, "flow_frames_height": positive_int,
+    "photometric_weight": nonnegative_float, "seed": nonnegative_int, "save_every": positive_int,
     "test_sequences": positive_int, "test_frames": positive_int, "threads": positive_int,
     "time_limit": positive_float,
 }  # fmt: skip
@@ -148,6 +152,8 @@ def check_config(cfg: Config) -> None:
         raise UserError(f"--max-distance must be < {TRAIN_FRAMES} for the synthetic set, got {cfg.max_distance}")
     if cfg.frame_size < 16:
         raise UserError(f"--frame-size must be >= 16, got {cfg.frame_size}")
+    if cfg.flow_frames_height < 16:  # the photometric error leaves out 4 pixels at each border
+        raise UserError(f"--flow-frames-height must be >= 16, got {cfg.flow_frames_height}")
     parse_blocks(cfg.blocks)
 
 
@@ -158,11 +164,16 @@ class TrainBatches:
     """Training batch ``step`` on rank ``rank``: a pure function of (seed, step, rank), so resuming is exact.
 
     Per-frame stage: ``{"current", "labels"}``; DFF stage: also ``"key"`` and (synthetic) ``"flow"``, the exact
-    flow from the current to the key frame at the feature stride, in feature pixels.
+    flow from the current to the key frame at the feature stride, in feature pixels. With ``flow_frames_dir``,
+    every step also ``"real_key"``, ``"real_current"``: pairs of unlabelled frames of that folder, ``0 ..
+    max_distance`` frames apart, for the photometric loss of the flow network.
     """
 
     def __init__(self, cfg: Config, rank: int, world: int):
         self.cfg, self.rank, self.world = cfg, rank, world
+        self.real = None
+        if cfg.flow_frames_dir:
+            self.real = read_frames(cfg.flow_frames_dir, 10**9, cfg.flow_frames_height, "--flow-frames-dir")
         if cfg.data == "synthetic":
             self.data = synthetic.SyntheticSegmentationVideo(2**62, TRAIN_FRAMES, cfg.frame_size, seed=cfg.seed)
         else:
@@ -195,6 +206,12 @@ class TrainBatches:
                     out["key"].append(self.data.frame(index, distance))
             out["current"].append(image)
             out["labels"].append(labels)
+        if self.real is not None:  # an rng of its own: the synthetic draws stay those of a run without real frames
+            rng = np.random.default_rng([cfg.seed, step, self.rank, 1])
+            T = len(self.real)
+            distance = rng.integers(0, min(cfg.max_distance, T - 1) + 1, B)
+            first = (rng.random(B) * (T - distance)).astype(np.int64)
+            out["real_key"], out["real_current"] = list(self.real[first]), list(self.real[first + distance])
         return {k: torch.stack(v) for k, v in out.items() if v}
 
 
@@ -223,6 +240,17 @@ def _epe(flow: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (flow - target).square().sum(1).add(1e-8).sqrt().mean()
 
 
+def photometric_error(flow_net: nn.Module, key: torch.Tensor, current: torch.Tensor, margin: int = 4) -> torch.Tensor:
+    """``[B]``: mean ``|current - warp(key, flow)|`` per pair over the pixels ``margin`` or more from the border, with
+    the flow network's flow (feature pixels on the feature grid) scaled to image pixels and upsampled bilinearly;
+    frames ``[B, C, H, W]`` in [0, 1]. The training loss of ``--flow-frames-dir`` and the measure of
+    ``--flow-check``."""
+    H, W = current.shape[-2:]
+    flow = flow_net(key, current)[0] * flow_net.feature_stride
+    warped = warp(key, F.interpolate(flow, size=(H, W), mode="bilinear", align_corners=False), padding_mode="border")
+    return (warped - current)[..., margin : H - margin, margin : W - margin].abs().mean((1, 2, 3))
+
+
 class _Step(nn.Module):
     """``forward`` = one training step's loss, so DistributedDataParallel sees one forward per step."""
 
@@ -231,6 +259,14 @@ class _Step(nn.Module):
         self.model, self.cfg = model, cfg
 
     def forward(self, batch: dict[str, torch.Tensor], pairs: bool) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, parts = self._supervised(batch, pairs)
+        if "real_key" in batch:  # self-supervised: the flow network on unlabelled frames of --flow-frames-dir
+            photometric = photometric_error(self.model.flow, batch["real_key"], batch["real_current"]).mean()
+            parts["photometric"] = photometric.item()
+            loss = loss + self.cfg.photometric_weight * photometric
+        return loss, parts
+
+    def _supervised(self, batch: dict[str, torch.Tensor], pairs: bool) -> tuple[torch.Tensor, dict[str, float]]:
         model, cfg = self.model, self.cfg
         ignore = synthetic.IGNORE_INDEX
         if not pairs:
@@ -632,18 +668,13 @@ def flow_check(model: DeepFeatureFlow, frames: torch.Tensor, margin: int = 4) ->
     """Photometric error of frame t against frame t-1 warped to it with the trained flow, and against frame t-1
     unwarped (zero flow), mean absolute difference in [0, 1] units over the pixels ``margin`` or more from the
     border, averaged over the pairs. ``frames``: ``[T, 3, H, W]``."""
-    stride = model.flow.feature_stride
     H, W = frames.shape[-2:]
     warped_err, identity_err, lk_err, better = [], [], [], 0
     uses_lk = getattr(model.flow, "init", None) == "lk"
     inner = (slice(None), slice(None), slice(margin, H - margin), slice(margin, W - margin))
     for t in range(1, len(frames)):
         key, cur = frames[t - 1 : t], frames[t : t + 1]
-        flow = model.flow(key, cur)[0]
-        # the flow is in feature pixels on the feature grid: to image pixels, upsampled
-        image_flow = F.interpolate(flow * stride, size=(H, W), mode="bilinear", align_corners=False)
-        warped = warp(key, image_flow, padding_mode="border")
-        e_w = (warped - cur)[inner].abs().mean().item()
+        e_w = photometric_error(model.flow, key, cur, margin).item()
         e_i = (key - cur)[inner].abs().mean().item()
         warped_err.append(e_w)
         identity_err.append(e_i)
