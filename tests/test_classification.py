@@ -12,6 +12,8 @@ import os
 import pickle
 import stat
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -23,6 +25,7 @@ from dynconv.data import image_classification as ic
 from dynconv.errors import UserError
 from dynconv.nn.convert import KINDS
 from dynconv.recipes import classification as rc
+from dynconv.recipes.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -517,3 +520,45 @@ def test_compare_writes_table_and_plot(tmp_path, capsys, monkeypatch):
 def test_mean_sem():
     mean, sem = rc._mean_sem([0.9, 0.92, 0.94])
     assert mean == pytest.approx(0.92) and sem == pytest.approx(0.02 / math.sqrt(3))
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(tmp_path):
+    """``dynconv train classification`` under torchrun, 2 processes (gloo): it finishes, writes last.pt at the last
+    step and logs each step once. The ranks split each step's global batch as one process with twice the batch
+    takes it (the epoch's permutation, rank r taking every other image), with the same augmentation, and the
+    logged loss is the mean of the ranks' losses: the first step's equals that of a fresh model on each rank's
+    images, computed here in one process (BatchNorm normalises per rank, so not the loss of one batch of 8)."""
+    data_dir = write_idx_dir(tmp_path / "idx", n_train=32)
+    run = tmp_path / "ddp"
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dynconv",
+           "train", "classification", "--run-dir", str(run), "--data-dir", data_dir, "--width", "0.0625",
+           "--batch-size", "4", "--epochs", "1", "--max-steps", "3", "--eval-images", "4",
+           "--threads", "1"]  # fmt: skip
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = load_checkpoint(str(run / "last.pt"))
+    assert state["step"] == 3
+    rows = _log_steps(run)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+
+    cfg = rc.Config(**state["config"])
+    data = ic.load_image_data(data_dir)
+    n = len(data.train_images)
+    per_rank = [rc.epoch_batches(n, cfg, 0, r, 2)[0] for r in (0, 1)]
+    one = rc.epoch_batches(n, rc.Config(**{**state["config"], "batch_size": 8}), 0, 0, 1)[0]
+    assert not set(per_rank[0]) & set(per_rank[1]) and sorted(per_rank[0] + per_rank[1]) == sorted(one)
+    dataset = ic.ClassificationDataset(data.train_images, data.train_labels, cfg.augment, data.flip, cfg.seed)
+    mean, std = data.mean_std()
+    torch.manual_seed(cfg.seed)
+    model = rc.build_model(cfg, data.channels, data.num_classes).train()
+    losses = []
+    with torch.no_grad():
+        for r, index in enumerate(per_rank):
+            x, y = torch.utils.data.default_collate([dataset[i] for i in index])
+            torch.manual_seed(cfg.seed * 1_000_003 + r)  # the recipe's dropout seed of step 0 (ResNet-18 has none)
+            losses.append(nn.functional.cross_entropy(model(ic.normalize(x, mean, std)), y).item())
+    assert rows[0]["loss"] == pytest.approx(np.mean(losses), rel=1e-5)
+    assert abs(losses[0] - losses[1]) > 1e-3  # each rank's loss alone would not pass

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,6 +20,9 @@ from dynconv.data.synthetic_segmentation import NUM_CLASSES, SyntheticSegmentati
 from dynconv.errors import UserError
 from dynconv.models.dff import DeepFeatureFlow, FeatureNet, FlowNetC, FlowNetS, lucas_kanade
 from dynconv.recipes import video_segmentation as vs
+from dynconv.recipes.checkpoint import load_checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -524,3 +529,60 @@ def test_an_existing_run_needs_resume(tmp_path, capsys):
     assert main([*args, "--time-limit", "1e-6"]) == 0  # stops at once, before any evaluation
     assert main(args) == 2
     assert "pass --resume" in capsys.readouterr().err
+
+
+# A torchrun entry point: the dynconv command, each rank keeping its model (built by the recipe) for the test to read.
+_DRIVER = """
+import os, sys, torch
+from dynconv.cli import main
+from dynconv.recipes import video_segmentation as vs
+built, build = [], vs.build_model
+vs.build_model = lambda cfg: built.append(build(cfg)) or built[-1]
+code = main(sys.argv[2:])
+torch.save(built[0].state_dict(), os.path.join(sys.argv[1], "rank%s.pt" % os.environ["RANK"]))
+sys.exit(code)
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(tmp_path):
+    """``dynconv train video-segmentation`` under torchrun, 2 processes (gloo): it finishes, writes last.pt at the
+    last step and logs each step once; the two ranks draw disjoint clips (rank r of W: clips (step W + r) B ...),
+    the logged first-step loss is the mean of the two ranks' losses of a fresh model on their batches (computed
+    here in one process), and both ranks end with the same parameters and buffers, those of last.pt."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(_DRIVER)
+    run = tmp_path / "ddp"
+    argv = ["train", "video-segmentation", "--run-dir", str(run), *TINY, "--perframe-steps", "2", "--dff-steps", "2",
+            "--test-sequences", "1", "--test-frames", "11", "--eval-repeats", "1"]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver),
+           str(tmp_path), *argv]  # fmt: skip
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = load_checkpoint(str(run / "last.pt"))
+    assert state["step"] == 4 and state["config"]["batch_size"] == 2
+    rows = _log(run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and [r["stage"] for r in rows] == ["per-frame"] * 2 + ["dff"] * 2
+    assert json.load(open(run / "metrics.json"))["step"] == 4
+
+    cfg = vs.Config(**state["config"])
+    ranks = [vs.TrainBatches(cfg, r, 2) for r in (0, 1)]
+    first = [b(0, pairs=False) for b in ranks]
+    # disjoint clips: no frame of rank 0's batch is in rank 1's
+    assert not any(torch.equal(a, b) for a in first[0]["current"] for b in first[1]["current"])
+    torch.manual_seed(cfg.seed)
+    model = vs.build_model(cfg).train()
+    step = vs._Step(model, cfg)
+    with torch.no_grad():
+        expected = np.mean([step(batch, False)[0].item() for batch in first])
+    assert rows[0]["loss"] == pytest.approx(expected, rel=1e-5)
+    # one rank's batch alone does not give the logged loss (the test can tell the ranks apart)
+    assert rows[0]["loss"] != pytest.approx(step(first[0], False)[0].item(), rel=1e-3)
+
+    per_rank = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    torch.manual_seed(cfg.seed)
+    fresh = vs.build_model(cfg).state_dict()  # both ranks' parameters at step 0
+    for name, value in state["model"].items():
+        assert torch.equal(per_rank[0][name], value) and torch.equal(per_rank[1][name], value), name
+    assert not torch.equal(state["model"]["flow.predict0.weight"], fresh["flow.predict0.weight"])  # it trained
