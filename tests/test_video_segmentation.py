@@ -383,6 +383,7 @@ def test_cli_train_resume_eval_predict_and_flow_check(tmp_path, capsys):
                  "--flow-check-height", "40", "--output", out_json]) == 0  # fmt: skip
     check = json.load(open(out_json))
     assert check["pairs"] == 3 and check["frame_size"] == [40, 40]
+    assert check["photometric_error_lucas_kanade_start"] >= 0 and 0 <= check["pairs_improved_lucas_kanade_start"] <= 3
     assert not [n for n in os.listdir(run) + os.listdir(tmp_path) if n.startswith(".tmp-")]
 
 

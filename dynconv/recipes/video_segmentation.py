@@ -3,6 +3,7 @@
     dynconv train video-segmentation --run-dir runs/dff                  # per-frame stage, then DFF end to end
     dynconv eval video-segmentation --checkpoint runs/dff/last.pt        # mIoU vs speed-up table and plot
     dynconv eval video-segmentation --checkpoint runs/dff/last.pt --flow-check FRAMES_DIR
+    dynconv train video-segmentation --run-dir runs/dff --resume --dff-steps 800 --flow-frames-dir OTHER_FRAMES
     dynconv predict video-segmentation --checkpoint runs/dff/last.pt --output seg.gif --interval 5
     torchrun --standalone --nproc_per_node=2 -m dynconv train video-segmentation ...   # the same, in DDP
 
@@ -20,6 +21,12 @@ network also trains on it beside the per-frame stage, ``--flow-pretrain``, as th
 Flying Chairs). The flow network is FlowNetS-style, refining a Lucas-Kanade start (``--no-flow-init``: from
 zero; ``--flow-net c``: FlowNetC-style). The feature network is frozen in the DFF stage unless
 ``--finetune-features``. Adam with a cosine learning rate per stage.
+``--flow-frames-dir DIR`` (optional, self-supervised, no labels): every step also warps pairs of DIR's frames
+(resized to ``--flow-frames-height`` pixels, 0 to ``--max-distance`` frames apart) with the flow network's flow
+and adds ``--photometric-weight`` times their photometric error (mean absolute difference, the measure of
+``--flow-check``) to the loss: the synthetic set alone does not teach the flow network a real camera's images
+(flat areas, sensor noise, hard edges), on which its correction to the start was noise. Given with ``--resume``
+and more ``--dff-steps``, it fine-tunes a finished run; keep the frames it sees apart from those you check.
 Every ``--save-every`` steps the run folder gets an atomically written ``last.pt``; ``--resume`` continues it
 exactly with the run's own config (flags given again change it); ``--time-limit SECONDS`` stops after a
 checkpoint and skips the final evaluation.
@@ -30,7 +37,8 @@ flow network, warp and task network (batch 1); frames per second of each schedul
 per-frame baseline, measured in the same run (on one CPU thread, by the thread's CPU time); a plot of mIoU
 against speed-up; on the synthetic set also DFF with the exact flow in place of the network's.
 ``--flow-check FRAMES_DIR`` measures, on a real video without labels, the photometric error of frame t against
-frame t-1 warped with the trained flow, and against frame t-1 itself.
+frame t-1 warped with the trained flow, against frame t-1 itself and against frame t-1 warped with the
+Lucas-Kanade start alone (``--flow-check-step N``: frames t - N and t, larger motion).
 """
 
 from __future__ import annotations
@@ -123,6 +131,14 @@ _FLAG_TYPES = {
     "test_sequences": positive_int, "test_frames": positive_int, "threads": positive_int,
     "time_limit": positive_float,
 }  # fmt: skip
+
+
+_FLAG_HELP = {
+    "flow_frames_dir": "unlabelled frames (a video, sorted by name) for a self-supervised photometric loss of the "
+    "flow network, every step",
+    "flow_frames_height": "the --flow-frames-dir frames are resized to this height (aspect kept)",
+    "photometric_weight": "weight of the --flow-frames-dir photometric loss (mean |I_t - warp(I_k)| in [0, 1] units)",
+}
 
 
 def parse_blocks(text: str) -> tuple[int, ...]:
@@ -665,11 +681,12 @@ def read_frames(folder: str, limit: int, height: int, flag: str = "--flow-check"
 
 @torch.no_grad()
 def flow_check(model: DeepFeatureFlow, frames: torch.Tensor, margin: int = 4) -> dict:
-    """Photometric error of frame t against frame t-1 warped to it with the trained flow, and against frame t-1
-    unwarped (zero flow), mean absolute difference in [0, 1] units over the pixels ``margin`` or more from the
-    border, averaged over the pairs. ``frames``: ``[T, 3, H, W]``."""
+    """Photometric error of frame t against frame t-1 warped to it with the trained flow, against frame t-1
+    unwarped (zero flow) and (FlowNetS with ``init="lk"``) warped with the Lucas-Kanade start alone: mean absolute
+    difference in [0, 1] units over the pixels ``margin`` or more from the border, averaged over the pairs, and the
+    number of pairs where a warp beats no warp. ``frames``: ``[T, 3, H, W]``."""
     H, W = frames.shape[-2:]
-    warped_err, identity_err, lk_err, better = [], [], [], 0
+    warped_err, identity_err, lk_err, better, lk_better = [], [], [], 0, 0
     uses_lk = getattr(model.flow, "init", None) == "lk"
     inner = (slice(None), slice(None), slice(margin, H - margin), slice(margin, W - margin))
     for t in range(1, len(frames)):
@@ -683,13 +700,20 @@ def flow_check(model: DeepFeatureFlow, frames: torch.Tensor, margin: int = 4) ->
             half = F.avg_pool2d(torch.cat([key, cur]), 2, ceil_mode=True)
             start = 2 * F.interpolate(lucas_kanade(*half.chunk(2), windows=(4, 2)), size=(H, W), mode="bilinear")
             lk_err.append((warp(key, start, padding_mode="border") - cur)[inner].abs().mean().item())
+            lk_better += lk_err[-1] < e_i
+    lk = {}
+    if uses_lk:
+        lk = {
+            "photometric_error_lucas_kanade_start": float(np.mean(lk_err)),
+            "pairs_improved_lucas_kanade_start": lk_better,
+        }
     return {
         "pairs": len(warped_err),
         "frame_size": [H, W],
         "photometric_error_warped": float(np.mean(warped_err)),
         "photometric_error_identity": float(np.mean(identity_err)),
         "pairs_improved": better,
-    } | ({"photometric_error_lucas_kanade_start": float(np.mean(lk_err))} if uses_lk else {})
+    } | lk
 
 
 # ------------------------------------------------------------------------------------------------ pictures
@@ -738,7 +762,10 @@ def _add_config_arguments(p: argparse.ArgumentParser, defaults: bool = True) -> 
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if defaults else argparse.SUPPRESS
-        if f.name == "data":
+        if f.name in _FLAG_HELP:
+            kind = {"type": _FLAG_TYPES[f.name]} if f.name in _FLAG_TYPES else {}
+            p.add_argument(flag, default=default, help=_FLAG_HELP[f.name], **kind)
+        elif f.name == "data":
             p.add_argument(flag, default=default, choices=("synthetic", "cityscapes"))
         elif f.name == "output_stride":
             p.add_argument(flag, default=default, type=int, choices=(4, 8, 16, 32))
@@ -820,8 +847,14 @@ def main(command: str, argv: list[str]) -> int:
             help="instead: time the schedules only, on synthetic frames of H x H (x 2H for Cityscapes runs) pixels "
             "(on a GPU, small frames measure launch overhead rather than the networks)",
         )
-        p.add_argument("--flow-check", metavar="FRAMES_DIR", help="instead: photometric check of the flow on a video")
-        p.add_argument("--flow-check-frames", type=positive_int, default=100, help="frames of FRAMES_DIR to read")
+        p.add_argument(
+            "--flow-check",
+            metavar="FRAMES_DIR",
+            help="instead: photometric check of the flow on a video (frames sorted by name), against no warp",
+        )
+        p.add_argument(
+            "--flow-check-frames", type=positive_int, default=100, help="frames of FRAMES_DIR to read (after the step)"
+        )
         p.add_argument("--flow-check-height", type=positive_int, default=96, help="frames resized to this height")
         p.add_argument("--flow-check-step", type=positive_int, default=1, help="every N-th frame (larger motion)")
         args = p.parse_args(argv)
@@ -838,7 +871,8 @@ def main(command: str, argv: list[str]) -> int:
                 f"(mean |I_t - warp(I_t-1)|) {m['photometric_error_warped']:.5f} with the trained flow vs "
                 f"{m['photometric_error_identity']:.5f} unwarped; {m['pairs_improved']} pairs improved"
                 + (
-                    f"; the Lucas-Kanade start alone: {m['photometric_error_lucas_kanade_start']:.5f}"
+                    f"; the Lucas-Kanade start alone: {m['photometric_error_lucas_kanade_start']:.5f}, "
+                    f"{m['pairs_improved_lucas_kanade_start']} pairs improved"
                     if "photometric_error_lucas_kanade_start" in m
                     else ""
                 )
