@@ -304,7 +304,8 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     assert "compiled 2" in run_without_interpreter(_COMPILE_SCRIPT)
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.triton  # both: the reference failed on a GPU too
+@pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_bfloat16_zero_flow_is_identity_past_256_pixels(backend):
     """With zero flow the warp is the identity, exactly, in any dtype. The reference computed the gather index
     row * W + col in the positions' dtype: bf16 rounds integers past 256, so on a 20x20 image it read the wrong
