@@ -6,6 +6,7 @@ The Triton tests (mark ``triton``; on CUDA, else in the interpreter: see tests/t
 them too.
 """
 
+import functools
 import random
 
 import pytest
@@ -512,10 +513,7 @@ def make_tiny(case, dtype, seed=0, device=TRITON_DEVICE):
 
 
 def fwd_bwd(backend, inputs, kwargs, grad_out=None):
-    inputs = [t.detach().requires_grad_() for t in inputs]
-    out = dynconv.dcnv3(*inputs, backend=backend, **kwargs)
-    grad_out = torch.randn_like(out) if grad_out is None else grad_out
-    return out, torch.autograd.grad(out, inputs, grad_out), grad_out
+    return run_with_grads(functools.partial(dynconv.dcnv3, backend=backend, **kwargs), inputs, grad_out)
 
 
 @pytest.mark.parametrize(

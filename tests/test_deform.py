@@ -125,17 +125,17 @@ def make_inputs(case, dtype, requires_grad=True):
     return tensors
 
 
-def call(tensors, case, backend):
+def call(tensors, case, backend, **kw):
     x, offset, weight, bias, mask = tensors
     return dynconv.deform_conv2d(
-        x, offset, weight, bias, case["stride"], case["padding"], case["dilation"], mask, backend=backend
+        x, offset, weight, bias, case["stride"], case["padding"], case["dilation"], mask, backend=backend, **kw
     )
 
 
-def grads(tensors, case, backend, grad_out=None):
-    """Output and the gradient of every tensor argument that is not None."""
+def grads(tensors, case, backend, grad_out=None, **kw):
+    """Output and the gradient of every tensor argument that is not None (``case``: a dict with the geometry)."""
     leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
-    out = call(leaves, case, backend)
+    out = call(leaves, case, backend, **kw)
     grad_out = torch.randn_like(out) if grad_out is None else grad_out
     present = [t for t in leaves if t is not None]
     return out, torch.autograd.grad(out, present, grad_out), grad_out
@@ -553,14 +553,6 @@ def make_tiny(case, dtype, spread=3.0, device=TRITON_DEVICE):
     return tensors, dict(stride=stride, padding=padding, dilation=dilation)
 
 
-def run_tiny(tensors, geometry, backend, grad_out=None, **kw):
-    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
-    x, offset, weight, bias, mask = leaves
-    out = dynconv.deform_conv2d(x, offset, weight, bias, mask=mask, backend=backend, **geometry, **kw)
-    grad_out = torch.randn_like(out) if grad_out is None else grad_out
-    return out, torch.autograd.grad(out, [t for t in leaves if t is not None], grad_out), grad_out
-
-
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("case", TRITON_CASES, ids=range(len(TRITON_CASES)))
 def test_tiny_cases_match_reference(backend, case, deterministic, monkeypatch):
@@ -571,8 +563,8 @@ def test_tiny_cases_match_reference(backend, case, deterministic, monkeypatch):
         monkeypatch.setitem(kernels.CONFIG, "BLOCK_C", 2)  # several channel blocks, the last one partial
         device = TRITON_DEVICE
     tensors, geometry = make_tiny(case, torch.float32, device=device)
-    out, got, gy = run_tiny(tensors, geometry, backend, deterministic=deterministic)
-    ref, expected, _ = run_tiny(tensors, geometry, "reference", gy)
+    out, got, gy = grads(tensors, geometry, backend, deterministic=deterministic)
+    ref, expected, _ = grads(tensors, geometry, "reference", gy)
     assert_close(out, ref, rtol=1e-5, atol=1e-5)
     for g, e in zip(got, expected):
         assert_close(g, e, rtol=1e-5, atol=1e-4)
@@ -619,11 +611,11 @@ def test_triton_deterministic_flag_follows_torch(monkeypatch):
     tensors, geometry = make_tiny(TRITON_CASES[0], torch.float32)
     torch.use_deterministic_algorithms(True)
     try:
-        first = run_tiny(tensors, geometry, "triton")
-        second = run_tiny(tensors, geometry, "triton", first[2])
+        first = grads(tensors, geometry, "triton")
+        second = grads(tensors, geometry, "triton", first[2])
     finally:
         torch.use_deterministic_algorithms(False)
-    run_tiny(tensors, geometry, "triton")
+    grads(tensors, geometry, "triton")
     assert calls == [True, True, False]
     for a, b in zip(first[1], second[1]):
         assert torch.equal(a, b)
@@ -632,10 +624,10 @@ def test_triton_deterministic_flag_follows_torch(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_tiny_case_low_precision(backend, dtype):
     tensors, geometry = make_tiny(TRITON_CASES[0], dtype, device=TRITON_DEVICE if backend == "triton" else "cpu")
-    out, got, gy = run_tiny(tensors, geometry, backend)
+    out, got, gy = grads(tensors, geometry, backend)
     assert out.dtype == dtype
-    ref_lowp, expected_lowp, _ = run_tiny(tensors, geometry, "reference", gy)
-    ref32, expected32, _ = run_tiny(
+    ref_lowp, expected_lowp, _ = grads(tensors, geometry, "reference", gy)
+    ref32, expected32, _ = grads(
         [t.float() if t is not None else None for t in tensors], geometry, "reference", gy.float()
     )
     assert_close_lowp(out, ref_lowp, ref32)
