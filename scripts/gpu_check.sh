@@ -17,7 +17,7 @@
 # others, and a step ending early leaves its time to the training at the end:
 #   step           limit   what                                                              output ($OUT/)
 #   setup            10 s  install .whl/, record GPU, driver, torch/Triton/torchvision       summary.txt
-#   tests           140 s  the GPU tests (-m gpu: every *_triton.py test and every cuda test)  tests.txt,
+#   tests           140 s  the GPU tests (-m gpu: every triton and every cuda test)            tests.txt,
 #                          in 3 parallel pytest processes, 30 s per test                       tests_console.txt
 #                          (DYNCONV_TEST_TIMEOUT), each result streamed as it ends
 #                          (DYNCONV_TEST_STREAM, tests/stream_report.py)
@@ -134,15 +134,15 @@ for step in "${steps[@]}"; do
     tests)
       TESTS_LIMIT=140; rest=$(( $(left) - 5 )); [ "$TESTS_LIMIT" -gt "$rest" ] && TESTS_LIMIT=$rest
       if [ "$DRY" = 1 ]; then
-        log "== tests: limit ${TESTS_LIMIT}s -> $OUT/tests.txt: 3 x $PY -m pytest -m gpu (local_filter_triton |" \
-          "warp_triton | the rest), ${TEST_TIMEOUT}s per test"
+        log "== tests: limit ${TESTS_LIMIT}s -> $OUT/tests.txt: 3 x $PY -m pytest -m gpu (test_local_filter.py |" \
+          "test_warp.py | the rest), ${TEST_TIMEOUT}s per test"
         SPENT=$((SPENT + TESTS_LIMIT)); continue
       fi
       t0=$SECONDS
       # three processes: Triton compiles on the CPU, and this machine has 16 cores
-      test_group 1 tests/test_local_filter_triton.py &
-      test_group 2 tests/test_warp_triton.py &
-      test_group 3 tests --ignore=tests/test_local_filter_triton.py --ignore=tests/test_warp_triton.py &
+      test_group 1 tests/test_local_filter.py &
+      test_group 2 tests/test_warp.py &
+      test_group 3 tests --ignore=tests/test_local_filter.py --ignore=tests/test_warp.py &
       wait
       for n in 1 2 3; do cat "/tmp/dynconv_tests_$n.txt"; done >> "$OUT/tests_console.txt"
       log "== tests: ${TESTS_LIMIT}s limit, $((SECONDS - t0))s taken; $(grep -h '^rc=' /tmp/dynconv_tests_*.txt | tr '\n' ' ')"

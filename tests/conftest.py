@@ -1,17 +1,9 @@
 import os
 
-# Without a GPU the Triton kernels are tested in the interpreter. triton.jit reads TRITON_INTERPRET when a
-# function is decorated, including Triton's own library functions (tl.sum, ...) when triton is first
-# imported, which collecting any test module can trigger (torch.utils.flop_counter does): set it first.
-if "TRITON_INTERPRET" not in os.environ:
-    import torch as _torch
-
-    if not _torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-import stream_report  # noqa: E402  (tests/ is on sys.path: pytest puts a conftest's folder there)
-import torch  # noqa: E402
+import pytest
+import stream_report  # (tests/ is on sys.path: pytest puts a conftest's folder there)
+import torch
+import triton_setup  # sets TRITON_INTERPRET=1 without CUDA, before any test module imports triton
 
 # Tests must not inherit a forced backend from the user's shell.
 os.environ.pop("DYNCONV_BACKEND", None)
@@ -23,9 +15,17 @@ def pytest_configure(config):
     stream_report.register(config)
     config.addinivalue_line(
         "markers",
-        "gpu: runs on the GPU when there is one: every test of a *_triton.py file and every cuda test "
+        "gpu: runs on the GPU when there is one: every triton test and every cuda test "
         "(added at collection; scripts/gpu_check.sh selects them with -m gpu)",
     )
+
+
+@pytest.fixture(params=["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def backend(request):
+    """The backends this machine can run, for the tests that compare a backend against ``dynconv.reference``:
+    ``torch`` always, ``triton`` on CUDA or in the interpreter (skipped elsewhere, with the reason). Tests that
+    take it keep to shapes small enough for the interpreter."""
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +45,13 @@ def _seed():
 
 @pytest.hookimpl(tryfirst=True)  # before -m selects: the gpu mark is added here
 def pytest_collection_modifyitems(config, items):
+    cuda = torch.cuda.is_available()
     for item in items:
-        # the Triton test files run their kernels on CUDA when there is a GPU (in the interpreter otherwise)
-        if "cuda" in item.keywords or item.path.name.endswith("_triton.py"):
+        needs_cuda, runs_triton = item.get_closest_marker("cuda"), item.get_closest_marker("triton")
+        # the triton tests run their kernels on CUDA when there is a GPU (in the interpreter otherwise)
+        if needs_cuda or runs_triton:
             item.add_marker(pytest.mark.gpu)
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device; none is available on this machine")
-    for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+        if needs_cuda and not cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device; none is available on this machine"))
+        elif runs_triton and triton_setup.TRITON_SKIP_REASON:
+            item.add_marker(pytest.mark.skip(reason=triton_setup.TRITON_SKIP_REASON))

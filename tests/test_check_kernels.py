@@ -48,7 +48,7 @@ def test_rules_pick_one_bounded_config_for_every_bench_shape():
             cfg = L.dcnv_config(shape[4], f64)
             assert cfg["BLOCK_C"] >= shape[4] and all(_pow2(v) for v in cfg.values())
             assert cfg["BLOCK_Q"] * cfg["BLOCK_C"] <= L.DCNV_BUDGET // (2 if f64 else 1)
-    # The CUDA tests' local_filter shapes (tests/test_local_filter_triton.py GPU_CASES), strides included:
+    # The CUDA tests' local_filter shapes (tests/test_local_filter.py GPU_CASES), strides included:
     # (C, H, W, G, stride); every dtype's picks are among the checked variants.
     for C, H, W, G, (sh, sw) in [(64, 64, 64, 1, (1, 1)), (128, 56, 56, 8, (1, 1)), (3, 64, 64, 1, (2, 2)),
                                  (256, 28, 28, 16, (1, 1)), (96, 45, 61, 3, (2, 1))]:  # fmt: skip

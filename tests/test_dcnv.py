@@ -1,16 +1,22 @@
-"""DCNv3/DCNv4 (dynconv.dcnv3, dynconv.dcnv4, DCNv3, DCNv4): the torch backend against the bilinear reference."""
+"""DCNv3/DCNv4 (dynconv.dcnv3, dynconv.dcnv4, DCNv3, DCNv4): the torch backend and the Triton kernels
+(dynconv/kernels/dcnv.py) against the bilinear reference.
 
+The Triton tests (mark ``triton``; on CUDA, else in the interpreter: see tests/triton_setup.py) keep to the tiny
+``TRITON_CASES`` (one program per (sample, group)); the tests over the ``backend`` fixture run the torch backend on
+them too.
+"""
+
+import functools
 import random
-import sys
-import types
 
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_setup import TRITON_DEVICE
 
 import dynconv
 from dynconv import reference
-from dynconv.testing import assert_close, assert_close_lowp
+from dynconv.testing import assert_close, assert_close_lowp, run_without_interpreter
 
 
 def _pair(v):
@@ -463,67 +469,6 @@ def test_fresh_dcnv4_outputs_the_output_bias():
     assert layer.offset_mask.out_features == 112  # ceil(3 * 4 * 9 / 8) * 8
 
 
-def test_bench_baseline_matches_dcnv3_and_bench_runs():
-    from dynconv.bench import dcnv as bench
-
-    g = torch.Generator().manual_seed(0)
-    v = torch.randn(2, 5, 6, 8, generator=g, dtype=torch.float64)
-    off = 2 * torch.randn(2, 5, 6, 2 * 9 * 2, generator=g, dtype=torch.float64)
-    m = torch.randn(2, 5, 6, 2 * 9, generator=g, dtype=torch.float64)
-    assert_close(bench.grid_sample_all_points(v, off, m, 2), dynconv.dcnv3(v, off, m, 3, group=2, backend="reference"))
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
-    args = parser.parse_args(["--shapes", "1,4,5,2,2"])
-    args.device, args.repeats = "cpu", 1
-    table = bench.run(args)
-    assert table.count("| (1, 4, 5, 2, 2) |") == 5  # dcnv3: torch, reference, grid_sample; dcnv4: torch, reference
-
-
-def _fake_official_dcnv4_package(monkeypatch, calls):
-    """A stand-in for the official ``DCNv4`` package (its CUDA kernels cannot be built here): ``DCNv4Function``
-    with the official argument order and checks, computing through our reference."""
-
-    class DCNv4Function:
-        @staticmethod
-        def apply(value, offset_mask, kh, kw, sh, sw, ph, pw, dh, dw, group, group_channels, offset_scale, step, rc):
-            assert value.is_contiguous() and offset_mask.is_contiguous()  # the official op asserts both
-            assert value.shape[-1] == group * group_channels
-            assert value.shape[0] % min(value.shape[0], step) == 0
-            calls.append((kh, kw, sh, sw, ph, pw, dh, dw, group, group_channels, offset_scale, step, rc))
-            return dynconv.dcnv4(
-                value, offset_mask, (kh, kw), (sh, sw), (ph, pw), (dh, dw), group, offset_scale, bool(rc),
-                backend="reference",
-            )  # fmt: skip
-
-    package, functions = types.ModuleType("DCNv4"), types.ModuleType("DCNv4.functions")
-    functions.DCNv4Function = DCNv4Function
-    package.functions = functions
-    monkeypatch.setitem(sys.modules, "DCNv4", package)
-    monkeypatch.setitem(sys.modules, "DCNv4.functions", functions)
-
-
-def test_bench_official_dcnv4_candidate(monkeypatch):
-    """The bench calls the official op with its argument order and layout, on the bench's geometry."""
-    from dynconv.bench import dcnv as bench
-
-    monkeypatch.delitem(sys.modules, "DCNv4", raising=False)
-    assert bench.official_dcnv4(2) is None  # not installed here
-    assert bench.OFFICIAL not in bench._candidates("dcnv4", ["torch"], 2, True, with_official=True)
-    calls = []
-    _fake_official_dcnv4_package(monkeypatch, calls)
-    g = torch.Generator().manual_seed(0)
-    value = torch.randn(2, 5, 6, 32, generator=g, dtype=torch.float64)
-    offset_mask = torch.randn(2, 5, 6, 56, generator=g, dtype=torch.float64)  # ceil(3 * 2 * 9 / 8) * 8
-    candidates = bench._candidates("dcnv4", ["torch"], 2, True, with_official=True)
-    assert list(candidates) == ["torch", bench.OFFICIAL]
-    assert_close(candidates[bench.OFFICIAL](value, offset_mask), candidates["torch"](value, offset_mask))
-    assert calls == [(3, 3, 1, 1, 1, 1, 1, 1, 2, 16, 1.0, 256, False)]
-    assert bench.OFFICIAL not in bench._candidates("dcnv3", ["torch"], 2, True, with_official=True)
-    assert bench.OFFICIAL not in bench._candidates("dcnv4", ["torch"], 2, True)  # CPU runs leave it out
-
-
 @pytest.mark.parametrize("backend", ["torch", "reference"])
 def test_batch_of_zero(backend):
     """An empty batch gives an empty output (as F.conv2d and torchvision's deform_conv2d do), empty gradients."""
@@ -539,3 +484,159 @@ def test_batch_of_zero(backend):
     assert out.shape == (0, 3, 3, 8)
     out.sum().backward()
     assert offset_mask.grad.shape == offset_mask.shape
+
+
+# ------------------------------------------------------------------------- Triton: on CUDA or in the interpreter
+
+# (B, H, W, G, C/G, k, stride, dilation, padding, offset_scale, remove_center)
+TRITON_CASES = [
+    (1, 6, 7, 2, 3, 3, 1, 1, None, 0.8, False),
+    (2, 5, 4, 1, 4, 3, 2, 1, 0, 1.0, True),
+    (1, 7, 5, 2, 2, (3, 5), (1, 2), (2, 1), None, 2.0, False),
+]
+
+
+def make_tiny(case, dtype, seed=0, device=TRITON_DEVICE):
+    B, H, W, G, Cg, k, stride, dilation, padding, scale, rc = case
+    kh, kw = (k, k) if isinstance(k, int) else k
+    sh, sw = (stride, stride) if isinstance(stride, int) else stride
+    dh, dw = (dilation, dilation) if isinstance(dilation, int) else dilation
+    ph, pw = ((kh - 1) // 2 * dh, (kw - 1) // 2 * dw) if padding is None else (padding, padding)
+    Ho, Wo = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    P = kh * kw - int(rc)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, H, W, G * Cg, generator=g, dtype=torch.float64)
+    off = 2.5 * torch.randn(B, Ho, Wo, G * P * 2, generator=g, dtype=torch.float64)  # many samples fall outside
+    m = torch.randn(B, Ho, Wo, G * P, generator=g, dtype=torch.float64)
+    kwargs = dict(kernel_size=k, stride=stride, dilation=dilation, padding=padding, group=G, offset_scale=scale)
+    return [t.to(device, dtype) for t in (x, off, m)], dict(kwargs, remove_center=rc)
+
+
+def fwd_bwd(backend, inputs, kwargs, grad_out=None):
+    return run_with_grads(functools.partial(dynconv.dcnv3, backend=backend, **kwargs), inputs, grad_out)
+
+
+@pytest.mark.parametrize(
+    "case, dtype",
+    [(TRITON_CASES[0], torch.float64), (TRITON_CASES[1], torch.float32), (TRITON_CASES[2], torch.float64)],
+    ids=["k3-fp64", "stride2-remove-center-fp32", "k3x5-dilated-fp64"],
+)
+def test_tiny_cases_match_reference(backend, case, dtype):
+    inputs, kwargs = make_tiny(case, dtype, device=TRITON_DEVICE if backend == "triton" else "cpu")
+    out, grads, gy = fwd_bwd(backend, inputs, kwargs)
+    ref, ref_grads, _ = fwd_bwd("reference", inputs, kwargs, gy)
+    tol = {} if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    assert_close(out, ref, what="output", **tol)
+    for name, a, e in zip(("input", "offset", "mask"), grads, ref_grads):
+        assert_close(a, e, what=f"grad {name}", **tol)
+
+
+@pytest.mark.triton
+def test_triton_deterministic_mode_matches_and_repeats():
+    inputs, kwargs = make_tiny(TRITON_CASES[0], torch.float32, seed=1)
+    _, ref_grads, gy = fwd_bwd("reference", inputs, kwargs)
+    torch.use_deterministic_algorithms(True)
+    try:
+        _, first, _ = fwd_bwd("triton", inputs, kwargs, gy)
+        _, second, _ = fwd_bwd("triton", inputs, kwargs, gy)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, b, e in zip(first, second, ref_grads):
+        assert torch.equal(a, b)
+        assert_close(a, e, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.triton
+def test_triton_bfloat16_and_dcnv4_layout():
+    inputs, kwargs = make_tiny(TRITON_CASES[0], torch.bfloat16, seed=2)
+    x, off, m = inputs
+    G, P = kwargs["group"], 9
+    om = torch.cat([off.unflatten(-1, (G, 2 * P)), m.unflatten(-1, (G, P))], -1).flatten(-2)
+    om = torch.nn.functional.pad(om, (0, -om.shape[-1] % 8))
+    out = dynconv.dcnv4(x, om, backend="triton", **kwargs)
+    lowp = dynconv.dcnv4(x, om, backend="reference", **kwargs)
+    ref = dynconv.dcnv4(x.float(), om.float(), backend="reference", **kwargs)
+    assert out.dtype == torch.bfloat16
+    assert_close_lowp(out, lowp, ref, atol=2e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_triton_cuda_past_int32_offsets():
+    """value of 2 * 1025 * 1024 * 1024 > 2**31 elements (bf16; ~35 GB with the gradients): the second sample,
+    reached only through int64 offsets, equals the same sample run alone (offsets that fit in int32)."""
+    if TRITON_DEVICE != "cuda":
+        pytest.skip("needs a CUDA device with ~40 GB free")
+    B, H, W, G, Cg, P = 2, 1025, 1024, 32, 32, 9
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(B, H, W, G * Cg, generator=g, device="cuda", dtype=torch.bfloat16)
+    off = torch.rand(B, H, W, G * P * 2, generator=g, device="cuda", dtype=torch.bfloat16) * 2 - 1
+    m = torch.rand(B, H, W, G * P, generator=g, device="cuda", dtype=torch.bfloat16)
+    assert x.numel() > 2**31
+    kwargs = dict(kernel_size=3, group=G)
+    inputs = [t.requires_grad_() for t in (x, off, m)]
+    out = dynconv.dcnv3(*inputs, backend="triton", **kwargs)
+    gy = torch.ones_like(out)
+    grads = torch.autograd.grad(out, inputs, gy)
+    tail = [t.detach()[1:].clone().requires_grad_() for t in (x, off, m)]
+    out_tail = dynconv.dcnv3(*tail, backend="triton", **kwargs)
+    grads_tail = torch.autograd.grad(out_tail, tail, gy[1:])
+    assert torch.equal(out[1:], out_tail)
+    for name, a, e in zip(("input", "offset", "mask"), grads, grads_tail):
+        assert_close(a[1:].float(), e.float(), rtol=1e-2, atol=1e-2, what=f"grad {name} of the second sample")
+
+
+_COMPILE_SCRIPT = r"""
+import triton.language as tl
+
+import dynconv.kernels.dcnv as K
+from dynconv.testing import compile_ptx
+
+geometry = dict(G=4, CG=32, P=8, KH=3, KW=3, SH=1, SW=1, PH=1, PW=1, DH=1, DW=1, REMOVE_CENTER=True)
+geometry.update(ACC=tl.float32, BLOCK_Q=64, BLOCK_C=32)
+variants = [
+    (K._dcn_forward_kernel, "bf16", dict(geometry)),
+    (K._dcn_backward_kernel, "fp32", dict(geometry, NEED_VALUE=True, DETERMINISTIC=False)),
+    (K._dcn_backward_kernel, "fp16", dict(geometry, NEED_VALUE=True, DETERMINISTIC=True)),
+]
+fp32 = ("grad_value_ptr", "grad_offset_ptr", "grad_mask_ptr", "contrib_ptr")
+kinds = {"rows_ptr": "*i64", "offset_scale": "fp32", **{n: "*fp32" for n in fp32}}
+print("compiled", compile_ptx(variants, kinds))
+"""
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """The interpreter never runs Triton's compiler: compile the kernels to PTX/cubin for sm_90 (no GPU needed)."""
+    assert "compiled 3" in run_without_interpreter(_COMPILE_SCRIPT)
+
+
+@pytest.mark.triton
+def test_no_python_float_reaches_the_kernels(monkeypatch):
+    """Triton passes a Python float argument as fp32 on a GPU but keeps it fp64 in the interpreter: offset_scale
+    passed that way cost the fp64 kernels 8 digits on an H200 (``test_tiny_cases_match_reference[triton-k3-fp64]``,
+    scale 0.8, failed there and passed here). Every float must reach the kernels as a tensor of the accumulation
+    dtype."""
+    from dynconv.kernels import dcnv as kernels
+
+    seen = []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                seen.append([type(a).__name__ for a in args if isinstance(a, float)])
+                return self.kernel[grid](*args, **meta)
+
+            return launch
+
+    for name in ("_dcn_forward_kernel", "_dcn_backward_kernel"):
+        monkeypatch.setattr(kernels, name, Spy(getattr(kernels, name)))
+    inputs, kwargs = make_tiny(TRITON_CASES[0], torch.float64)
+    out, grads, gy = fwd_bwd("triton", inputs, kwargs)
+    assert seen == [[], []]  # forward and backward launched, neither with a float argument
+    ref, ref_grads, _ = fwd_bwd("reference", inputs, kwargs, gy)
+    assert_close(out, ref)

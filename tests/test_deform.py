@@ -1,4 +1,9 @@
-"""deform_conv2d (DCNv1/v2), its modules, and flow warping: torch backend vs the reference vs a pixel loop."""
+"""deform_conv2d (DCNv1/v2) and its modules: the torch backend and the Triton kernels (dynconv/kernels/deform.py)
+against the reference and a pixel loop.
+
+The Triton tests (mark ``triton``; on CUDA, else in the interpreter: see tests/triton_setup.py) keep to the tiny
+``TRITON_CASES``; the tests over the ``backend`` fixture run the torch backend on them too.
+"""
 
 import importlib.util
 import math
@@ -11,10 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_setup import TRITON_DEVICE
 
 import dynconv
 from dynconv import _columns
-from dynconv.testing import assert_close, assert_close_lowp
+from dynconv.backends import triton_available
+from dynconv.testing import assert_close, assert_close_lowp, run_without_interpreter
 
 # ---------------------------------------------------------------------------------------------- oracles
 
@@ -118,17 +125,17 @@ def make_inputs(case, dtype, requires_grad=True):
     return tensors
 
 
-def call(tensors, case, backend):
+def call(tensors, case, backend, **kw):
     x, offset, weight, bias, mask = tensors
     return dynconv.deform_conv2d(
-        x, offset, weight, bias, case["stride"], case["padding"], case["dilation"], mask, backend=backend
+        x, offset, weight, bias, case["stride"], case["padding"], case["dilation"], mask, backend=backend, **kw
     )
 
 
-def grads(tensors, case, backend, grad_out=None):
-    """Output and the gradient of every tensor argument that is not None."""
+def grads(tensors, case, backend, grad_out=None, **kw):
+    """Output and the gradient of every tensor argument that is not None (``case``: a dict with the geometry)."""
     leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
-    out = call(leaves, case, backend)
+    out = call(leaves, case, backend, **kw)
     grad_out = torch.randn_like(out) if grad_out is None else grad_out
     present = [t for t in leaves if t is not None]
     return out, torch.autograd.grad(out, present, grad_out), grad_out
@@ -432,25 +439,17 @@ def test_device_mismatch_raises_on_meta():
         dynconv.deform_conv2d(**args)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 @pytest.mark.skipif(
     torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
-    reason="test_deform_triton.py runs in this process (CUDA or TRITON_INTERPRET=1)",
+    reason="the triton tests of this file run in this process (CUDA or TRITON_INTERPRET=1)",
 )
 def test_triton_backend_under_interpreter():
-    """Runs test_deform_triton.py in a fresh process with TRITON_INTERPRET=1: the interpreter must be on before
-    the kernels are defined, which this process (where other tests may have imported them) cannot promise."""
+    """Runs the triton tests of this file in a fresh process with TRITON_INTERPRET=1: the interpreter must be on
+    before the kernels are defined, which this process (where other tests may have imported them) cannot promise."""
     root = Path(__file__).resolve().parent.parent
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(root))
-    cmd = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        str(root / "tests" / "test_deform_triton.py"),
-    ]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "triton", str(Path(__file__))]
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
@@ -525,120 +524,146 @@ def test_layer_bad_arguments(kwargs, match):
         dynconv.DeformConv2d(**args)
 
 
-# ---------------------------------------------------------------------------------------------- warp
+# ------------------------------------------------------------------------- Triton: on CUDA or in the interpreter
 
-WARP_MODES = [(m, p) for m in ("bilinear", "nearest") for p in ("zeros", "border", "reflection")]
+DEVICE = TRITON_DEVICE
+
+# (B, C, C_out, H, W, k, G_off, G_w, stride, padding, dilation, mask, bias): tiny, for the interpreter.
+TRITON_CASES = [
+    (1, 4, 3, 5, 6, 3, 2, 1, 1, 1, 1, True, True),
+    (2, 3, 2, 4, 5, (2, 3), 1, 1, (2, 1), (1, 0), 1, False, True),
+    (1, 4, 4, 6, 5, 3, 1, 2, 1, 2, 2, True, False),
+]
 
 
-@pytest.mark.parametrize("mode, padding_mode", WARP_MODES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_warp_torch_matches_reference(mode, padding_mode, dtype):
-    x = torch.randn(2, 3, 7, 9, dtype=dtype).requires_grad_()
-    flow = (4 * torch.randn(2, 2, 7, 9, dtype=dtype)).requires_grad_()  # many samples fall outside
-    out = dynconv.warp(x, flow, mode, padding_mode, backend="torch")
-    gy = torch.randn_like(out)
-    # "nearest" does not depend on the flow differentiably: its gradient is zero (None from the reference).
-    got = torch.autograd.grad(out, (x, flow), gy, allow_unused=True, materialize_grads=True)
-    ref = dynconv.warp(x, flow, mode, padding_mode, backend="reference")
-    expected = torch.autograd.grad(ref, (x, flow), gy, allow_unused=True, materialize_grads=True)
+def make_tiny(case, dtype, spread=3.0, device=TRITON_DEVICE):
+    B, C, Co, H, W, k, G_off, G_w, stride, padding, dilation, use_mask, use_bias = case
+    kh, kw = (k, k) if isinstance(k, int) else k
+    sh, sw = (stride, stride) if isinstance(stride, int) else stride
+    ph, pw = (padding, padding) if isinstance(padding, int) else padding
+    Ho = (H + 2 * ph - dilation * (kh - 1) - 1) // sh + 1
+    Wo = (W + 2 * pw - dilation * (kw - 1) - 1) // sw + 1
+    gen = torch.Generator().manual_seed(B * 1000 + C * 100 + H)
+    x = torch.randn(B, C, H, 2 * W, generator=gen)[..., ::2]  # strided: the kernel reads any layout
+    offset = spread * torch.randn(B, 2 * G_off * kh * kw, Ho, Wo, generator=gen)
+    weight = torch.randn(Co, C // G_w, kh, kw, generator=gen)
+    bias = torch.randn(Co, generator=gen) if use_bias else None
+    mask = torch.rand(B, G_off * kh * kw, Ho, Wo, generator=gen) if use_mask else None
+    tensors = [t if t is None else t.to(device, dtype).requires_grad_() for t in (x, offset, weight, bias, mask)]
+    return tensors, dict(stride=stride, padding=padding, dilation=dilation)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("case", TRITON_CASES, ids=range(len(TRITON_CASES)))
+def test_tiny_cases_match_reference(backend, case, deterministic, monkeypatch):
+    device = "cpu"
+    if backend == "triton":
+        from dynconv.kernels import deform as kernels
+
+        monkeypatch.setitem(kernels.CONFIG, "BLOCK_C", 2)  # several channel blocks, the last one partial
+        device = TRITON_DEVICE
+    tensors, geometry = make_tiny(case, torch.float32, device=device)
+    out, got, gy = grads(tensors, geometry, backend, deterministic=deterministic)
+    ref, expected, _ = grads(tensors, geometry, "reference", gy)
     assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5, what="grad x")
-    assert_close(got[1], expected[1], rtol=1e-4, atol=1e-4, what="grad flow")
+    for g, e in zip(got, expected):
+        assert_close(g, e, rtol=1e-5, atol=1e-4)
 
 
-def test_warp_zero_flow_is_identity_and_integer_flow_is_a_shift():
-    x = torch.randn(2, 3, 6, 8)
-    for backend in ("reference", "torch"):
-        assert_close(dynconv.warp(x, torch.zeros(2, 2, 6, 8), backend=backend), x)
-        flow = torch.zeros(2, 2, 6, 8)
-        flow[:, 0], flow[:, 1] = 2.0, -1.0  # read from (h - 1, w + 2)
-        out = dynconv.warp(x, flow, backend=backend)
-        assert_close(out[..., 1:, :-2], x[..., :-1, 2:])
-        # grid_sample's normalised coordinates round to within ~1e-7 pixel, so "outside" is zero to 1e-5 there.
-        assert out[..., 0, :].abs().max() < 1e-5 and out[..., :, -2:].abs().max() < 1e-5
-        border = dynconv.warp(x, flow, padding_mode="border", backend=backend)
-        assert_close(border[..., 0, :-2], x[..., 0, 2:])  # the row above the image is the first row
+@pytest.mark.triton
+@pytest.mark.skipif(DEVICE != "cpu", reason="views over 8 GB of address space: a CPU check")
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_triton_past_int32_offsets_through_strides(deterministic):
+    """Input, offset and mask with elements past 2**31 through their strides (views over a lazily allocated
+    storage): offsets into them must be int64. Forward and all gradients against the reference."""
+    from dynconv.testing import huge_strided, output_and_grads
+
+    tensors, geometry = make_tiny((3, 3, 4, 5, 6, 3, 1, 1, 1, 1, 1, True, True), torch.float32)
+    x, offset, weight, bias, mask = (t.detach() for t in tensors)
+    # channel c of x, and image b of offset and mask, at element c * 2**30 or b * 2**30 of their storage
+    huge = [huge_strided(x, 1), huge_strided(offset, 0), weight, bias, huge_strided(mask, 0)]
+    results = {}
+    for backend, tensors in (("triton", huge), ("reference", [t.contiguous() for t in huge])):
+        kw = {"deterministic": deterministic} if backend == "triton" else {}
+
+        def op(x, offset, weight, bias, mask, backend=backend, kw=kw):
+            return dynconv.deform_conv2d(x, offset, weight, bias, mask=mask, **geometry, backend=backend, **kw)
+
+        results[backend] = output_and_grads(op, tensors)
+    assert huge[0].stride(1) == 2**30 and huge[1].stride(0) == 2**30
+    for name, a, e in zip(("output", "input", "offset", "weight", "bias", "mask"), *results.values()):
+        assert_close(a, e, rtol=1e-5, atol=1e-4, what=name if name == "output" else f"grad {name}")
 
 
-def test_warp_definition_by_hand():
-    """One output pixel, computed by hand: flow (dx, dy) = (0.25, 1.5) at (0, 0) reads rows 1-2, columns 0-1."""
-    x = torch.arange(12.0, dtype=torch.float64).view(1, 1, 3, 4)
-    flow = torch.zeros(1, 2, 3, 4, dtype=torch.float64)
-    flow[0, 0, 0, 0], flow[0, 1, 0, 0] = 0.25, 1.5
-    expected = 0.5 * (0.75 * x[0, 0, 1, 0] + 0.25 * x[0, 0, 1, 1]) + 0.5 * (0.75 * x[0, 0, 2, 0] + 0.25 * x[0, 0, 2, 1])
-    for backend in ("reference", "torch"):
-        assert dynconv.warp(x, flow, backend=backend)[0, 0, 0, 0].item() == pytest.approx(expected.item())
+@pytest.mark.triton
+def test_triton_deterministic_flag_follows_torch(monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) the backward takes the sorted path: bitwise repeatable."""
+    from dynconv.kernels import deform as kernels
 
+    calls = []
+    original = kernels.backward
 
-@pytest.mark.parametrize("padding_mode", ["zeros", "border", "reflection"])
-@pytest.mark.parametrize("backend", ["reference", "torch"])
-def test_warp_gradcheck(padding_mode, backend):
-    x = torch.randn(1, 2, 5, 6, dtype=torch.float64, requires_grad=True)
-    flow = (2 * torch.randn(1, 2, 5, 6, dtype=torch.float64)).requires_grad_()
-    assert torch.autograd.gradcheck(
-        lambda x, f: dynconv.warp(x, f, padding_mode=padding_mode, backend=backend), (x, flow)
-    )
+    def spy(*args):
+        calls.append(args[-1])
+        return original(*args)
+
+    monkeypatch.setattr(kernels, "backward", spy)
+    tensors, geometry = make_tiny(TRITON_CASES[0], torch.float32)
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = grads(tensors, geometry, "triton")
+        second = grads(tensors, geometry, "triton", first[2])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    grads(tensors, geometry, "triton")
+    assert calls == [True, True, False]
+    for a, b in zip(first[1], second[1]):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_warp_low_precision(dtype):
-    x, flow = torch.randn(2, 3, 9, 10), 3 * torch.randn(2, 2, 9, 10)
-    out = dynconv.warp(x.to(dtype), flow.to(dtype), backend="torch")
+def test_tiny_case_low_precision(backend, dtype):
+    tensors, geometry = make_tiny(TRITON_CASES[0], dtype, device=TRITON_DEVICE if backend == "triton" else "cpu")
+    out, got, gy = grads(tensors, geometry, backend)
     assert out.dtype == dtype
-    ref32 = dynconv.warp(x.to(dtype).float(), flow.to(dtype).float(), backend="reference")
-    ref_lowp = dynconv.warp(x.to(dtype), flow.to(dtype), backend="reference")
-    assert_close_lowp(out, ref_lowp, ref32)
-
-
-def test_warp_axis_of_length_one():
-    x, flow = torch.randn(1, 2, 1, 5), torch.randn(1, 2, 1, 5)
-    flow[:, 1] = 0.3  # 0.7 of the only row
-    assert_close(dynconv.warp(x, flow), dynconv.warp(x, flow, backend="reference"))
-    assert_close(dynconv.warp(x, torch.zeros_like(flow)), x)
-
-
-@pytest.mark.parametrize(
-    "kwargs, exc, match",
-    [
-        (dict(flow=torch.randn(2, 3, 6, 8)), ValueError, r"flow must have shape \[B, 2, H, W\] = \[2, 2, 6, 8\]"),
-        (dict(flow=torch.randn(2, 2, 6, 7)), ValueError, r"flow must have shape .*got \[2, 2, 6, 7\]"),
-        (dict(x=torch.randn(3, 6, 8)), ValueError, r"x must be a 4-D tensor"),
-        (dict(flow=torch.randn(2, 2, 6, 8).double()), TypeError, r"flow must have the dtype of x"),
-        (dict(mode="bicubic"), ValueError, r"mode must be one of \('bilinear', 'nearest'\), got 'bicubic'"),
-        (dict(padding_mode="circular"), ValueError, r"padding_mode must be one of"),
-        (dict(flow=torch.randn(2, 2, 6, 8, device="meta")), ValueError, r"flow must be on the device of x"),
-    ],
-)
-def test_warp_bad_input(kwargs, exc, match):
-    args = dict(x=torch.randn(2, 3, 6, 8), flow=torch.randn(2, 2, 6, 8))
-    args.update(kwargs)
-    with pytest.raises(exc, match=match):
-        dynconv.warp(**args)
-
-
-def test_bench_deform_runs_and_ratios_are_against_the_baseline():
-    import argparse
-
-    from dynconv.bench import deform as bench
-
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
-    args = parser.parse_args(["--shapes", "1,4,7,6", "--no-torchvision"])
-    args.device, args.repeats = "cpu", 1
-    lines = [line for line in bench.run(args).splitlines() if line.startswith("|")]
-    header = [h.strip() for h in lines[0].strip("|").split("|")]
-    col = {name: header.index(name) for name in header}
-    rows = {r[2]: r for r in ([v.strip() for v in line.strip("|").split("|")] for line in lines[2:])}
-    assert sorted(rows) == ["reference", "torch"] and rows["torch"][0] == "DCNv2 (1, 4, 7, 6)"
-    torch_row, ref = rows["torch"], rows["reference"]
-    # the baseline against itself (no torchvision)
-    assert float(torch_row[col["fwd speed-up vs torch"]]) == float(torch_row[col["fwd+bwd speed-up vs torch"]]) == 1.0
-    # speed-up = baseline ms / own ms
-    expected = float(torch_row[col["fwd ms"]]) / float(ref[col["fwd ms"]])
-    assert float(ref[col["fwd speed-up vs torch"]]) == pytest.approx(expected, rel=0.02)
-    # bytes of x, offset, mask, weight, bias and y once: 168 + 756 + 378 + 144 + 4 + 168 fp32 values
-    fwd_bytes = (168 + 756 + 378 + 144 + 4 + 168) * 4
-    assert float(ref[col["fwd GB/s"]]) == pytest.approx(fwd_bytes / float(ref[col["fwd ms"]]) / 1e6, rel=0.02)
-    assert float(ref[col["fwd+bwd GB/s"]]) == pytest.approx(
-        2 * fwd_bytes / float(ref[col["fwd+bwd ms"]]) / 1e6, rel=0.02
+    ref_lowp, expected_lowp, _ = grads(tensors, geometry, "reference", gy)
+    ref32, expected32, _ = grads(
+        [t.float() if t is not None else None for t in tensors], geometry, "reference", gy.float()
     )
+    assert_close_lowp(out, ref_lowp, ref32)
+    for name, g, lo, e in zip(("x", "offset", "weight", "bias", "mask"), got, expected_lowp, expected32):
+        assert_close_lowp(g, lo, e, atol=2e-2 if name == "offset" else 1e-3, what=name)
+
+
+@pytest.mark.triton
+def test_triton_opcheck():
+    """Schema, fake (meta) kernel and autograd registration of the custom op with the Triton backend."""
+    tensors, geometry = make_tiny(TRITON_CASES[0], torch.float32)
+    x, offset, weight, bias, mask = (t.detach().requires_grad_() for t in tensors)
+    args = (x, offset, weight, bias, mask, [1, 1], [1, 1], [1, 1], "triton", False)
+    torch.library.opcheck(torch.ops.dynconv.deform_conv2d.default, args)
+
+
+_COMPILE_SCRIPT = r"""
+import dynconv.kernels.deform as K
+from dynconv.testing import compile_ptx
+
+geometry = dict(K=9, KW=3, BLOCK_R=32, BLOCK_C=32)
+backward = dict(geometry, NEED_X=True, NEED_OFFSET=True, NEED_MASK=True)
+variants = [
+    (K._deform_columns_kernel, "bf16", dict(geometry, HAS_MASK=True)),
+    (K._deform_columns_kernel, "fp32", dict(geometry, HAS_MASK=False)),
+    (K._deform_backward_kernel, "fp16", dict(backward, HAS_MASK=True, ATOMIC=True)),
+    (K._deform_backward_kernel, "fp32", dict(backward, HAS_MASK=True, ATOMIC=False)),
+    (K._deform_backward_kernel, "bf16", dict(backward, HAS_MASK=False, ATOMIC=True, NEED_MASK=False)),
+]
+fp32 = ("cols_ptr", "gcols_ptr", "gx_ptr", "goff_ptr", "gmask_ptr")
+print("compiled", compile_ptx(variants, {"gidx_ptr": "*i64", **{n: "*fp32" for n in fp32}}))
+"""
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """The interpreter never runs Triton's compiler: compile every kernel variant to PTX for sm_90 (no GPU needed)."""
+    assert "compiled 5" in run_without_interpreter(_COMPILE_SCRIPT)

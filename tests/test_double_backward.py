@@ -2,15 +2,10 @@
 on torch's own differentiable ops) give correct second derivatives, checked with gradgradcheck in float64; the
 fast backends' hand-written backward ops refuse with an error that names the op and the backend to use."""
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the Triton kernels are first imported (as the triton tests)
-
-import dynconv  # noqa: E402
+import dynconv  # (without CUDA, tests/triton_setup.py has set TRITON_INTERPRET=1 before any test module is imported)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

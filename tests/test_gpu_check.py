@@ -5,6 +5,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 
 import pytest
 
@@ -47,6 +48,21 @@ def test_dry_run_fits_eight_minutes_in_at_most_eight_files(dry):
     assert "check-kernels --arch 90" in steps["check_kernels"][2]
     assert "30s per test" in steps["tests"][2]
     assert re.search(r"== dry run: at most (\d+) s of 480", out)
+
+
+def test_tests_step_splits_existing_files_that_hold_gpu_tests():
+    """The tests step runs two heavy files in processes of their own and the rest in a third: the files must exist
+    and hold gpu-marked tests (the mark comes from the triton and cuda marks, added at collection)."""
+    with open(SCRIPT) as f:
+        files = sorted(set(re.findall(r"tests/test_\w+\.py", f.read())))
+    assert files == ["tests/test_local_filter.py", "tests/test_warp.py"]
+    cmd = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", "gpu", *files]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for file in files:
+        ids = [line for line in proc.stdout.splitlines() if line.startswith(file + "::")]
+        assert len(ids) >= 20 and any("[triton-" in i for i in ids), (file, ids)
+        assert not [i for i in ids if "[torch-" in i]  # the torch parameter of the backend fixture is no GPU test
 
 
 def test_named_steps_for_later_calls_are_kept(tmp_path):

@@ -1,5 +1,16 @@
-"""dynamic local filtering: the torch backend and the custom op against the unfold reference."""
+"""dynamic local filtering: the torch backend, the Triton kernels (dynconv/kernels/local_filter.py) and the custom
+op against the unfold reference.
 
+The Triton tests (mark ``triton``; on CUDA, else in the interpreter: see tests/triton_setup.py) keep to tiny shapes,
+``TRITON_CASES``: the kernels then cover each (b, g) with one tile (see ``dynconv.kernels._launch.local_filter_tile``);
+the ``cuda``-marked tests add realistic sizes on a GPU.
+
+Tolerances: fp32 and fp64 use the dtype table of :mod:`dynconv.testing` (a different order of summation);
+fp16/bf16 use ``assert_close_lowp`` (twice the error the reference makes in that dtype, + 1e-3).
+"""
+
+import functools
+import json
 import random
 
 import pytest
@@ -7,10 +18,12 @@ import torch
 import torch.nn.functional as F
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from triton_setup import TRITON_DEVICE
 
 import dynconv
 from dynconv import reference
-from dynconv.testing import assert_close, assert_close_lowp
+from dynconv.backends import BackendError, can_run_triton, choose_backend
+from dynconv.testing import assert_close, assert_close_lowp, run_without_interpreter
 
 
 def naive_local_filter(x, filters, k, stride, padding, dilation):
@@ -30,10 +43,11 @@ def naive_local_filter(x, filters, k, stride, padding, dilation):
     return out
 
 
-def make_case(seed):
-    """A random configuration: odd sizes, k in {1,3,5,9}, stride 1-2, dilation 1-2, groups 1..C, padding."""
+def make_case(seed, tiny=False):
+    """A random configuration: odd sizes, k in {1,3,5,9}, stride 1-2, dilation 1-2, groups 1..C, padding, layout.
+    ``tiny``: k in {1,3,5} and smaller images, for the Triton interpreter."""
     rng = random.Random(seed)
-    k = rng.choice([1, 3, 5, 9])
+    k = rng.choice([1, 3, 5] if tiny else [1, 3, 5, 9])
     stride, dilation = rng.choice([(1, 1), (2, 1), (1, 2), (2, 2), ((1, 2), 1), (1, (2, 1))])
     C = rng.choice([1, 3, 4, 6])
     G = rng.choice([g for g in range(1, C + 1) if C % g == 0])
@@ -45,20 +59,23 @@ def make_case(seed):
         if padding is None
         else ((padding, padding) if isinstance(padding, int) else padding)
     )
-    H = max(rng.choice([5, 7, 11, 13]), dh * (k - 1) + 1 - 2 * ph)
-    W = max(rng.choice([6, 9, 12, 15]), dw * (k - 1) + 1 - 2 * pw)
+    H = max(rng.choice([5, 7, 11] if tiny else [5, 7, 11, 13]), dh * (k - 1) + 1 - 2 * ph)
+    W = max(rng.choice([6, 9, 13] if tiny else [6, 9, 12, 15]), dw * (k - 1) + 1 - 2 * pw)
     layout = rng.choice(["contiguous", "channels_last", "strided"])
     return dict(B=B, C=C, H=H, W=W, k=k, G=G, stride=stride, padding=padding, dilation=dilation, layout=layout)
 
 
 CASES = [make_case(s) for s in range(40)]
+TRITON_CASES = [make_case(s, tiny=True) for s in range(40)]
+# More channels per group than one block of the grad-filters kernel (32): its loop over channel blocks.
+WIDE = dict(B=1, C=40, H=6, W=7, k=3, G=1, stride=1, padding=None, dilation=1, layout="channels_last")
 
 
 def _out_size(size, k, s, p, d):
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
-def make_inputs(case, dtype, requires_grad=True):
+def make_inputs(case, dtype, requires_grad=True, device="cpu"):
     B, C, H, W, k, G = (case[n] for n in "B C H W k G".split())
     sh, sw = (case["stride"],) * 2 if isinstance(case["stride"], int) else case["stride"]
     dh, dw = (case["dilation"],) * 2 if isinstance(case["dilation"], int) else case["dilation"]
@@ -72,12 +89,25 @@ def make_inputs(case, dtype, requires_grad=True):
     elif case["layout"] == "strided":  # a non-contiguous view: every other column of a wider tensor
         x = torch.randn(B, C, H, 2 * W, dtype=torch.float64)[..., ::2]
         f = torch.randn(B, G, k * k, Ho, 2 * Wo, dtype=torch.float64)[..., 1::2]
-    x, f = x.to(dtype), f.to(dtype)
+    x, f = x.to(device, dtype), f.to(device, dtype)
     return x.requires_grad_(requires_grad), f.requires_grad_(requires_grad)
 
 
 def call(x, f, case, backend):
     return dynconv.local_filter2d(x, f, case["k"], case["stride"], case["padding"], case["dilation"], backend=backend)
+
+
+def run_both(x, f, gy, case, backend):
+    """Output and both gradients of ``backend`` on fresh leaves copied from ``x`` and ``f``."""
+    x, f = x.detach().clone().requires_grad_(), f.detach().clone().requires_grad_()
+    out = call(x, f, case, backend)
+    gx, gf = torch.autograd.grad(out, (x, f), gy)
+    return out, gx, gf
+
+
+def backend_case(backend, i):
+    """Case ``i`` of the grid of ``backend`` (the tiny one for Triton) and the device its tensors go to."""
+    return (CASES[i], "cpu") if backend == "torch" else (TRITON_CASES[i], TRITON_DEVICE)
 
 
 def test_reference_matches_definition():
@@ -108,24 +138,20 @@ def test_torch_matches_reference_forward_backward(case, dtype):
     assert_close(gf, gfr, what=f"grad filters {case}")
 
 
-@pytest.mark.parametrize("case", CASES[:12], ids=[str(i) for i in range(12)])
+@pytest.mark.parametrize("i", range(12), ids=str)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_torch_low_precision(case, dtype):
+def test_low_precision(backend, dtype, i):
     """fp16/bf16 (fp32 accumulation) within twice the error the reference makes in that dtype, + 1e-3."""
-    x, f = make_inputs(case, dtype)
-    out = call(x, f, case, "torch")
-    assert out.dtype == dtype
-    gy = torch.randn_like(out)
-    gx, gf = torch.autograd.grad(out, (x, f), gy)
-    x32, f32 = x.detach().float().requires_grad_(), f.detach().float().requires_grad_()
-    ref32 = call(x32, f32, case, "reference")
-    gx32, gf32 = torch.autograd.grad(ref32, (x32, f32), gy.float())
-    xl, fl = x.detach().clone().requires_grad_(), f.detach().clone().requires_grad_()
-    ref_lowp = call(xl, fl, case, "reference")
-    gxl, gfl = torch.autograd.grad(ref_lowp, (xl, fl), gy)
-    assert_close_lowp(out, ref_lowp, ref32, what="output")
-    assert_close_lowp(gx, gxl, gx32, what="grad x")
-    assert_close_lowp(gf, gfl, gf32, what="grad filters")
+    case, device = backend_case(backend, i)
+    x, f = make_inputs(case, dtype, device=device)
+    gy = torch.randn(call(x, f, case, "reference").shape, dtype=dtype, device=device)
+    out, gx, gf = run_both(x, f, gy, case, backend)
+    assert out.dtype == gx.dtype == gf.dtype == dtype
+    ref32, gx32, gf32 = run_both(x.float(), f.float(), gy.float(), case, "reference")
+    ref_lowp, gxl, gfl = run_both(x, f, gy, case, "reference")
+    assert_close_lowp(out, ref_lowp, ref32, what=f"output {case}")
+    assert_close_lowp(gx, gxl, gx32, what=f"grad x {case}")
+    assert_close_lowp(gf, gfl, gf32, what=f"grad filters {case}")
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
@@ -135,14 +161,22 @@ def test_gradcheck(case, backend):
     assert torch.autograd.gradcheck(lambda x, f: call(x, f, case, backend), (x, f))
 
 
-def test_gradient_of_one_input_only():
-    x, f = make_inputs(CASES[1], torch.float64)
-    (gx,) = torch.autograd.grad(call(x, f.detach(), CASES[1], "torch").sum(), (x,))
-    (gxr,) = torch.autograd.grad(call(x, f.detach(), CASES[1], "reference").sum(), (x,))
+def test_gradient_of_one_input_only(backend):
+    case, device = backend_case(backend, 1)
+    x, f = make_inputs(case, torch.float64 if backend == "torch" else torch.float32, device=device)
+    (gx,) = torch.autograd.grad(call(x, f.detach(), case, backend).sum(), (x,))
+    (gxr,) = torch.autograd.grad(call(x, f.detach(), case, "reference").sum(), (x,))
     assert_close(gx, gxr)
-    (gf,) = torch.autograd.grad(call(x.detach(), f, CASES[1], "torch").sum(), (f,))
-    (gfr,) = torch.autograd.grad(call(x.detach(), f, CASES[1], "reference").sum(), (f,))
+    (gf,) = torch.autograd.grad(call(x.detach(), f, case, backend).sum(), (f,))
+    (gfr,) = torch.autograd.grad(call(x.detach(), f, case, "reference").sum(), (f,))
     assert_close(gf, gfr)
+    if backend == "triton":  # the kernels' backward asked for neither gradient
+        from dynconv.kernels import local_filter as kernels
+
+        x, f = torch.randn(1, 2, 5, 6, device=device), torch.randn(1, 1, 9, 5, 6, device=device)
+        ones = torch.ones(1, 2, 5, 6, device=device)
+        grad_x, grad_f = kernels.backward(ones, x, f, [3, 3], [1, 1], [1, 1], [1, 1], 0, 0)
+        assert grad_x.numel() == 0 and grad_f.numel() == 0
 
 
 def test_flat_filter_layout_is_accepted():
@@ -393,6 +427,240 @@ def test_batch_of_zero(backend):
     x = torch.randn(0, 4, 9, 9, requires_grad=True)
     filters = torch.randn(0, 2, 9, 5, 5, requires_grad=True)
     out = dynconv.local_filter2d(x, filters, 3, stride=2, padding=1, backend=backend)
+    assert out.shape == (0, 4, 5, 5)
+    out.sum().backward()
+    assert x.grad.shape == x.shape and filters.grad.shape == filters.shape
+
+
+# ------------------------------------------------------------------------- Triton: on CUDA or in the interpreter
+
+DEVICE = TRITON_DEVICE
+
+
+def check_fp32(case, dtype=torch.float32):
+    x, f = make_inputs(case, dtype, device=DEVICE)
+    out = call(x, f, case, "triton")
+    assert out.is_contiguous() and out.dtype == dtype
+    # A transposed view: the kernels read grad_y through its strides too.
+    gy = torch.randn(tuple(reversed(out.shape)), dtype=dtype, device=DEVICE).permute(3, 2, 1, 0)
+    gx, gf = torch.autograd.grad(out, (x, f), gy)
+    assert gx.is_contiguous() and gf.is_contiguous()
+    ref, gxr, gfr = run_both(x, f, gy, case, "reference")
+    assert_close(out, ref, what=f"output {case}")
+    assert_close(gx, gxr, what=f"grad x {case}")
+    assert_close(gf, gfr, what=f"grad filters {case}")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case", TRITON_CASES, ids=[str(i) for i in range(len(TRITON_CASES))])
+def test_triton_matches_reference_fp32(case):
+    check_fp32(case)
+
+
+@pytest.mark.triton
+def test_triton_many_channels_per_group():
+    check_fp32(WIDE)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case", [TRITON_CASES[i] for i in (0, 1, 3)], ids=lambda c: f"k{c['k']}s{c['stride']}")
+def test_triton_gradcheck_fp64(case):
+    """fp64 kernels (fp64 accumulation) against finite differences; fast mode keeps interpreter calls few."""
+    x, f = make_inputs(case, torch.float64, device=DEVICE)
+    assert torch.autograd.gradcheck(lambda x, f: call(x, f, case, "triton"), (x, f), fast_mode=True)
+
+
+@pytest.mark.triton
+def test_triton_int64_offsets(monkeypatch):
+    """The int64 offset path (taken for tensors of >= 2**30 elements) gives the same results on small ones."""
+    from dynconv.kernels import local_filter as kernels
+
+    monkeypatch.setattr(kernels, "FORCE_INT64", True)
+    check_fp32(TRITON_CASES[3])
+    check_fp32(dict(TRITON_CASES[1], stride=2))
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(DEVICE != "cpu", reason="views over 8 GB of address space: a CPU check")
+def test_triton_past_int32_offsets_through_strides():
+    """Inputs whose strides put elements past 2**31 (views over a lazily allocated storage, a few pages of it
+    written): the kernels must decide on int64 offsets from the strides, not the element count, and read
+    those elements right. Forward and both gradients against the reference on contiguous copies."""
+    from dynconv.testing import huge_strided, output_and_grads
+
+    g = torch.Generator().manual_seed(0)
+    k, stride, dilation = 3, (1, 2), (2, 1)
+    x = huge_strided(torch.randn(1, 3, 9, 11, generator=g), dim=1)  # channel c at element c * 2**30
+    Ho, Wo = _out_size(9, k, 1, 2, 2), _out_size(11, k, 2, 1, 1)
+    f = huge_strided(torch.randn(1, 3, k * k, Ho, Wo, generator=g), dim=1)  # one filter group per channel
+    assert x.numel() < 2**10 and x.stride(1) * 2 >= 2**31
+    gy = torch.randn(1, 3, Ho, Wo, generator=g)
+    outs = {}
+    for backend, tensors in (("triton", (x, f)), ("reference", (x.contiguous(), f.contiguous()))):
+        geometry = dict(kernel_size=k, stride=stride, padding=(2, 1), dilation=dilation, backend=backend)
+        outs[backend] = output_and_grads(functools.partial(dynconv.local_filter2d, **geometry), tensors, gy)
+    for what, a, e in zip(("output", "grad x", "grad filters"), outs["triton"], outs["reference"]):
+        assert_close(a, e, what=what)
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(DEVICE != "cpu", reason="a stub timer: a CPU check of the launch path")
+def test_opt_in_autotuned_launch_path(monkeypatch, tmp_path):
+    """DYNCONV_AUTOTUNE=1 under the interpreter: a stub timer makes the last candidate tried win, so tiles other
+    than the rule's run (and must still give the reference's values); the winners land in the on-disk cache, and
+    a second call with the same shape times nothing."""
+    from dynconv.kernels import _launch
+
+    monkeypatch.setenv("DYNCONV_AUTOTUNE", "1")
+    monkeypatch.setenv("DYNCONV_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_launch, "_MEMO", {})
+    tried = []
+
+    def stub_timer(fn):
+        fn()
+        tried.append(1)
+        return 1.0 / len(tried)
+
+    monkeypatch.setattr(_launch, "_default_timer", stub_timer)
+    case = dict(B=1, C=3, H=5, W=7, k=3, G=1, stride=(2, 1), padding=None, dilation=1, layout="channels_last")
+    check_fp32(case)
+    assert len(tried) >= 6  # each of the three kernels timed at least two candidates
+    (cache,) = tmp_path.glob("autotune/*.json")
+    entries = json.loads(cache.read_text())
+    assert {e.split("|")[0] for e in entries} == {"_forward_kernel", "_grad_x_kernel", "_grad_filters_kernel"}
+    n = len(tried)
+    monkeypatch.setattr(_launch, "_MEMO", {})  # a new process: only the file remembers
+    check_fp32(case)
+    assert len(tried) == n
+
+
+@pytest.mark.triton
+def test_triton_opcheck():
+    x, f = make_inputs(TRITON_CASES[0], torch.float32, device=DEVICE)
+    args = (x, f, [TRITON_CASES[0]["k"]] * 2, [1, 1], [0, 0], [1, 1], "triton")
+    x, f = make_inputs(dict(TRITON_CASES[0], padding=0, stride=1, dilation=1), torch.float32, device=DEVICE)
+    torch.library.opcheck(torch.ops.dynconv.local_filter2d.default, (x, f) + args[2:])
+
+
+@pytest.mark.triton
+def test_triton_backend_under_torch_compile_fullgraph():
+    """The custom op (fake kernel + autograd) traces with the triton backend: no graph break, same values."""
+    torch._dynamo.reset()
+    case = TRITON_CASES[5]
+    x, f = make_inputs(case, torch.float32, device=DEVICE)
+    out = torch.compile(lambda x, f: call(x, f, case, "triton"), fullgraph=True, backend="aot_eager")(x, f)
+    gx, gf = torch.autograd.grad(out.square().sum(), (x, f))
+    ref = call(x, f, case, "reference")
+    gxr, gfr = torch.autograd.grad(ref.square().sum(), (x, f))
+    assert_close(out, ref)
+    assert_close(gx, gxr)
+    assert_close(gf, gfr)
+
+
+@pytest.mark.triton
+def test_triton_dispatch_rule():
+    x, f = make_inputs(TRITON_CASES[0], torch.float32, requires_grad=False, device=DEVICE)
+    assert can_run_triton("local_filter2d", x, f)
+    # An explicit backend="triton" is honoured; automatic dispatch picks triton only for CUDA tensors.
+    assert choose_backend("local_filter2d", x, f, backend="triton") == "triton"
+    assert choose_backend("local_filter2d", x, f) == ("triton" if DEVICE == "cuda" else "torch")
+    if DEVICE == "cpu":
+        with pytest.raises(BackendError, match=r"supports dtypes .* got \['torch.int32'\]"):
+            choose_backend("local_filter2d", x, f, torch.zeros(1, dtype=torch.int32), backend="triton")
+
+
+@pytest.mark.triton
+def test_cpu_tensors_without_interpreter_raise(monkeypatch):
+    from dynconv.kernels import local_filter as kernels
+
+    monkeypatch.setattr(kernels, "INTERPRETED", False)
+    x, f = torch.randn(1, 2, 5, 5), torch.randn(1, 1, 9, 5, 5)
+    with pytest.raises(RuntimeError, match=r"imported without TRITON_INTERPRET=1"):
+        kernels.forward(x, f, [3, 3], [1, 1], [1, 1], [1, 1])
+
+
+# ---------------------------------------------------------------------------------- CUDA, realistic sizes
+
+GPU_CASES = [
+    dict(B=4, C=64, H=64, W=64, k=5, G=1, stride=1, padding=None, dilation=1, layout="contiguous"),
+    dict(B=2, C=128, H=56, W=56, k=7, G=8, stride=1, padding=None, dilation=1, layout="channels_last"),
+    dict(B=4, C=3, H=64, W=64, k=9, G=1, stride=2, padding=None, dilation=1, layout="strided"),
+    dict(B=2, C=256, H=28, W=28, k=7, G=16, stride=1, padding=None, dilation=2, layout="contiguous"),
+    dict(B=2, C=96, H=45, W=61, k=3, G=3, stride=(2, 1), padding=(0, 2), dilation=(1, 3), layout="channels_last"),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", GPU_CASES, ids=[str(i) for i in range(len(GPU_CASES))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_cuda_realistic_sizes(case, dtype):
+    x, f = make_inputs(case, dtype, device="cuda")
+    gy = torch.randn(call(x, f, case, "reference").shape, dtype=dtype, device="cuda")
+    out, gx, gf = run_both(x, f, gy, case, "triton")
+    ref32, gx32, gf32 = run_both(x.float(), f.float(), gy.float(), case, "reference")
+    if dtype == torch.float32:
+        # The flash-attention rule one precision up: no worse than twice the fp32 reference's own error against
+        # fp64 (sums over up to 256 channels: a fixed tolerance would assume small sizes).
+        ref64 = run_both(x.double(), f.double(), gy.double(), case, "reference")
+        for a, e32, e64, what in zip((out, gx, gf), (ref32, gx32, gf32), ref64, ("output", "grad x", "grad filters")):
+            assert_close_lowp(a, e32, e64, atol=1e-5, what=f"{what} {case}")
+    else:
+        ref_lowp, gxl, gfl = run_both(x, f, gy, case, "reference")
+        assert_close_lowp(out, ref_lowp, ref32, what=f"output {case}")
+        assert_close_lowp(gx, gxl, gx32, what=f"grad x {case}")
+        assert_close_lowp(gf, gfl, gf32, what=f"grad filters {case}")
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_triton_cuda_past_int32_offsets():
+    """x of 16 * 12000**2 > 2**31 elements (bf16, ~20 GB in all): the tail rows, reached only through int64
+    offsets, against the reference on a crop."""
+    B, C, H, W, k = 1, 16, 12000, 12000, 3
+    x = torch.randn(B, C, H, W, dtype=torch.bfloat16, device="cuda").requires_grad_()
+    f = torch.randn(B, 1, k * k, H, W, dtype=torch.bfloat16, device="cuda").requires_grad_()
+    assert x.numel() > 2**31
+    out = dynconv.local_filter2d(x, f, k, backend="triton")
+    gy = torch.ones_like(out)
+    gx, gf = torch.autograd.grad(out, (x, f), gy)
+    rows = 4  # the last output rows; the crop starts one row above them, whose output sees a false border
+    xc = x.detach()[:, :, H - rows - 1 :].float().requires_grad_()
+    fc = f.detach()[..., H - rows - 1 :, :].float().requires_grad_()
+    refc = dynconv.local_filter2d(xc, fc, k, backend="reference")
+    gxc, gfc = torch.autograd.grad(refc, (xc, fc), torch.ones_like(refc))
+    assert_close(out[:, :, H - rows :].float(), refc[:, :, 1:], rtol=1e-2, atol=1e-2, what="output tail")
+    assert_close(gx[:, :, H - rows + 1 :].float(), gxc[:, :, 2:], rtol=1e-2, atol=2e-2, what="grad x tail")
+    assert_close(gf[..., H - rows :, :].float(), gfc[..., 1:, :], rtol=2e-2, atol=5e-2, what="grad filters tail")
+
+
+# ------------------------------------------------------------------------------ GPU compilation, no GPU
+
+_COMPILE_SCRIPT = r"""
+import dynconv.kernels.local_filter as K
+from dynconv.testing import compile_ptx
+
+geometry = dict(KH=3, KW=3, SH=2, SW=1, PH=1, PW=1, DH=1, DW=2, ACC_F64=False, BLOCK_H=4, BLOCK_W=64)
+variants = [
+    (K._forward_kernel, "fp32", dict(geometry, INT64=False, BLOCK_C=16)),
+    (K._grad_x_kernel, "bf16", dict(geometry, INT64=True, BLOCK_C=16)),
+    (K._grad_filters_kernel, "fp16", dict(geometry, INT64=False, SINGLE_C_BLOCK=False, BLOCK_C=32)),
+]
+print("compiled", compile_ptx(variants))
+"""
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """Compile one variant of each kernel to PTX for sm_90 (ptxas ships with Triton, no GPU needed)."""
+    assert "compiled 3" in run_without_interpreter(_COMPILE_SCRIPT)
+
+
+@pytest.mark.triton
+def test_triton_batch_of_zero():
+    x = torch.randn(0, 4, 9, 9, device=DEVICE, requires_grad=True)
+    filters = torch.randn(0, 2, 9, 5, 5, device=DEVICE, requires_grad=True)
+    out = dynconv.local_filter2d(x, filters, 3, stride=2, padding=1, backend="triton")
     assert out.shape == (0, 4, 5, 5)
     out.sum().backward()
     assert x.grad.shape == x.shape and filters.grad.shape == filters.shape

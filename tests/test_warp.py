@@ -1,22 +1,112 @@
-"""The Triton backend of warp against the reference: on CUDA when present, else under TRITON_INTERPRET=1 (which
-tests/conftest.py switches on before anything imports triton when there is no CUDA)."""
+"""warp (flow warping): the torch backend and the Triton kernels (dynconv/kernels/warp.py) against the reference.
 
-import os
+The Triton tests (mark ``triton``; on CUDA, else in the interpreter: see tests/triton_setup.py) keep to the tiny
+``CASES``; the tests over the ``backend`` fixture run the torch backend on them too.
+"""
 
 import pytest
 import torch
+from triton_setup import INTERPRET, TRITON_DEVICE
 
 import dynconv
-from dynconv.backends import choose_backend, triton_available
+from dynconv.backends import choose_backend
 from dynconv.testing import assert_close, assert_close_lowp, run_without_interpreter
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = TRITON_DEVICE
 
-pytestmark = pytest.mark.skipif(
-    not triton_available() or not (INTERPRET or torch.cuda.is_available()),
-    reason="needs Triton and either CUDA or TRITON_INTERPRET=1",
+
+# ---------------------------------------------------------------------------------------------- torch
+
+WARP_MODES = [(m, p) for m in ("bilinear", "nearest") for p in ("zeros", "border", "reflection")]
+
+
+@pytest.mark.parametrize("mode, padding_mode", WARP_MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_warp_torch_matches_reference(mode, padding_mode, dtype):
+    x = torch.randn(2, 3, 7, 9, dtype=dtype).requires_grad_()
+    flow = (4 * torch.randn(2, 2, 7, 9, dtype=dtype)).requires_grad_()  # many samples fall outside
+    out = dynconv.warp(x, flow, mode, padding_mode, backend="torch")
+    gy = torch.randn_like(out)
+    # "nearest" does not depend on the flow differentiably: its gradient is zero (None from the reference).
+    got = torch.autograd.grad(out, (x, flow), gy, allow_unused=True, materialize_grads=True)
+    ref = dynconv.warp(x, flow, mode, padding_mode, backend="reference")
+    expected = torch.autograd.grad(ref, (x, flow), gy, allow_unused=True, materialize_grads=True)
+    assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5, what="grad x")
+    assert_close(got[1], expected[1], rtol=1e-4, atol=1e-4, what="grad flow")
+
+
+def test_warp_zero_flow_is_identity_and_integer_flow_is_a_shift():
+    x = torch.randn(2, 3, 6, 8)
+    for backend in ("reference", "torch"):
+        assert_close(dynconv.warp(x, torch.zeros(2, 2, 6, 8), backend=backend), x)
+        flow = torch.zeros(2, 2, 6, 8)
+        flow[:, 0], flow[:, 1] = 2.0, -1.0  # read from (h - 1, w + 2)
+        out = dynconv.warp(x, flow, backend=backend)
+        assert_close(out[..., 1:, :-2], x[..., :-1, 2:])
+        # grid_sample's normalised coordinates round to within ~1e-7 pixel, so "outside" is zero to 1e-5 there.
+        assert out[..., 0, :].abs().max() < 1e-5 and out[..., :, -2:].abs().max() < 1e-5
+        border = dynconv.warp(x, flow, padding_mode="border", backend=backend)
+        assert_close(border[..., 0, :-2], x[..., 0, 2:])  # the row above the image is the first row
+
+
+def test_warp_definition_by_hand():
+    """One output pixel, computed by hand: flow (dx, dy) = (0.25, 1.5) at (0, 0) reads rows 1-2, columns 0-1."""
+    x = torch.arange(12.0, dtype=torch.float64).view(1, 1, 3, 4)
+    flow = torch.zeros(1, 2, 3, 4, dtype=torch.float64)
+    flow[0, 0, 0, 0], flow[0, 1, 0, 0] = 0.25, 1.5
+    expected = 0.5 * (0.75 * x[0, 0, 1, 0] + 0.25 * x[0, 0, 1, 1]) + 0.5 * (0.75 * x[0, 0, 2, 0] + 0.25 * x[0, 0, 2, 1])
+    for backend in ("reference", "torch"):
+        assert dynconv.warp(x, flow, backend=backend)[0, 0, 0, 0].item() == pytest.approx(expected.item())
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "border", "reflection"])
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_warp_gradcheck(padding_mode, backend):
+    x = torch.randn(1, 2, 5, 6, dtype=torch.float64, requires_grad=True)
+    flow = (2 * torch.randn(1, 2, 5, 6, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x, f: dynconv.warp(x, f, padding_mode=padding_mode, backend=backend), (x, flow)
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_warp_low_precision(dtype):
+    x, flow = torch.randn(2, 3, 9, 10), 3 * torch.randn(2, 2, 9, 10)
+    out = dynconv.warp(x.to(dtype), flow.to(dtype), backend="torch")
+    assert out.dtype == dtype
+    ref32 = dynconv.warp(x.to(dtype).float(), flow.to(dtype).float(), backend="reference")
+    ref_lowp = dynconv.warp(x.to(dtype), flow.to(dtype), backend="reference")
+    assert_close_lowp(out, ref_lowp, ref32)
+
+
+def test_warp_axis_of_length_one():
+    x, flow = torch.randn(1, 2, 1, 5), torch.randn(1, 2, 1, 5)
+    flow[:, 1] = 0.3  # 0.7 of the only row
+    assert_close(dynconv.warp(x, flow), dynconv.warp(x, flow, backend="reference"))
+    assert_close(dynconv.warp(x, torch.zeros_like(flow)), x)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(flow=torch.randn(2, 3, 6, 8)), ValueError, r"flow must have shape \[B, 2, H, W\] = \[2, 2, 6, 8\]"),
+        (dict(flow=torch.randn(2, 2, 6, 7)), ValueError, r"flow must have shape .*got \[2, 2, 6, 7\]"),
+        (dict(x=torch.randn(3, 6, 8)), ValueError, r"x must be a 4-D tensor"),
+        (dict(flow=torch.randn(2, 2, 6, 8).double()), TypeError, r"flow must have the dtype of x"),
+        (dict(mode="bicubic"), ValueError, r"mode must be one of \('bilinear', 'nearest'\), got 'bicubic'"),
+        (dict(padding_mode="circular"), ValueError, r"padding_mode must be one of"),
+        (dict(flow=torch.randn(2, 2, 6, 8, device="meta")), ValueError, r"flow must be on the device of x"),
+    ],
 )
+def test_warp_bad_input(kwargs, exc, match):
+    args = dict(x=torch.randn(2, 3, 6, 8), flow=torch.randn(2, 2, 6, 8))
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        dynconv.warp(**args)
+
+
+# ------------------------------------------------------------------------- Triton: on CUDA or in the interpreter
 
 MODES = ["bilinear", "nearest"]
 PADDING_MODES = ["zeros", "border", "reflection"]
@@ -51,13 +141,16 @@ def run(x, flow, mode, padding_mode, backend, grad_out=None, **kw):
 @pytest.mark.parametrize("padding_mode", PADDING_MODES)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:4])) + c[4])
-def test_triton_matches_reference(case, mode, padding_mode, deterministic, monkeypatch):
-    from dynconv.kernels import warp as kernels
+def test_tiny_cases_match_reference(backend, case, mode, padding_mode, deterministic, monkeypatch):
+    device = "cpu"
+    if backend == "triton":
+        from dynconv.kernels import warp as kernels
 
-    monkeypatch.setitem(kernels.CONFIG, "BLOCK_C", 2)  # several channel blocks, the last one partial
-    monkeypatch.setitem(kernels.CONFIG, "BLOCK_P", 32)  # several pixel blocks, the last one partial
-    x, flow = make(case, torch.float32)
-    out, got, gy = run(x, flow, mode, padding_mode, "triton", deterministic=deterministic)
+        monkeypatch.setitem(kernels.CONFIG, "BLOCK_C", 2)  # several channel blocks, the last one partial
+        monkeypatch.setitem(kernels.CONFIG, "BLOCK_P", 32)  # several pixel blocks, the last one partial
+        device = DEVICE
+    x, flow = make(case, torch.float32, device=device)
+    out, got, gy = run(x, flow, mode, padding_mode, backend, deterministic=deterministic)
     ref, expected, _ = run(x, flow, mode, padding_mode, "reference", gy)
     assert out.shape == x.shape and out.dtype == x.dtype
     assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -67,6 +160,7 @@ def test_triton_matches_reference(case, mode, padding_mode, deterministic, monke
         assert torch.count_nonzero(got[1]) == 0
 
 
+@pytest.mark.triton
 @pytest.mark.skipif(DEVICE != "cpu", reason="views over 8 GB of address space: a CPU check")
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("mode", MODES)
@@ -86,6 +180,7 @@ def test_triton_past_int32_offsets_through_strides(mode, deterministic):
         assert_close(a, e, what=name)
 
 
+@pytest.mark.triton
 def test_triton_integer_flow_is_an_exact_shift():
     x = torch.randn(2, 3, 6, 8, device=DEVICE)
     flow = torch.zeros(2, 2, 6, 8, device=DEVICE)
@@ -96,6 +191,7 @@ def test_triton_integer_flow_is_an_exact_shift():
     assert torch.equal(dynconv.warp(x, torch.zeros_like(flow), backend="triton"), x)
 
 
+@pytest.mark.triton
 def test_triton_deterministic_flag_follows_torch(monkeypatch):
     """Under torch.use_deterministic_algorithms(True) the backward takes the two-pass path: bitwise repeatable."""
     from dynconv.kernels import warp as kernels
@@ -123,13 +219,13 @@ def test_triton_deterministic_flag_follows_torch(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("padding_mode", PADDING_MODES)
-def test_triton_low_precision(dtype, padding_mode):
-    x, flow = make(CASES[0], dtype, spread=2.0)
-    out, got, gy = run(x, flow, "bilinear", padding_mode, "triton")
+def test_tiny_case_low_precision(backend, dtype, padding_mode):
+    x, flow = make(CASES[0], dtype, spread=2.0, device=DEVICE if backend == "triton" else "cpu")
+    out, got, gy = run(x, flow, "bilinear", padding_mode, backend)
     assert out.dtype == dtype and got[0].dtype == dtype and got[1].dtype == dtype
     ref_lowp, expected_lowp, _ = run(x, flow, "bilinear", padding_mode, "reference", gy)
     ref32, expected32, _ = run(x.float(), flow.float(), "bilinear", padding_mode, "reference", gy.float())
-    if INTERPRET and dtype == torch.bfloat16:
+    if backend == "triton" and INTERPRET and dtype == torch.bfloat16:
         # The interpreter converts fp32 -> bf16 in the kernel by truncation (toward zero; measured: 1.12356 ->
         # 1.1171875 where torch and the GPU give 1.125), so the output may be one bf16 ulp (2**-7 relative) off.
         assert_close(out.float(), ref32, rtol=2**-7 + 2**-9, atol=1e-3)
@@ -139,6 +235,7 @@ def test_triton_low_precision(dtype, padding_mode):
     assert_close_lowp(got[1], expected_lowp[1], expected32[1], atol=2e-2, what="grad flow")
 
 
+@pytest.mark.triton
 def test_triton_opcheck():
     """Schema, fake (meta) kernel and autograd registration of the Triton custom op."""
     x, flow = make(CASES[0], torch.float32)
@@ -146,6 +243,7 @@ def test_triton_opcheck():
     torch.library.opcheck(torch.ops.dynconv.warp_triton.default, args)
 
 
+@pytest.mark.triton
 def test_triton_under_torch_compile():
     x, flow = make(CASES[0], torch.float32)
     fn = torch.compile(
@@ -180,28 +278,6 @@ def test_triton_cuda_realistic_sizes(dtype):
         assert_close_lowp(got[0], expected_lowp[0], expected32[0], what="grad x")
 
 
-def test_bench_warp_reports_every_backend_and_consistent_ratios():
-    import argparse
-
-    from dynconv.bench import warp as bench
-
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
-    args = parser.parse_args(["--shapes", "1,3,5,6", "--backends", "torch,triton", "--deterministic"])
-    args.device, args.repeats = DEVICE, 1
-    lines = [line for line in bench.run(args).splitlines() if line.startswith("|")]
-    header = [h.strip() for h in lines[0].strip("|").split("|")]
-    rows = {r[2]: r for r in ([v.strip() for v in line.strip("|").split("|")] for line in lines[2:])}
-    assert set(rows) == {"torch", "triton", "triton deterministic"}
-    col = {name: header.index(name) for name in header}
-    assert float(rows["torch"][col["fwd speed-up vs torch"]]) == 1.0
-    for row in rows.values():
-        # on CUDA the bandwidth is over the kernel time by CUDA-graph replay (the eager time where capture failed)
-        graph = row[col["fwd graph ms"]] if "fwd graph ms" in col else "-"
-        fwd_ms, gbs = float(row[col["fwd ms"]] if graph == "-" else graph), float(row[col["fwd GB/s"]])
-        assert gbs == pytest.approx((2 * 90 + 60) * 4 / (fwd_ms * 1e-3) / 1e9, rel=0.02)
-
-
 _COMPILE_SCRIPT = r"""
 import dynconv.kernels.warp as K
 from dynconv.testing import compile_ptx
@@ -221,12 +297,14 @@ print("compiled", compile_ptx(variants, {"gidx_ptr": "*i64", "gx_ptr": "*fp32", 
 """
 
 
+@pytest.mark.triton
 @pytest.mark.slow
 def test_kernels_compile_for_sm90_without_a_gpu():
     """The interpreter never runs Triton's compiler: compile to PTX for sm_90 (no GPU needed)."""
     assert "compiled 2" in run_without_interpreter(_COMPILE_SCRIPT)
 
 
+@pytest.mark.triton  # both: the reference failed on a GPU too
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_bfloat16_zero_flow_is_identity_past_256_pixels(backend):
     """With zero flow the warp is the identity, exactly, in any dtype. The reference computed the gather index

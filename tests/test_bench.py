@@ -1,22 +1,29 @@
-"""Benchmarks that survive a cut: rows printed and written as they are measured, a candidate that raises becomes a
-row saying why, the CUDA-graph kernel time and the bandwidth derived from it, and the shared ``--shapes`` words."""
+"""The benchmarks (``dynconv bench NAME``): the interleaved timer every benchmark uses; tables that survive a cut
+(rows printed and written as they are measured, a candidate that raises becomes a row saying why, the CUDA-graph
+kernel time and the bandwidth derived from it, the shared ``--shapes`` words); each bench's columns and ratios
+(local_filter, deform, dcnv, warp, mixture) on tiny shapes, Triton in the interpreter without a GPU."""
 
 import argparse
 import io
 import math
 import re
+import sys
 import time
+import types
 
 import pytest
 import torch
+from triton_setup import TRITON_DEVICE
 
+import dynconv
 from dynconv import cli
 from dynconv.bench import dcnv as bench_dcnv
 from dynconv.bench import deform as bench_deform
 from dynconv.bench import local_filter as bench_local_filter
-from dynconv.bench import report, timing
+from dynconv.bench import mixture, report, timing
 from dynconv.bench import warp as bench_warp
 from dynconv.errors import UserError
+from dynconv.testing import assert_close
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -325,3 +332,266 @@ def test_graph_times_join_the_measurements_of_the_candidates_that_ran(monkeypatc
     assert result["broken"].error == "NotImplementedError: no kernel"
     timing.measure_interleaved(cands, "cpu", repeats=1)  # graphs default to CUDA only: not called on the CPU
     assert len(captured) == 1
+
+
+# -------------------------------------------------------------------------------------------------------- timing
+
+
+class FakeClock:
+    """``time.perf_counter`` that only moves when a candidate says how long it took."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def _candidates(clock, calls, costs):
+    def make(name):
+        def fn():
+            calls[name] += 1
+            clock.now += costs[name][min(calls[name], len(costs[name])) - 1]
+
+        return fn
+
+    return {name: make(name) for name in costs}
+
+
+def test_median_over_rounds_and_slow_candidate_capped(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    calls = {"fast": 0, "slow": 0}
+    # per call: warm-up first, then the timed runs (the fast one has an outlier), then peak_memory's call
+    costs = {"fast": [9.0, 1.0, 3.0, 2.0, 15.0, 2.0, 2.0], "slow": [99.0, 10.0, 12.0, 11.0, 10.0, 10.0, 10.0]}
+    result = timing.measure_interleaved(_candidates(clock, calls, costs), "cpu", repeats=5, time_cap_s=25.0)
+    # the fast one: median of 1, 3, 2, 15, 2 (they add up to 23, under the cap); the warm-up is not timed
+    assert result["fast"].runs == 5 and result["fast"].median_s == 2.0
+    # 10 + 12 = 22 <= 25, so a third run (11) happens; 33 > 25, so the slow one sits out rounds 4 and 5
+    assert result["slow"].runs == 3 and result["slow"].median_s == 11.0
+    assert calls == {"fast": 1 + 5 + 1, "slow": 1 + 3 + 1}  # + the untimed peak-memory call each
+
+
+def test_no_cap_runs_every_round(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    calls = {"slow": 0}
+    result = timing.measure_interleaved(_candidates(clock, calls, {"slow": [100.0]}), "cpu", 4, time_cap_s=None)
+    assert result["slow"].runs == 4 and result["slow"].median_s == 100.0
+
+
+def test_a_candidate_over_the_cap_still_gets_one_timed_run(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    calls = {"slow": 0}
+    result = timing.measure_interleaved(_candidates(clock, calls, {"slow": [500.0]}), "cpu", 5, time_cap_s=1.0)
+    assert result["slow"].runs == 1 and result["slow"].median_s == 500.0
+
+
+def test_repeats_must_be_positive():
+    with pytest.raises(ValueError, match="repeats must be at least 1"):
+        timing.measure_interleaved({"f": lambda: None}, "cpu", 0)
+
+
+# -------------------------------------------------------------------------------------------------- local_filter
+
+
+@pytest.mark.triton
+def test_bench_reports_bandwidth_and_ratios():
+    """`dynconv bench local_filter --backends torch,triton` runs and its derived columns follow from the times."""
+    from dynconv.bench import local_filter as bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--shapes", "1,2,5,6,3,1", "--backends", "torch,triton", "--peak-gbs", "100"])
+    args.device, args.repeats = TRITON_DEVICE, 1
+    text = bench.run(args)
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    header = [h.strip() for h in lines[0].strip("|").split("|")]
+    rows = {r[2]: r for r in ([v.strip() for v in line.strip("|").split("|")] for line in lines[2:])}
+    assert set(rows) == {"unfold", "torch", "triton"}
+    col = {name: header.index(name) for name in header}
+    for row in rows.values():
+        # on CUDA the bandwidth is over the kernel time by CUDA-graph replay (the eager time where capture failed)
+        graph = row[col["fwd graph ms"]] if "fwd graph ms" in col else "-"
+        fwd_ms, fwd_gbs = float(row[col["fwd ms"]] if graph == "-" else graph), float(row[col["fwd GB/s"]])
+        # bytes of x, filters and y once: (2 * 60 + 270) fp32 values
+        assert fwd_gbs == pytest.approx(
+            (2 * 60 + 270) * 4 / (fwd_ms * 1e-3) / 1e9, rel=0.02
+        )  # the table rounds to 3 digits
+        assert float(row[col["fwd frac. of peak BW"]]) == pytest.approx(fwd_gbs / 100, rel=0.02)
+    assert float(rows["torch"][col["fwd+bwd speed-up vs torch"]]) == 1.0
+    assert float(rows["unfold"][col["fwd speed-up vs unfold"]]) == 1.0
+    if TRITON_DEVICE == "cpu":  # no known peak bandwidth: the fraction columns are left out rather than printed as nan
+        args = parser.parse_args(["--shapes", "1,2,5,6,3,1", "--backends", "torch"])
+        args.device, args.repeats = TRITON_DEVICE, 1
+        text = bench.run(args)
+        assert "fwd GB/s" in text and "frac. of peak" not in text and "nan" not in text
+
+
+# -------------------------------------------------------------------------------------------------------- deform
+
+
+def test_bench_deform_runs_and_ratios_are_against_the_baseline():
+    from dynconv.bench import deform as bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--shapes", "1,4,7,6", "--no-torchvision"])
+    args.device, args.repeats = "cpu", 1
+    lines = [line for line in bench.run(args).splitlines() if line.startswith("|")]
+    header = [h.strip() for h in lines[0].strip("|").split("|")]
+    col = {name: header.index(name) for name in header}
+    rows = {r[2]: r for r in ([v.strip() for v in line.strip("|").split("|")] for line in lines[2:])}
+    assert sorted(rows) == ["reference", "torch"] and rows["torch"][0] == "DCNv2 (1, 4, 7, 6)"
+    torch_row, ref = rows["torch"], rows["reference"]
+    # the baseline against itself (no torchvision)
+    assert float(torch_row[col["fwd speed-up vs torch"]]) == float(torch_row[col["fwd+bwd speed-up vs torch"]]) == 1.0
+    # speed-up = baseline ms / own ms
+    expected = float(torch_row[col["fwd ms"]]) / float(ref[col["fwd ms"]])
+    assert float(ref[col["fwd speed-up vs torch"]]) == pytest.approx(expected, rel=0.02)
+    # bytes of x, offset, mask, weight, bias and y once: 168 + 756 + 378 + 144 + 4 + 168 fp32 values
+    fwd_bytes = (168 + 756 + 378 + 144 + 4 + 168) * 4
+    assert float(ref[col["fwd GB/s"]]) == pytest.approx(fwd_bytes / float(ref[col["fwd ms"]]) / 1e6, rel=0.02)
+    assert float(ref[col["fwd+bwd GB/s"]]) == pytest.approx(
+        2 * fwd_bytes / float(ref[col["fwd+bwd ms"]]) / 1e6, rel=0.02
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------- dcnv
+
+
+def test_bench_baseline_matches_dcnv3_and_bench_runs():
+    from dynconv.bench import dcnv as bench
+
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(2, 5, 6, 8, generator=g, dtype=torch.float64)
+    off = 2 * torch.randn(2, 5, 6, 2 * 9 * 2, generator=g, dtype=torch.float64)
+    m = torch.randn(2, 5, 6, 2 * 9, generator=g, dtype=torch.float64)
+    assert_close(bench.grid_sample_all_points(v, off, m, 2), dynconv.dcnv3(v, off, m, 3, group=2, backend="reference"))
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--shapes", "1,4,5,2,2"])
+    args.device, args.repeats = "cpu", 1
+    table = bench.run(args)
+    assert table.count("| (1, 4, 5, 2, 2) |") == 5  # dcnv3: torch, reference, grid_sample; dcnv4: torch, reference
+
+
+def _fake_official_dcnv4_package(monkeypatch, calls):
+    """A stand-in for the official ``DCNv4`` package (its CUDA kernels cannot be built here): ``DCNv4Function``
+    with the official argument order and checks, computing through our reference."""
+
+    class DCNv4Function:
+        @staticmethod
+        def apply(value, offset_mask, kh, kw, sh, sw, ph, pw, dh, dw, group, group_channels, offset_scale, step, rc):
+            assert value.is_contiguous() and offset_mask.is_contiguous()  # the official op asserts both
+            assert value.shape[-1] == group * group_channels
+            assert value.shape[0] % min(value.shape[0], step) == 0
+            calls.append((kh, kw, sh, sw, ph, pw, dh, dw, group, group_channels, offset_scale, step, rc))
+            return dynconv.dcnv4(
+                value, offset_mask, (kh, kw), (sh, sw), (ph, pw), (dh, dw), group, offset_scale, bool(rc),
+                backend="reference",
+            )  # fmt: skip
+
+    package, functions = types.ModuleType("DCNv4"), types.ModuleType("DCNv4.functions")
+    functions.DCNv4Function = DCNv4Function
+    package.functions = functions
+    monkeypatch.setitem(sys.modules, "DCNv4", package)
+    monkeypatch.setitem(sys.modules, "DCNv4.functions", functions)
+
+
+def test_bench_official_dcnv4_candidate(monkeypatch):
+    """The bench calls the official op with its argument order and layout, on the bench's geometry."""
+    from dynconv.bench import dcnv as bench
+
+    monkeypatch.delitem(sys.modules, "DCNv4", raising=False)
+    assert bench.official_dcnv4(2) is None  # not installed here
+    assert bench.OFFICIAL not in bench._candidates("dcnv4", ["torch"], 2, True, with_official=True)
+    calls = []
+    _fake_official_dcnv4_package(monkeypatch, calls)
+    g = torch.Generator().manual_seed(0)
+    value = torch.randn(2, 5, 6, 32, generator=g, dtype=torch.float64)
+    offset_mask = torch.randn(2, 5, 6, 56, generator=g, dtype=torch.float64)  # ceil(3 * 2 * 9 / 8) * 8
+    candidates = bench._candidates("dcnv4", ["torch"], 2, True, with_official=True)
+    assert list(candidates) == ["torch", bench.OFFICIAL]
+    assert_close(candidates[bench.OFFICIAL](value, offset_mask), candidates["torch"](value, offset_mask))
+    assert calls == [(3, 3, 1, 1, 1, 1, 1, 1, 2, 16, 1.0, 256, False)]
+    assert bench.OFFICIAL not in bench._candidates("dcnv3", ["torch"], 2, True, with_official=True)
+    assert bench.OFFICIAL not in bench._candidates("dcnv4", ["torch"], 2, True)  # CPU runs leave it out
+
+
+# ---------------------------------------------------------------------------------------------------------- warp
+
+
+@pytest.mark.triton
+def test_bench_warp_reports_every_backend_and_consistent_ratios():
+    from dynconv.bench import warp as bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--shapes", "1,3,5,6", "--backends", "torch,triton", "--deterministic"])
+    args.device, args.repeats = TRITON_DEVICE, 1
+    lines = [line for line in bench.run(args).splitlines() if line.startswith("|")]
+    header = [h.strip() for h in lines[0].strip("|").split("|")]
+    rows = {r[2]: r for r in ([v.strip() for v in line.strip("|").split("|")] for line in lines[2:])}
+    assert set(rows) == {"torch", "triton", "triton deterministic"}
+    col = {name: header.index(name) for name in header}
+    assert float(rows["torch"][col["fwd speed-up vs torch"]]) == 1.0
+    for row in rows.values():
+        # on CUDA the bandwidth is over the kernel time by CUDA-graph replay (the eager time where capture failed)
+        graph = row[col["fwd graph ms"]] if "fwd graph ms" in col else "-"
+        fwd_ms, gbs = float(row[col["fwd ms"]] if graph == "-" else graph), float(row[col["fwd GB/s"]])
+        assert gbs == pytest.approx((2 * 90 + 60) * 4 / (fwd_ms * 1e-3) / 1e9, rel=0.02)
+
+
+# ------------------------------------------------------------------------------------------------------- mixture
+
+
+def test_flop_count_of_static_and_mixed_conv():
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    x = torch.randn(1, 3, 8, 8)
+    conv_flops = 2 * 4 * 3 * 9 * 64  # 2 per multiply-add, C_out * C_in * k*k per output pixel
+    assert mixture.count_flops(conv, x) == conv_flops
+    layer = dynconv.DynamicConv2d(3, 4, 3, padding=1, bias=False, num_experts=4, formulation="grouped")
+    attention = 2 * 3 * 4 + 2 * 4 * 4  # fc1 (3 -> max(3 // 4, 4)) and fc2 (4 -> K)
+    mixing = 2 * 4 * (4 * 3 * 9)  # [1, K] @ [K, P]
+    assert mixture.count_flops(layer, x) == conv_flops + attention + mixing
+    layer.formulation = "experts"
+    assert mixture.count_flops(layer, x) == 4 * conv_flops + attention
+
+
+def test_run_produces_table():
+    parser = argparse.ArgumentParser()
+    mixture.add_arguments(parser)
+    args = parser.parse_args(["--models", "resnet18", "--sizes", "32", "--batches", "2", "--kinds", "static,dynamic"])
+    args.device, args.repeats = "cpu", 1
+    table = mixture.run(args)
+    lines = [line for line in table.splitlines() if line.startswith("| resnet18")]
+    assert len(lines) == 1 + 5  # static + DY-CNN auto/grouped/experts/chunked/loop
+    assert [line.split(" | ")[4] for line in lines] == ["-", "auto", "grouped", "experts", "chunked", "loop"]
+    assert "| resnet18 | 32x32 | 2 | static | - | 11.2 | 1 | " in lines[0]
+
+
+def test_layers_sweep_times_every_formulation_and_marks_auto():
+    parser = argparse.ArgumentParser()
+    mixture.add_arguments(parser)
+    args = parser.parse_args(["--layers", "16,6;64,2", "--batches", "3"])
+    args.device, args.repeats = "cpu", 1
+    lines = [line for line in mixture.run(args).splitlines() if line.startswith("| 16 ") or line.startswith("| 64 ")]
+    forms = [line.split(" | ")[4] for line in lines]
+    # 16*9 / (4*36) = 1 -> chunked on CPU; 64*9 / (4*4) = 36 > 32 -> experts
+    assert forms == ["static", "grouped", "experts", "chunked (auto)", "loop"] + [
+        "static", "grouped", "experts (auto)", "chunked", "loop"
+    ]  # fmt: skip
+    assert all(float(line.split(" | ")[6]) > 0 for line in lines)
+
+
+def test_layers_sweep_odconv_offers_the_experts_formulation():
+    parser = argparse.ArgumentParser()
+    mixture.add_arguments(parser)
+    args = parser.parse_args(["--layers", "64,2", "--batches", "3", "--layer-kind", "odconv"])
+    args.device, args.repeats = "cpu", 1
+    table = mixture.run(args)
+    forms = [line.split(" | ")[4] for line in table.splitlines() if line.startswith("| 64 ")]
+    assert forms == ["static", "grouped", "experts (auto)", "chunked", "loop"]  # 64*9 / (4*4) = 36 > 32
+    assert "layer=ODConv2d" in table
