@@ -195,9 +195,9 @@ def warp(
         flow (Tensor[B, 2, H, W]): displacement in pixels, (dx, dy).
         mode (str): ``"bilinear"`` or ``"nearest"``. Default ``"bilinear"``.
         padding_mode (str): ``"zeros"``, ``"border"`` or ``"reflection"``. Default ``"zeros"``.
-        backend (str or None): ``"reference"`` (explicit gathers), ``"torch"`` (``grid_sample``; positions are
-            exact to ~1e-7 pixel after its coordinate normalisation; an axis of length 1, which its
-            ``align_corners=True`` mapping cannot express, falls back to the reference), ``"triton"`` (fused
+        backend (str or None): ``"reference"`` (explicit gathers), ``"torch"`` (``grid_sample`` through
+            :mod:`dynconv.ops._sampling`; positions are exact up to the rounding of its coordinate normalisation,
+            about ``W`` or ``H`` float epsilons), ``"triton"`` (fused
             gather forward and backward, fp32/fp16/bf16, fp32 accumulation) or None (see
             :mod:`dynconv.backends`: Triton for CUDA tensors when it is installed). Keyword only.
         deterministic (bool or None): make the Triton backward accumulate the gradient wrt ``x`` in a fixed
@@ -230,8 +230,7 @@ def warp(
         if deterministic is None:
             deterministic = torch.are_deterministic_algorithms_enabled()
         return warp_triton_op(x, flow, mode, padding_mode, bool(deterministic))
-    # grid_sample's align_corners=True mapping cannot address positions along an axis of length 1.
-    if chosen == "reference" or H == 1 or W == 1:
+    if chosen == "reference":
         return reference.warp(x, flow, mode, padding_mode)
     return warp_torch(x, flow, mode, padding_mode)
 
