@@ -127,70 +127,49 @@ def _torch_backward(
     return grad_value, grad_offset, grad_mask
 
 
-@torch.library.custom_op("dynconv::dcn_sample", mutates_args=())
-def dcn_sample_op(
-    value: torch.Tensor,
-    offset: torch.Tensor,
-    mask: torch.Tensor,
-    kernel_size: list[int],
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    offset_scale: float,
-    remove_center: bool,
-    backend: str,
-) -> torch.Tensor:
-    """Forward of the DCNv3/DCNv4 sampling core on validated arguments (see :func:`dynconv.dcnv3`)."""
+# The forward's arguments, which the backward takes after grad_out: one schema for both ops.
+_ARGS = (
+    "Tensor value, Tensor offset, Tensor mask, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
+    "float offset_scale, bool remove_center, str backend"
+)
+
+
+@torch.library.custom_op("dynconv::dcn_sample", mutates_args=(), schema=f"({_ARGS}) -> Tensor")
+def dcn_sample_op(value: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, *args) -> torch.Tensor:
+    """Forward of the DCNv3/DCNv4 sampling core on validated arguments (see :func:`dynconv.dcnv3`); ``args`` are
+    ``kernel_size, stride, padding, dilation`` (int pairs as lists), ``offset_scale, remove_center`` and the
+    backend name."""
+    *geometry, backend = args
     if backend == "triton":
         from dynconv.kernels import dcnv as kernels
 
-        return kernels.forward(value, offset, mask, kernel_size, stride, padding, dilation, offset_scale, remove_center)
-    return _torch_forward(value, offset, mask, kernel_size, stride, padding, dilation, offset_scale, remove_center)
+        return kernels.forward(value, offset, mask, *geometry)
+    return _torch_forward(value, offset, mask, *geometry)
 
 
 @dcn_sample_op.register_fake
-def _(value, offset, mask, kernel_size, stride, padding, dilation, offset_scale, remove_center, backend):
+def _(value, offset, mask, *args):
     B, Ho, Wo = offset.shape[:3]
     return value.new_empty((B, Ho, Wo, value.shape[3]))
 
 
-@torch.library.custom_op("dynconv::dcn_sample_backward", mutates_args=())
+@torch.library.custom_op(
+    "dynconv::dcn_sample_backward",
+    mutates_args=(),
+    schema=f"(Tensor grad_out, {_ARGS}, bool need_value, bool need_offset, bool need_mask) -> (Tensor, Tensor, Tensor)",
+)
 def dcn_sample_backward_op(
-    grad_out: torch.Tensor,
-    value: torch.Tensor,
-    offset: torch.Tensor,
-    mask: torch.Tensor,
-    kernel_size: list[int],
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    offset_scale: float,
-    remove_center: bool,
-    backend: str,
-    need_value: bool,
-    need_offset: bool,
-    need_mask: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of ``dcn_sample`` wrt ``value``, ``offset`` and ``mask``; one not needed comes back empty."""
+    grad_out: torch.Tensor, value: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, *args
+):
+    """Gradients of ``dcn_sample`` wrt ``value``, ``offset`` and ``mask``; one not needed comes back empty. ``args``
+    are the forward's, then ``need_value, need_offset, need_mask``."""
+    *geometry, backend = args[:-3]
+    needs = tuple(args[-3:])
     if backend == "triton":
         from dynconv.kernels import dcnv as kernels
 
-        needs = (need_value, need_offset, need_mask)
-        args = (kernel_size, stride, padding, dilation, offset_scale, remove_center, needs)
-        return kernels.backward(grad_out, value, offset, mask, *args)
-    return _torch_backward(
-        grad_out,
-        value,
-        offset,
-        mask,
-        kernel_size,
-        stride,
-        padding,
-        dilation,
-        offset_scale,
-        remove_center,
-        (need_value, need_offset, need_mask),
-    )
+        return kernels.backward(grad_out, value, offset, mask, *geometry, needs)
+    return _torch_backward(grad_out, value, offset, mask, *geometry, needs)
 
 
 @dcn_sample_backward_op.register_fake
