@@ -89,7 +89,8 @@ def _sample(x: torch.Tensor, py: torch.Tensor, px: torch.Tensor, mode: str = "bi
     if mode == "nearest":
         taps = [(torch.round(py), torch.round(px), None)]  # torch.round rounds half to even, as grid_sample
     else:
-        y0, x0 = torch.floor(py), torch.floor(px)
+        # floor by a floor division: torch.floor has a large fixed cost per call on some CPUs (docs/benchmarks.md).
+        y0, x0 = torch.div(py, 1, rounding_mode="floor"), torch.div(px, 1, rounding_mode="floor")
         taps = [
             (row, col, wy * wx)
             for row, wy in ((y0, 1 - (py - y0)), (y0 + 1, py - y0))

@@ -68,17 +68,6 @@ def test_row_table_engine_matches_reference(dtype):
     assert_close(columns.view(N, P, C).permute(0, 2, 1), expected)
 
 
-def test_reflect_matches_reference_with_slope_one():
-    p = torch.tensor([-7.5, -3.0, -0.25, 0.0, 1.5, 3.0, 4.75, 9.0, 13.25, float("nan"), float("inf")])
-    p = p.double().requires_grad_()
-    got = _sampling.reflect(p, 4)
-    assert_close(got, reference._reflect(p.detach(), 4))
-    (grad,) = torch.autograd.grad(got.sum(), p)
-    finite = p.detach().isfinite() & (p.detach().remainder(4) != 0)  # away from the fold points
-    assert set(grad[finite].abs().tolist()) == {1.0}
-    assert (grad[~p.detach().isfinite()] == 0).all()
-
-
 @pytest.mark.parametrize("mode", ["bilinear", "nearest"])
 @pytest.mark.parametrize("padding_mode", ["zeros", "border", "reflection"])
 @pytest.mark.parametrize("H, W", [(7, 9), (1, 8), (6, 1)])

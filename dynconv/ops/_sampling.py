@@ -8,9 +8,10 @@ Convention (the one of every dynconv op and of :mod:`dynconv.reference`):
       a neighbour outside the image counts as zero (torchvision's rule for deformable convolution, ``grid_sample``'s
       ``"zeros"`` padding). ``"nearest"`` (warp only) takes the pixel at the position rounded half to even.
     - Warp's ``"border"`` clamps the position into ``[0, W-1] x [0, H-1]`` and ``"reflection"`` reflects it about
-      the first and last pixel centres (:func:`reflect`), before sampling.
+      the first and last pixel centres, before sampling.
     - The gradient wrt a position is the right-sided derivative at integer coordinates (``floor`` picks the
-      corners) and zero where ``"border"`` clamps.
+      corners; exact in the row-table engine, up to the grid's rounding in the image-grid engine, see below) and
+      zero where ``"border"`` clamps.
     - Non-finite values: an in-image neighbour is read even at weight 0, so a NaN or infinite pixel reaches the
       samples next to it; a NaN or infinite position gives a NaN bilinear sample on the CPU and 0 on CUDA
       (``grid_sample``'s rules), 0 with ``"nearest"``.
@@ -24,7 +25,9 @@ needed (docs/benchmarks.md, "One sampler for the torch backend"):
   about ``size`` float epsilons (so at a position that is exactly an integer the derivative may be the left-sided
   one). ``align_corners=False`` because its mapping addresses an axis of length 1. The backward is
   ``aten.grid_sampler_2d_backward``; the gradient wrt a position is the one wrt its grid coordinate times
-  ``2 / size``. One fused gather: 2-3x faster than gathering corner rows for warp and DCNv3.
+  ``2 / size``. (Warp's ``"reflection"`` alone uses ``align_corners=True``, whose reflection is the
+  convention's: see :func:`pixel_grid`.) One fused gather: about 2-3x faster on the CPU than gathering corner rows,
+  for warp and DCNv3.
 - **Row tables** (:func:`sampling_corners`, :func:`input_table`, :func:`gather_rows`, :func:`scatter_rows`;
   deformable convolution): the four corners of every position as int64 row indices into a channels-last table
   ``[rows + 1, C]`` (the last row zeros, read by corners outside the image) and their weights, gathered with
@@ -48,7 +51,6 @@ __all__ = [
     "gather_rows",
     "input_table",
     "pixel_grid",
-    "reflect",
     "sample",
     "sample_backward",
     "sampling_corners",
@@ -56,34 +58,35 @@ __all__ = [
 ]
 
 
-def pixel_grid(px: torch.Tensor, py: torch.Tensor, H: int, W: int) -> torch.Tensor:
-    """The ``grid_sample`` grid (``align_corners=False``) that samples at pixel positions ``(px, py)``.
+def pixel_grid(px: torch.Tensor, py: torch.Tensor, H: int, W: int, align_corners: bool = False) -> torch.Tensor:
+    """The ``grid_sample`` grid that samples at pixel positions ``(px, py)``.
 
     Args:
         px, py (Tensor[...]): column and row of each sampling point (broadcast together).
         H, W (int): image size.
+        align_corners (bool): the grid for ``grid_sample(..., align_corners=True)``, which only warp's
+            ``"reflection"`` uses (``grid_sample`` then reflects about the first and last pixel centres, the
+            convention). Along an axis of length 1 that mapping sends every position to pixel 0, which is where
+            reflection puts it.
 
     Returns:
-        Tensor[..., 2]: ``(x, y)`` in ``(-1, 1)`` for positions inside the image.
+        Tensor[..., 2]: ``(x, y)``, in ``(-1, 1)`` (``[-1, 1]`` with ``align_corners``) inside the image.
     """
+    if align_corners:
+        return torch.stack((2 * px / max(W - 1, 1) - 1, 2 * py / max(H - 1, 1) - 1), dim=-1)
     return torch.stack(((2 * px + 1) / W - 1, (2 * py + 1) / H - 1), dim=-1)
 
 
-def reflect(p: torch.Tensor, last: int) -> torch.Tensor:
-    """Warp's ``"reflection"``: ``p`` reflected about 0 and ``last`` into ``[0, last]`` (a triangle wave of period
-    ``2 last``), differentiable (slope +-1); a NaN or infinite position goes to 0, as ``grid_sample`` on the CPU."""
-    if last == 0:
-        return torch.zeros_like(p)
-    wave = last - (torch.remainder(p, 2 * last) - last).abs()
-    return torch.where(p.isfinite(), wave, 0)
-
-
 def sample(
-    images: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear", padding_mode: str = "zeros"
+    images: torch.Tensor,
+    grid: torch.Tensor,
+    mode: str = "bilinear",
+    padding_mode: str = "zeros",
+    align_corners: bool = False,
 ) -> torch.Tensor:
-    """Samples of ``images [N, C, H, W]`` at ``grid [N, H_out, W_out, 2]`` (from :func:`pixel_grid`):
-    ``[N, C, H_out, W_out]``. Differentiable through ``grid_sample``'s own autograd."""
-    return F.grid_sample(images, grid, mode=mode, padding_mode=padding_mode, align_corners=False)
+    """Samples of ``images [N, C, H, W]`` at ``grid [N, H_out, W_out, 2]`` (from :func:`pixel_grid` with the same
+    ``align_corners``): ``[N, C, H_out, W_out]``. Differentiable through ``grid_sample``'s own autograd."""
+    return F.grid_sample(images, grid, mode=mode, padding_mode=padding_mode, align_corners=align_corners)
 
 
 def sample_backward(

@@ -2,10 +2,10 @@
 :func:`dynconv.warp`.
 
 The torch backend samples at ``pixel + flow`` with the shared sampler (:mod:`dynconv.ops._sampling`, ``grid_sample``
-with ``align_corners=False``), differentiable through ``grid_sample``'s own backward. ``"reflection"`` is applied
-to the position in pixels before sampling (about the first and last pixel centres, kornia's convention), since
-``grid_sample``'s own reflection with ``align_corners=False`` reflects about the image edges. The positions are
-computed in fp32 for fp16/bf16 inputs: a position near 200 in fp16 is only resolved to 1/8 pixel.
+with ``align_corners=False``), differentiable through ``grid_sample``'s own backward. ``"reflection"`` reflects
+about the first and last pixel centres (kornia's convention), which is ``grid_sample``'s reflection with
+``align_corners=True`` (with ``False`` it reflects about the image edges), so that mode uses that mapping. The
+positions are computed in fp32 for fp16/bf16 inputs: a position near 200 in fp16 is only resolved to 1/8 pixel.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ def warp_torch(x: torch.Tensor, flow: torch.Tensor, mode: str, padding_mode: str
     flow = flow.to(compute)
     px = torch.arange(W, device=x.device, dtype=compute).view(1, 1, W) + flow[:, 0]
     py = torch.arange(H, device=x.device, dtype=compute).view(1, H, 1) + flow[:, 1]
-    if padding_mode == "reflection":
-        # Reflected into the image; "border" then only absorbs the rounding of the grid's normalisation.
-        px, py, padding_mode = _sampling.reflect(px, W - 1), _sampling.reflect(py, H - 1), "border"
-    out = _sampling.sample(x.to(compute), _sampling.pixel_grid(px, py, H, W), mode, padding_mode)
+    # grid_sample's reflection about pixel centres is the one of align_corners=True (see _sampling.pixel_grid).
+    corners = padding_mode == "reflection"
+    grid = _sampling.pixel_grid(px, py, H, W, align_corners=corners)
+    out = _sampling.sample(x.to(compute), grid, mode, padding_mode, align_corners=corners)
     return out.to(x.dtype)
 
 
