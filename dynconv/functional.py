@@ -2,8 +2,9 @@
 
 Every op follows ``torch.nn.functional.conv2d`` conventions: NCHW tensors, ``stride``/``padding``/
 ``dilation`` as an int or a pair (numpy integers and one-element sequences too, as ``F.conv2d`` takes them), fake
-and meta tensors for shape propagation, and a ``backend`` argument (``None``, ``"reference"``, ``"torch"`` or
-``"triton"``; see :mod:`dynconv.backends` for the rule that picks one when it is ``None``).
+and meta tensors for shape propagation, and keyword-only ``backend`` (``None``, ``"reference"``, ``"torch"`` or
+``"triton"``; see :mod:`dynconv.backends` for the rule that picks one when it is ``None``) and ``deterministic``
+(``None`` follows ``torch.are_deterministic_algorithms_enabled()``; each op says what it changes) arguments.
 """
 
 from __future__ import annotations
@@ -195,9 +196,9 @@ def warp(
         flow (Tensor[B, 2, H, W]): displacement in pixels, (dx, dy).
         mode (str): ``"bilinear"`` or ``"nearest"``. Default ``"bilinear"``.
         padding_mode (str): ``"zeros"``, ``"border"`` or ``"reflection"``. Default ``"zeros"``.
-        backend (str or None): ``"reference"`` (explicit gathers), ``"torch"`` (``grid_sample``; positions are
-            exact to ~1e-7 pixel after its coordinate normalisation; an axis of length 1, which its
-            ``align_corners=True`` mapping cannot express, falls back to the reference), ``"triton"`` (fused
+        backend (str or None): ``"reference"`` (explicit gathers), ``"torch"`` (``grid_sample`` through
+            :mod:`dynconv.ops._sampling`; positions are exact up to the rounding of its coordinate normalisation,
+            about ``W`` or ``H`` float epsilons), ``"triton"`` (fused
             gather forward and backward, fp32/fp16/bf16, fp32 accumulation) or None (see
             :mod:`dynconv.backends`: Triton for CUDA tensors when it is installed). Keyword only.
         deterministic (bool or None): make the Triton backward accumulate the gradient wrt ``x`` in a fixed
@@ -230,8 +231,7 @@ def warp(
         if deterministic is None:
             deterministic = torch.are_deterministic_algorithms_enabled()
         return warp_triton_op(x, flow, mode, padding_mode, bool(deterministic))
-    # grid_sample's align_corners=True mapping cannot address positions along an axis of length 1.
-    if chosen == "reference" or H == 1 or W == 1:
+    if chosen == "reference":
         return reference.warp(x, flow, mode, padding_mode)
     return warp_torch(x, flow, mode, padding_mode)
 
@@ -246,6 +246,7 @@ def local_filter2d(
     dilation: IntOrPair = 1,
     *,
     backend: str | None = None,
+    deterministic: bool | None = None,
 ) -> torch.Tensor:
     r"""Dynamic local filtering (Dynamic Filter Networks' *dynamic local filtering layer*; also the
     aggregation step of involution and of CARAFE): every output pixel of every sample has its own
@@ -268,7 +269,11 @@ def local_filter2d(
             ``F.conv2d``; ``None`` means ``(k - 1) // 2 * dilation`` ("same" size for odd ``k`` and stride 1).
             Default None.
         dilation (int or (int, int)): spacing between taps. Default 1.
-        backend (str or None): ``"reference"``, ``"torch"``, ``"triton"`` or ``None`` (automatic).
+        backend (str or None): ``"reference"``, ``"torch"``, ``"triton"`` or ``None`` (automatic). Keyword only.
+        deterministic (bool or None): accepted for the signature every dynconv op shares; it changes nothing here,
+            because every backend already computes both gradients by gathers (each output element written once, no
+            atomics), so repeated runs are bitwise equal. None (default) follows
+            ``torch.are_deterministic_algorithms_enabled()``. Keyword only.
 
     Returns:
         Tensor[B, C, H_out, W_out] in the dtype of ``x`` (fp16/bf16 accumulate in fp32), with
@@ -318,6 +323,7 @@ def local_filter2d(
     if C % G != 0:
         raise ValueError(f"x channels ({C}) must be divisible by the number of filter groups G ({G})")
     args = ((kh, kw), (sh, sw), (ph, pw), (dh, dw))
+    # deterministic needs no dispatch: every backend's backward is a gather (see the docstring).
     chosen = choose_backend("local_filter2d", x, filters, backend=backend)
     if chosen == "reference":
         return reference.local_filter2d(x, filters, *args)
@@ -335,6 +341,7 @@ def sample_conv2d(
     groups: int = 1,
     *,
     backend: str | None = None,
+    deterministic: bool | None = None,
 ) -> torch.Tensor:
     r"""Sample-specific convolution: every sample of the batch is convolved with its own kernel (Dynamic Filter
     Networks' *dynamic convolution layer*; the core of CondInst's mask heads and of every kernel mixture:
@@ -358,7 +365,14 @@ def sample_conv2d(
         stride, padding, dilation (int or (int, int)): as in ``F.conv2d`` (``padding`` also ``"valid"`` or
             ``"same"``). Defaults 1, 0, 1.
         groups (int): channel groups of each sample's convolution, as in ``F.conv2d``. Default 1.
-        backend (str or None): ``"reference"``, ``"torch"`` or ``None`` (automatic: ``torch``).
+        backend (str or None): ``"reference"``, ``"torch"`` or ``None`` (automatic: ``torch``). Keyword only.
+        deterministic (bool or None): make the backward run in a fixed order. On the CPU every backend already
+            does (``F.conv2d``'s CPU backward has no atomics), so it changes nothing there. On CUDA, with neither
+            ``torch.use_deterministic_algorithms`` nor ``torch.backends.cudnn.deterministic`` set (cuDNN then picks
+            deterministic algorithms itself), ``True`` makes the ``"torch"`` backend compute ``unfold`` + a batched
+            matmul (whose backward is a gather) instead of the grouped ``F.conv2d``, whose cuDNN backward may use
+            atomics; that holds ``kh*kw`` times the input. None (default) follows
+            ``torch.are_deterministic_algorithms_enabled()``. Keyword only.
 
     Returns:
         Tensor[B, C_out, H_out, W_out] in the dtype of ``x``, with the output size of ``F.conv2d``.
@@ -413,6 +427,11 @@ def sample_conv2d(
         return sample_conv2d_unfold(x, weight, bias, *args)
     if chosen == "reference":
         return reference.sample_conv2d(x, weight, bias, *args)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    cudnn_decides = torch.are_deterministic_algorithms_enabled() or torch.backends.cudnn.deterministic
+    if deterministic and x.device.type == "cuda" and not cudnn_decides:
+        return sample_conv2d_unfold(x, weight, bias, *args)
     if is_exporting():
         # ONNX's Conv takes its group count as a static attribute, so the grouped call below would fix the batch
         # size of an exported graph (for CondInst's mask heads the batch is the number of instances).

@@ -176,7 +176,7 @@ def _dcn_sample(value, offset, mask, kernel_size, stride, padding, dilation, off
 
 
 def _warp(x, flow, mode, padding_mode, deterministic):
-    # y(p) = x(p + flow(p)), pixel centres at integers: GridSample with align_corners=1 (see ops.warp.flow_to_grid).
+    # y(p) = x(p + flow(p)), pixel centres at integers: GridSample with align_corners=1 maps pixel p to 2p/(size-1)-1.
     op, _ = _onnx_modules()
     dtype = _compute_dtype(x)
     xc, fc = op.Cast(x, to=dtype), op.Cast(flow, to=dtype)

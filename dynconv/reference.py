@@ -62,34 +62,46 @@ def sample_conv2d(
     return torch.cat(outs, 0)
 
 
-def _bilinear_gather(x: torch.Tensor, py: torch.Tensor, px: torch.Tensor) -> torch.Tensor:
-    """Bilinear samples of ``x`` at fractional pixel positions, zero outside the image (torchvision's rule).
+def _sample(x: torch.Tensor, py: torch.Tensor, px: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """Samples of ``x`` at fractional pixel positions, zero outside the image: the one sampler of this module
+    (deformable convolution, DCNv3/DCNv4 and warp all read the input through it).
 
-    Each of the four neighbouring pixels ``(floor(py) + a, floor(px) + b)`` contributes with weight
-    ``(1 - |py - row|) (1 - |px - col|)`` if it lies inside the image and nothing otherwise, which is the
-    same as torchvision's "``-1 < y < H``, then in-image corners only" rule. An in-image corner is read even at
-    weight 0, so a NaN or infinite pixel there makes the sample NaN (torchvision and ``grid_sample`` read it
-    too); a corner outside the image reads nothing. A NaN or infinite position gives a NaN sample (its weights
-    are NaN), as ``grid_sample``'s bilinear ``zeros`` mode on the CPU.
+    ``"bilinear"``: each of the four neighbouring pixels ``(floor(py) + a, floor(px) + b)`` contributes with
+    weight ``(1 - |py - row|) (1 - |px - col|)`` if it lies inside the image and nothing otherwise, which is the
+    same as torchvision's "``-1 < y < H``, then in-image corners only" rule. ``"nearest"``: the pixel at the
+    position rounded half to even (``grid_sample``'s rule), or zero if that pixel is outside the image.
+
+    An in-image corner is read even at weight 0, so a NaN or infinite pixel there makes the sample NaN
+    (torchvision and ``grid_sample`` read it too); a corner outside the image reads nothing. A NaN or infinite
+    position gives a NaN sample with ``"bilinear"`` (its weights are NaN), as ``grid_sample``'s bilinear ``zeros``
+    mode on the CPU, and 0 with ``"nearest"`` (no pixel is inside).
 
     Args:
         x (Tensor[N, C, H, W]): the image.
         py, px (Tensor[N, P]): row and column of each sampling point (pixel centres at integers).
+        mode (str): ``"bilinear"`` or ``"nearest"``.
 
     Returns:
         Tensor[N, C, P]
     """
     N, C, H, W = x.shape
     flat = x.reshape(N, C, H * W)
-    # torch.div(.., rounding_mode='floor') is floor; torch.floor has a large fixed cost per call on some CPUs
-    # (docs/benchmarks.md), which would distort every benchmark against the reference.
-    y0, x0 = torch.div(py, 1, rounding_mode="floor"), torch.div(px, 1, rounding_mode="floor")
+    if mode == "nearest":
+        taps = [(torch.round(py), torch.round(px), None)]  # torch.round rounds half to even, as grid_sample
+    else:
+        # floor by a floor division: torch.floor has a large fixed cost per call on some CPUs (docs/benchmarks.md).
+        y0, x0 = torch.div(py, 1, rounding_mode="floor"), torch.div(px, 1, rounding_mode="floor")
+        taps = [
+            (row, col, wy * wx)
+            for row, wy in ((y0, 1 - (py - y0)), (y0 + 1, py - y0))
+            for col, wx in ((x0, 1 - (px - x0)), (x0 + 1, px - x0))
+        ]
     out = 0
-    for row, wy in ((y0, 1 - (py - y0)), (y0 + 1, py - y0)):
-        for col, wx in ((x0, 1 - (px - x0)), (x0 + 1, px - x0)):
-            inside = (row >= 0) & (row <= H - 1) & (col >= 0) & (col <= W - 1)
-            values = flat.gather(2, _flat_index(row, col, H, W).unsqueeze(1).expand(N, C, row.shape[1]))
-            out = out + torch.where(inside.unsqueeze(1), values, 0) * (wy * wx).unsqueeze(1)
+    for row, col, weight in taps:
+        inside = (row >= 0) & (row <= H - 1) & (col >= 0) & (col <= W - 1)
+        values = flat.gather(2, _flat_index(row, col, H, W).unsqueeze(1).expand(N, C, row.shape[1]))
+        values = torch.where(inside.unsqueeze(1), values, 0)
+        out = out + (values if weight is None else values * weight.unsqueeze(1))
     return out
 
 
@@ -144,7 +156,7 @@ def deform_conv2d(
                 dy, dx = offset[:, 2 * (g * K + k)], offset[:, 2 * (g * K + k) + 1]
                 py = ho * stride[0] - padding[0] + i * dilation[0] + dy  # [B, Ho, Wo]
                 px = wo * stride[1] - padding[1] + j * dilation[1] + dx
-                sample = _bilinear_gather(x_g, py.reshape(B, Ho * Wo), px.reshape(B, Ho * Wo))  # [B, C/G_off, Ho*Wo]
+                sample = _sample(x_g, py.reshape(B, Ho * Wo), px.reshape(B, Ho * Wo))  # [B, C/G_off, Ho*Wo]
                 if mask is not None:
                     sample = sample * mask[:, g * K + k].reshape(B, 1, Ho * Wo)
                 taps.append(sample)
@@ -158,7 +170,8 @@ def deform_conv2d(
 
 def warp(x: torch.Tensor, flow: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
     """Backward warping ``y[b, :, h, w] = x[b, :, h + flow[b, 1, h, w], w + flow[b, 0, h, w]]``, sampled
-    explicitly with the rules of ``F.grid_sample(..., align_corners=True)``.
+    explicitly (:func:`_sample`) with the rules of ``F.grid_sample(..., align_corners=True)``: the padding mode
+    moves the position, then a neighbour outside the image counts as zero.
 
     Args:
         x (Tensor[B, C, H, W]): features to warp.
@@ -179,14 +192,7 @@ def warp(x: torch.Tensor, flow: torch.Tensor, mode: str, padding_mode: str) -> t
         py, px = py.nan_to_num(0).clamp(0, H - 1), px.nan_to_num(0).clamp(0, W - 1)
     elif padding_mode == "reflection":
         py, px = _reflect(py, H - 1), _reflect(px, W - 1)
-    py, px = py.reshape(B, H * W), px.reshape(B, H * W)
-    if mode == "nearest":
-        ry, rx = torch.round(py), torch.round(px)  # torch.round rounds half to even, as grid_sample's nearbyint
-        inside = (ry >= 0) & (ry <= H - 1) & (rx >= 0) & (rx <= W - 1)
-        out = x.reshape(B, C, H * W).gather(2, _flat_index(ry, rx, H, W).unsqueeze(1).expand(B, C, H * W))
-        out = torch.where(inside.unsqueeze(1), out, 0)
-    else:
-        out = _bilinear_gather(x, py, px)
+    out = _sample(x, py.reshape(B, H * W), px.reshape(B, H * W), mode)
     return out.reshape(B, C, H, W)
 
 
@@ -233,7 +239,8 @@ def dcn_sample(
     offset_scale: float,
     remove_center: bool,
 ) -> torch.Tensor:
-    """The DCNv3/DCNv4 sampling core by explicit bilinear interpolation: four gathers per kernel point.
+    """The DCNv3/DCNv4 sampling core by explicit bilinear interpolation (:func:`_sample`), one group and kernel
+    point at a time.
 
     Output pixel ``(ho, wo)`` of group ``g`` sums, over the kernel points ``k = (dx_k, dy_k)``
     (:func:`dcn_kernel_points`), ``mask[.., g, k]`` times ``value`` bilinearly sampled (zero outside the image,
@@ -257,22 +264,17 @@ def dcn_sample(
     Cg = C // G
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     kh, kw = kernel_size
-    v = value.reshape(B, H * W, G, Cg)
-    ys = (torch.arange(Ho, device=value.device) * sh - ph + (dh * (kh - 1)) // 2).view(1, Ho, 1, 1)
-    xs = (torch.arange(Wo, device=value.device) * sw - pw + (dw * (kw - 1)) // 2).view(1, 1, Wo, 1)
-    out = value.new_zeros(B, Ho * Wo, G, Cg)
-    for k, (dx, dy) in enumerate(dcn_kernel_points(kernel_size, dilation, remove_center)):
-        px = xs + (dx + offset[..., k, 0]) * offset_scale  # [B, Ho, Wo, G]
-        py = ys + (dy + offset[..., k, 1]) * offset_scale
-        x0, y0 = px.detach().floor(), py.detach().floor()
-        fx, fy = px - x0, py - y0
-        corners = ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx), (1, 0, fy * (1 - fx)), (1, 1, fy * fx))
-        for oy, ox, weight in corners:
-            yi, xi = y0 + oy, x0 + ox
-            # A corner outside the image reads nothing (not a clamped pixel times 0: 0 * inf is NaN); a NaN or
-            # infinite position has NaN weights, so its sample is NaN, as grid_sample's (the torch backend's).
-            inside = ((yi >= 0) & (yi < H) & (xi >= 0) & (xi < W)).reshape(B, Ho * Wo, G, 1)
-            index = _flat_index(yi, xi, H, W).reshape(B, Ho * Wo, G, 1).expand(-1, -1, -1, Cg)
-            coeff = (weight * mask[..., k]).reshape(B, Ho * Wo, G, 1)
-            out = out + torch.where(inside, torch.gather(v, 1, index), 0) * coeff
-    return out.reshape(B, Ho, Wo, C)
+    ys = (torch.arange(Ho, device=value.device) * sh - ph + (dh * (kh - 1)) // 2).view(1, Ho, 1)
+    xs = (torch.arange(Wo, device=value.device) * sw - pw + (dw * (kw - 1)) // 2).view(1, 1, Wo)
+    points = dcn_kernel_points(kernel_size, dilation, remove_center)
+    groups = []
+    for g in range(G):
+        x_g = value[..., g * Cg : (g + 1) * Cg].permute(0, 3, 1, 2)  # [B, C/G, H, W]
+        out = value.new_zeros(B, Cg, Ho * Wo)
+        for k, (dx, dy) in enumerate(points):
+            px = xs + (dx + offset[:, :, :, g, k, 0]) * offset_scale  # [B, Ho, Wo]
+            py = ys + (dy + offset[:, :, :, g, k, 1]) * offset_scale
+            sample = _sample(x_g, py.reshape(B, Ho * Wo), px.reshape(B, Ho * Wo))  # [B, C/G, Ho*Wo]
+            out = out + sample * mask[:, :, :, g, k].reshape(B, 1, Ho * Wo)
+        groups.append(out)
+    return torch.cat(groups, 1).view(B, C, Ho, Wo).permute(0, 2, 3, 1).contiguous()

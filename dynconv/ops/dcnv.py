@@ -4,9 +4,9 @@ The op takes channels-last ``value [B, H, W, C]``, offsets ``[B, H_out, W_out, G
 ``[B, H_out, W_out, G, P]`` (normalised arguments; see :func:`dynconv.reference.dcn_sample` for the exact
 sampling locations) and returns ``[B, H_out, W_out, C]``.
 
-The ``torch`` backend samples the P kernel points with ``grid_sample`` over all groups at once
-(``[B*G, C/G, H, W]``, grid ``[B*G, H_out*W_out, n, 2]``) and has a hand-written backward
-(``aten.grid_sampler_2d_backward``), so autograd saves only the inputs. InternImage's ``dcnv3_core_pytorch``
+The ``torch`` backend samples the P kernel points with the shared sampler (:mod:`dynconv.ops._sampling`) over
+all groups at once (``[B*G, C/G, H, W]``, grid ``[B*G, H_out*W_out, n, 2]``) and has a hand-written backward
+(:func:`dynconv.ops._sampling.sample_backward`), so autograd saves only the inputs. InternImage's ``dcnv3_core_pytorch``
 samples all P points in one call and lets autograd keep the ``[B*G, C/G, H_out*W_out, P]`` samples (P times
 the output) until the backward; here that tensor is a temporary, and the points are taken in chunks whose
 samples fit in :data:`CHUNK_BYTES` (one point per chunk at the largest sizes). Measured in ``docs/benchmarks.md``
@@ -16,10 +16,10 @@ samples fit in :data:`CHUNK_BYTES` (one point per chunk at the largest sizes). M
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from dynconv.backends import TRITON_OPS
 from dynconv.kernels._launch import acc_dtype
+from dynconv.ops import _sampling
 from dynconv.ops._autograd import refuse_double_backward
 from dynconv.reference import dcn_kernel_points
 
@@ -47,7 +47,7 @@ def _chunks(P: int, per_point_bytes: int) -> list[tuple[int, int]]:
 
 
 class _Geometry:
-    """Normalised ``grid_sample`` grids of the kernel points (align_corners=False, pixel centres at integers)."""
+    """Sampling grids of the kernel points (:func:`dynconv.ops._sampling.pixel_grid`)."""
 
     def __init__(self, value_hw, offset, kernel_size, stride, padding, dilation, offset_scale, remove_center, acc):
         H, W = value_hw
@@ -61,26 +61,20 @@ class _Geometry:
         ys = torch.arange(Ho, device=device, dtype=acc) * sh - ph + (dh * (kh - 1)) // 2
         xs = torch.arange(Wo, device=device, dtype=acc) * sw - pw + (dw * (kw - 1)) // 2
         self.base = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).view(1, Ho * Wo, 1, 2)
-        self.size = torch.tensor([W, H], dtype=acc, device=device)
-        self.offset, self.acc = offset, acc
+        self.H, self.W, self.offset, self.acc = H, W, offset, acc
 
     def grid(self, k0: int, k1: int) -> torch.Tensor:
         """The grid of points ``k0 .. k1 - 1``: ``[B*G, H_out*W_out, k1 - k0, 2]``."""
         off = self.offset[..., k0:k1, :].to(self.acc).permute(0, 3, 1, 2, 4, 5)
         off = off.reshape(self.B * self.G, self.Q, k1 - k0, 2)  # explicit sizes: B may be 0
         loc = self.base + (self.points[k0:k1] + off) * self.scale
-        # align_corners=False maps pixel coordinate p to (2p + 1) / size - 1.
-        return (2 * loc + 1) / self.size - 1
+        return _sampling.pixel_grid(loc[..., 0], loc[..., 1], self.H, self.W)
 
 
 def _mask_chunk(mask: torch.Tensor, k0: int, k1: int, acc: torch.dtype) -> torch.Tensor:
     """``mask[..., k0:k1]`` as ``[B*G, 1, H_out*W_out, k1 - k0]``."""
     B, Ho, Wo, G, _ = mask.shape
     return mask[..., k0:k1].to(acc).permute(0, 3, 1, 2, 4).reshape(B * G, 1, Ho * Wo, k1 - k0)
-
-
-def _sample(xg: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    return F.grid_sample(xg, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def _torch_forward(value, offset, mask, kernel_size, stride, padding, dilation, offset_scale, remove_center):
@@ -91,7 +85,7 @@ def _torch_forward(value, offset, mask, kernel_size, stride, padding, dilation, 
     geom = _Geometry((H, W), offset, kernel_size, stride, padding, dilation, offset_scale, remove_center, acc)
     out = torch.zeros((B * G, C // G, Ho * Wo), dtype=acc, device=value.device)
     for k0, k1 in _chunks(P, B * C * Ho * Wo * xg.element_size()):
-        sampled = _sample(xg, geom.grid(k0, k1))  # [B*G, C/G, Ho*Wo, n]
+        sampled = _sampling.sample(xg, geom.grid(k0, k1))  # [B*G, C/G, Ho*Wo, n]
         out += sampled.mul_(_mask_chunk(mask, k0, k1, acc)).sum(-1)
     return out.view(B, C, Ho, Wo).permute(0, 2, 3, 1).to(value.dtype).contiguous()
 
@@ -109,21 +103,16 @@ def _torch_backward(
     grad_x = torch.zeros_like(xg) if need_value else None
     grad_off = torch.empty((B * G, Ho * Wo, P, 2), dtype=acc, device=value.device) if need_offset else None
     grad_m = torch.empty((B * G, Ho * Wo, P), dtype=acc, device=value.device) if need_mask else None
-    # d(grid coordinate)/d(offset) = offset_scale * 2 / size (the inverse of the normalisation in _Geometry.grid).
-    dgrid = offset_scale * 2 / geom.size
     for k0, k1 in _chunks(P, B * C * Ho * Wo * xg.element_size()):
         grid = geom.grid(k0, k1)
         if need_mask:
-            grad_m[:, :, k0:k1] = _sample(xg, grid).mul_(gy).sum(1)
-        if need_value or need_offset:
-            # interpolation 0 = bilinear, padding 0 = zeros; grad_input sums the chunk's points inside aten.
-            gx_k, ggrid = torch.ops.aten.grid_sampler_2d_backward(
-                gy * _mask_chunk(mask, k0, k1, acc), xg, grid, 0, 0, False, [need_value, need_offset]
-            )
-            if need_value:
-                grad_x += gx_k
-            if need_offset:
-                grad_off[:, :, k0:k1] = ggrid * dgrid
+            grad_m[:, :, k0:k1] = _sampling.sample(xg, grid).mul_(gy).sum(1)
+        # The input gradient sums the chunk's points inside the sampler's backward.
+        gx_k, gpos = _sampling.sample_backward(gy * _mask_chunk(mask, k0, k1, acc), xg, grid, need_value, need_offset)
+        if need_value:
+            grad_x += gx_k
+        if need_offset:
+            grad_off[:, :, k0:k1] = gpos * offset_scale  # d(position)/d(offset) = offset_scale
     grad_value = (
         grad_x.view(B, C, H, W).permute(0, 2, 3, 1).to(value.dtype).contiguous() if need_value else value.new_empty(0)
     )
@@ -138,70 +127,49 @@ def _torch_backward(
     return grad_value, grad_offset, grad_mask
 
 
-@torch.library.custom_op("dynconv::dcn_sample", mutates_args=())
-def dcn_sample_op(
-    value: torch.Tensor,
-    offset: torch.Tensor,
-    mask: torch.Tensor,
-    kernel_size: list[int],
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    offset_scale: float,
-    remove_center: bool,
-    backend: str,
-) -> torch.Tensor:
-    """Forward of the DCNv3/DCNv4 sampling core on validated arguments (see :func:`dynconv.dcnv3`)."""
+# The forward's arguments, which the backward takes after grad_out: one schema for both ops.
+_ARGS = (
+    "Tensor value, Tensor offset, Tensor mask, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
+    "float offset_scale, bool remove_center, str backend"
+)
+
+
+@torch.library.custom_op("dynconv::dcn_sample", mutates_args=(), schema=f"({_ARGS}) -> Tensor")
+def dcn_sample_op(value: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, *args) -> torch.Tensor:
+    """Forward of the DCNv3/DCNv4 sampling core on validated arguments (see :func:`dynconv.dcnv3`); ``args`` are
+    ``kernel_size, stride, padding, dilation`` (int pairs as lists), ``offset_scale, remove_center`` and the
+    backend name."""
+    *geometry, backend = args
     if backend == "triton":
         from dynconv.kernels import dcnv as kernels
 
-        return kernels.forward(value, offset, mask, kernel_size, stride, padding, dilation, offset_scale, remove_center)
-    return _torch_forward(value, offset, mask, kernel_size, stride, padding, dilation, offset_scale, remove_center)
+        return kernels.forward(value, offset, mask, *geometry)
+    return _torch_forward(value, offset, mask, *geometry)
 
 
 @dcn_sample_op.register_fake
-def _(value, offset, mask, kernel_size, stride, padding, dilation, offset_scale, remove_center, backend):
+def _(value, offset, mask, *args):
     B, Ho, Wo = offset.shape[:3]
     return value.new_empty((B, Ho, Wo, value.shape[3]))
 
 
-@torch.library.custom_op("dynconv::dcn_sample_backward", mutates_args=())
+@torch.library.custom_op(
+    "dynconv::dcn_sample_backward",
+    mutates_args=(),
+    schema=f"(Tensor grad_out, {_ARGS}, bool need_value, bool need_offset, bool need_mask) -> (Tensor, Tensor, Tensor)",
+)
 def dcn_sample_backward_op(
-    grad_out: torch.Tensor,
-    value: torch.Tensor,
-    offset: torch.Tensor,
-    mask: torch.Tensor,
-    kernel_size: list[int],
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    offset_scale: float,
-    remove_center: bool,
-    backend: str,
-    need_value: bool,
-    need_offset: bool,
-    need_mask: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of ``dcn_sample`` wrt ``value``, ``offset`` and ``mask``; one not needed comes back empty."""
+    grad_out: torch.Tensor, value: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, *args
+):
+    """Gradients of ``dcn_sample`` wrt ``value``, ``offset`` and ``mask``; one not needed comes back empty. ``args``
+    are the forward's, then ``need_value, need_offset, need_mask``."""
+    *geometry, backend = args[:-3]
+    needs = tuple(args[-3:])
     if backend == "triton":
         from dynconv.kernels import dcnv as kernels
 
-        needs = (need_value, need_offset, need_mask)
-        args = (kernel_size, stride, padding, dilation, offset_scale, remove_center, needs)
-        return kernels.backward(grad_out, value, offset, mask, *args)
-    return _torch_backward(
-        grad_out,
-        value,
-        offset,
-        mask,
-        kernel_size,
-        stride,
-        padding,
-        dilation,
-        offset_scale,
-        remove_center,
-        (need_value, need_offset, need_mask),
-    )
+        return kernels.backward(grad_out, value, offset, mask, *geometry, needs)
+    return _torch_backward(grad_out, value, offset, mask, *geometry, needs)
 
 
 @dcn_sample_backward_op.register_fake

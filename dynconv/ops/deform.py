@@ -1,9 +1,9 @@
 """``dynconv::deform_conv2d``: deformable convolution (DCNv1, Dai et al., ICCV 2017; DCNv2 with modulation,
-Zhu et al., CVPR 2019) as a custom op with a hand-written backward, and the bilinear sampling helpers it is
-built on (shared with the other deformable ops).
+Zhu et al., CVPR 2019) as a custom op with a hand-written backward.
 
-The ``torch`` backend is gather + matmul, processed in chunks of images so the column buffer stays below
-:data:`COLUMN_BUDGET_BYTES`:
+The ``torch`` backend is gather + matmul on the row-table engine of the shared sampler
+(:mod:`dynconv.ops._sampling`), processed in chunks of images so the column buffer stays below
+:data:`dynconv._columns.COLUMN_BUDGET_BYTES`:
 
 1. The input is laid out as a table of rows ``[B*G_off*H*W, C/G_off]`` (channels last within each offset
    group), so one sampling corner of one tap of one output pixel is one contiguous row.
@@ -14,8 +14,8 @@ The ``torch`` backend is gather + matmul, processed in chunks of images so the c
    (bias fused), with no transposed copy of the columns.
 3. The backward recomputes the corners, gets the column gradient by one matmul, and for each corner forms
    ``a = <grad_column, x_corner>`` (one dot per row): the offset, mask and bilinear-weight gradients are all
-   linear in these four numbers. The input gradient is ``index_add_`` of the weighted column gradient into
-   the row table (deterministic on CPU: ``index_add_`` accumulates serially per row).
+   linear in these four numbers. The input gradient is a scatter of the weighted column gradient into the
+   row table (:func:`dynconv.ops._sampling.scatter_rows`).
 
 Autograd through the gathers would keep every corner's values and weights alive (4x the columns); the
 hand-written backward keeps one column buffer, one scratch buffer of the same size and the input table.
@@ -28,80 +28,20 @@ import torch
 from dynconv import _columns as cm
 from dynconv.backends import TRITON_OPS
 from dynconv.kernels._launch import acc_dtype
+from dynconv.ops import _sampling
 from dynconv.ops._autograd import refuse_double_backward
 
-__all__ = ["deform_conv2d_op", "sampling_corners"]
+__all__ = ["deform_conv2d_op"]
 
 TRITON_OPS["deform_conv2d"] = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _floor(t: torch.Tensor) -> torch.Tensor:
-    # floor(t) for finite t. torch.floor (also trunc and round) has a large fixed cost per call on some CPUs and a
-    # floor division does not (docs/benchmarks.md, "Notes behind code choices").
-    return torch.div(t, 1, rounding_mode="floor")
-
-
-def sampling_corners(
-    py: torch.Tensor,
-    px: torch.Tensor,
-    H: int,
-    W: int,
-    row_base: torch.Tensor | int = 0,
-    derivatives: bool = False,
-    outside: int | None = None,
-) -> list[tuple[torch.Tensor, ...]]:
-    """The four bilinear corners of every sampling point, with torchvision's border rule.
-
-    A corner outside the image contributes nothing: its weight is zero and its index is clamped into the image,
-    so a gather stays in bounds. Validity is folded into the per-axis weights once, which keeps this to about
-    fifty elementwise ops (it runs on ``[images, pixels, taps, groups]`` tensors in every forward and backward).
-
-    Args:
-        py, px (Tensor[...]): fractional row and column of each sampling point (pixel centres at integers).
-        H, W (int): image size.
-        row_base (Tensor or int): added to every index (the first row of each image/group in a row table).
-        derivatives (bool): also return the partial derivatives of each weight wrt ``py`` and ``px``.
-        outside (int or None): the index a corner outside the image gets (a row of zeros in the caller's table),
-            so it reads nothing; None clamps it into the image, where its zero weight hides the value unless that
-            value is NaN or infinite (0 * inf is NaN; torchvision reads no pixel for such a corner).
-
-    Returns:
-        For the corners (top-left, top-right, bottom-left, bottom-right), ``(index, weight)`` or
-        ``(index, weight, d_weight/d_py, d_weight/d_px)``; ``index = row_base + row * W + col`` (int64), all of
-        the broadcast shape of ``py``, ``px`` and ``row_base``.
-    """
-    y0, x0 = _floor(py), _floor(px)
-    ly, lx = py - y0, px - x0
-    in_y = ((y0 >= 0) & (y0 <= H - 1), (y0 >= -1) & (y0 <= H - 2))
-    in_x = ((x0 >= 0) & (x0 <= W - 1), (x0 >= -1) & (x0 <= W - 2))
-    vy = tuple(v.to(py.dtype) for v in in_y)
-    vx = tuple(v.to(px.dtype) for v in in_x)
-    wy = ((1 - ly) * vy[0], ly * vy[1])
-    wx = ((1 - lx) * vx[0], lx * vx[1])
-    # nan_to_num_: a NaN offset (a diverging offset predictor) must give a NaN output, not an out-of-range gather.
-    rows = tuple(r.nan_to_num_(0).clamp_(0, H - 1).long() * W + row_base for r in (y0.clone(), y0 + 1))
-    cols = tuple(c.nan_to_num_(0).clamp_(0, W - 1).long() for c in (x0.clone(), x0 + 1))
-    corners = []
-    for a in (0, 1):
-        for b in (0, 1):
-            index = rows[a] + cols[b]
-            if outside is not None:
-                index = torch.where(in_y[a] & in_x[b], index, outside)
-            corner = (index, wy[a] * wx[b])
-            if derivatives:
-                dwy = wx[b] * vy[a] if a else -(wx[b] * vy[a])
-                dwx = wy[a] * vx[b] if b else -(wy[a] * vx[b])
-                corner += (dwy, dwx)
-            corners.append(corner)
-    return corners
 
 
 def _chunk_geometry(offset, mask, b0, b1, kernel_size, stride, padding, dilation, H, W, acc, derivatives=False):
     """Bilinear corners of images ``b0:b1``, rows ordered (image, pixel, tap, offset group), and the mask.
 
-    Returns ``(corners, mask)``: ``corners`` as :func:`sampling_corners` gives them (weights without the mask)
-    for tensors of shape ``[nb, H_out, W_out, kh*kw, G_off]``, indices into the rows of :func:`_input_table`;
-    ``mask`` of the same shape, or None.
+    Returns ``(corners, mask)``: ``corners`` as :func:`._sampling.sampling_corners` gives them (weights without
+    the mask) for tensors of shape ``[nb, H_out, W_out, kh*kw, G_off]``, indices into the rows of
+    :func:`._sampling.input_table`; ``mask`` of the same shape, or None.
     """
     nb = b1 - b0
     kh, kw = kernel_size
@@ -119,38 +59,11 @@ def _chunk_geometry(offset, mask, b0, b1, kernel_size, stride, padding, dilation
     px = base_x + off[1]
     # Row of the input table: ((image * G + group) * H + row) * W + col.
     table_base = (torch.arange(nb, device=dev).view(nb, 1, 1, 1, 1) * G_off + torch.arange(G_off, device=dev)) * (H * W)
-    corners = sampling_corners(py, px, H, W, table_base, derivatives, outside=nb * G_off * H * W)
+    corners = _sampling.sampling_corners(py, px, H, W, table_base, derivatives, outside=nb * G_off * H * W)
     m = None
     if mask is not None:
         m = mask[b0:b1].to(acc).view(nb, G_off, K, Ho, Wo).permute(0, 3, 4, 2, 1).contiguous()  # [nb, Ho, Wo, K, G]
     return corners, m
-
-
-def _input_table(x: torch.Tensor, b0: int, b1: int, G_off: int, acc: torch.dtype) -> torch.Tensor:
-    """Images ``b0:b1`` of ``x`` as rows ``[nb*G_off*H*W + 1, C/G_off]`` (one copy; also the dtype change); the
-    last row is zeros, read by the sampling corners outside the image."""
-    nb, (C, H, W) = b1 - b0, x.shape[1:]
-    rows = nb * G_off * H * W
-    # A contiguous table is the point: a row gather from a permuted view reads one element per cache line
-    # (index_select measured 15x slower at (2, 256, 64, 64)).
-    table = torch.empty((rows + 1, C // G_off), dtype=acc, device=x.device)
-    table[:rows].view(nb, G_off, H, W, C // G_off).copy_(
-        x[b0:b1].view(nb, G_off, C // G_off, H, W).permute(0, 1, 3, 4, 2)
-    )
-    table[rows].zero_()
-    return table
-
-
-def _gather_columns(table, corners, mask, columns, scratch):
-    """``columns[r] = sum_corner mask[r] * weight[r] * table[index[r]]`` for every row ``r`` (in place)."""
-    for n, (index, w, *_) in enumerate(corners):
-        w = (w if mask is None else w * mask).reshape(-1, 1)
-        if n == 0:
-            torch.index_select(table, 0, index.reshape(-1), out=columns)
-            columns.mul_(w)
-        else:
-            torch.index_select(table, 0, index.reshape(-1), out=scratch)
-            columns.addcmul_(scratch, w)
 
 
 def _torch_forward(x, offset, weight, bias, mask, kernel_size, stride, padding, dilation):
@@ -173,7 +86,7 @@ def _torch_forward(x, offset, weight, bias, mask, kernel_size, stride, padding, 
             columns = torch.empty((rows, C // G_off), dtype=acc, device=x.device)
             scratch = torch.empty_like(columns)
         corners, m = _chunk_geometry(offset, mask, b0, b1, kernel_size, stride, padding, dilation, H, W, acc)
-        _gather_columns(_input_table(x, b0, b1, G_off, acc), corners, m, columns, scratch)
+        _sampling.gather_rows(_sampling.input_table(x, b0, b1, G_off, acc), corners, m, columns, scratch)
         res = cm.columns_matmul(columns.view(-1, K * C), wacc, G_w, bacc)
         out[b0:b1].view(-1, Co).copy_(res)
     # The fake kernel promises a contiguous NCHW result.
@@ -207,7 +120,7 @@ def _torch_backward(grad_out, x, offset, weight, mask, kernel_size, stride, padd
         corners, m = _chunk_geometry(
             offset, mask, b0, b1, kernel_size, stride, padding, dilation, H, W, acc, need_offset
         )
-        table = _input_table(x, b0, b1, G_off, acc)
+        table = _sampling.input_table(x, b0, b1, G_off, acc)
         scratch = torch.empty((rows, Cg), dtype=acc, device=x.device)
         columns = torch.zeros((rows, Cg), dtype=acc, device=x.device) if need_weight else None
         gcols = cm.grad_columns(gout2d, wacc, G_w).view(rows, Cg) if need_geometry else None
@@ -223,10 +136,7 @@ def _torch_backward(grad_out, x, offset, weight, mask, kernel_size, stride, padd
                 dots.append(scratch.mul_(gcols).sum(1).view(w.shape))  # a = <grad column, corner value> per row
             if need_x:
                 torch.mul(gcols, wm, out=scratch)
-                if deterministic and x.device.type != "cpu":  # CUDA's index_add_ uses atomics
-                    grad_table.index_put_((index,), scratch, accumulate=True)
-                else:
-                    grad_table.index_add_(0, index, scratch)
+                _sampling.scatter_rows(grad_table, index, scratch, deterministic)
         if need_weight:
             grad_weight += cm.grad_weight(columns.view(-1, K * C), gout2d, weight.shape, G_w)
         if need_offset:

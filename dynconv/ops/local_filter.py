@@ -99,54 +99,48 @@ def _torch_backward(grad_out, x, filters, kernel_size, stride, padding, dilation
     return grad_x, grad_f
 
 
-@torch.library.custom_op("dynconv::local_filter2d", mutates_args=())
-def local_filter2d_op(
-    x: torch.Tensor,
-    filters: torch.Tensor,
-    kernel_size: list[int],
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    backend: str,
-) -> torch.Tensor:
-    """Forward of dynamic local filtering on validated arguments (see :func:`dynconv.local_filter2d`)."""
+# The forward's arguments, which the backward takes after grad_out: one schema for both ops.
+_ARGS = "Tensor x, Tensor filters, int[] kernel_size, int[] stride, int[] padding, int[] dilation, str backend"
+
+
+@torch.library.custom_op("dynconv::local_filter2d", mutates_args=(), schema=f"({_ARGS}) -> Tensor")
+def local_filter2d_op(x: torch.Tensor, filters: torch.Tensor, *args) -> torch.Tensor:
+    """Forward of dynamic local filtering on validated arguments (see :func:`dynconv.local_filter2d`); ``args`` are
+    ``kernel_size, stride, padding, dilation`` (int pairs as lists) and the backend name."""
+    *geometry, backend = args
     if backend == "triton":
         from dynconv.kernels import local_filter as kernels
 
-        return kernels.forward(x, filters, kernel_size, stride, padding, dilation)
-    return _torch_forward(x, filters, kernel_size, stride, padding, dilation)
+        return kernels.forward(x, filters, *geometry)
+    return _torch_forward(x, filters, *geometry)
 
 
 @local_filter2d_op.register_fake
-def _(x, filters, kernel_size, stride, padding, dilation, backend):
+def _(x, filters, *args):
     B, C = x.shape[:2]
     Ho, Wo = filters.shape[-2:]
     return x.new_empty((B, C, Ho, Wo))
 
 
-@torch.library.custom_op("dynconv::local_filter2d_backward", mutates_args=())
-def local_filter2d_backward_op(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    filters: torch.Tensor,
-    kernel_size: list[int],
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    backend: str,
-    need_x: bool,
-    need_filters: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of ``local_filter2d`` wrt ``x`` and ``filters``; a gradient not needed comes back empty."""
+@torch.library.custom_op(
+    "dynconv::local_filter2d_backward",
+    mutates_args=(),
+    schema=f"(Tensor grad_out, {_ARGS}, bool need_x, bool need_filters) -> (Tensor, Tensor)",
+)
+def local_filter2d_backward_op(grad_out: torch.Tensor, x: torch.Tensor, filters: torch.Tensor, *args):
+    """Gradients of ``local_filter2d`` wrt ``x`` and ``filters``; a gradient not needed comes back empty. ``args``
+    are the forward's, then ``need_x, need_filters``."""
+    *geometry, backend, need_x, need_filters = args
     if backend == "triton":
         from dynconv.kernels import local_filter as kernels
 
-        return kernels.backward(grad_out, x, filters, kernel_size, stride, padding, dilation, need_x, need_filters)
-    return _torch_backward(grad_out, x, filters, kernel_size, stride, padding, dilation, need_x, need_filters)
+        return kernels.backward(grad_out, x, filters, *geometry, need_x, need_filters)
+    return _torch_backward(grad_out, x, filters, *geometry, need_x, need_filters)
 
 
 @local_filter2d_backward_op.register_fake
-def _(grad_out, x, filters, kernel_size, stride, padding, dilation, backend, need_x, need_filters):
+def _(grad_out, x, filters, *args):
+    need_x, need_filters = args[-2:]
     gx = x.new_empty(x.shape) if need_x else x.new_empty(0)
     gf = filters.new_empty(filters.shape) if need_filters else filters.new_empty(0)
     return gx, gf

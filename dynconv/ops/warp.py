@@ -1,47 +1,35 @@
 """Flow warping (Deep Feature Flow, Zhu et al., CVPR 2017): the ``torch`` and ``triton`` backends of
 :func:`dynconv.warp`.
 
-``F.grid_sample`` already is a fused bilinear gather with a scatter backward (wrt the input) and an
-analytic backward wrt the grid, on CPU and CUDA, so the torch backend only turns the flow in pixels into
-its normalised grid. ``align_corners=True`` puts pixel centres at ``-1`` and ``+1`` for the first and
-last pixel, so a position ``p`` in pixels maps to ``2 p / (size - 1) - 1`` and ``reflection`` reflects
-about pixel centres (kornia's convention). The grid is built in fp32 for fp16/bf16 inputs: a position
-near 200 in fp16 is only resolved to 1/8 pixel.
+The torch backend samples at ``pixel + flow`` with the shared sampler (:mod:`dynconv.ops._sampling`, ``grid_sample``
+with ``align_corners=False``), differentiable through ``grid_sample``'s own backward. ``"reflection"`` reflects
+about the first and last pixel centres (kornia's convention), which is ``grid_sample``'s reflection with
+``align_corners=True`` (with ``False`` it reflects about the image edges), so that mode uses that mapping. The
+positions are computed in fp32 for fp16/bf16 inputs: a position near 200 in fp16 is only resolved to 1/8 pixel.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from dynconv.backends import TRITON_OPS
+from dynconv.ops import _sampling
 from dynconv.ops._autograd import refuse_double_backward
 
-__all__ = ["flow_to_grid", "warp_torch", "warp_triton_op"]
-
-
-def flow_to_grid(flow: torch.Tensor) -> torch.Tensor:
-    """The ``grid_sample`` grid (``align_corners=True``) that samples at ``pixel + flow``.
-
-    Args:
-        flow (Tensor[B, 2, H, W]): (dx, dy) in pixels; ``H, W >= 2``.
-
-    Returns:
-        Tensor[B, H, W, 2]: (x, y) in ``[-1, 1]`` for positions inside the image.
-    """
-    B, _, H, W = flow.shape
-    cols = torch.arange(W, device=flow.device, dtype=flow.dtype).view(1, 1, W)
-    rows = torch.arange(H, device=flow.device, dtype=flow.dtype).view(1, H, 1)
-    gx = (cols + flow[:, 0]) * (2.0 / (W - 1)) - 1.0
-    gy = (rows + flow[:, 1]) * (2.0 / (H - 1)) - 1.0
-    return torch.stack((gx, gy), dim=-1)
+__all__ = ["warp_torch", "warp_triton_op"]
 
 
 def warp_torch(x: torch.Tensor, flow: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
-    """Backward warping by ``grid_sample`` on validated arguments (see :func:`dynconv.warp`); ``H, W >= 2``."""
+    """Backward warping by the shared sampler on validated arguments (see :func:`dynconv.warp`)."""
+    B, C, H, W = x.shape
     compute = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-    grid = flow_to_grid(flow.to(compute))
-    out = F.grid_sample(x.to(compute), grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+    flow = flow.to(compute)
+    px = torch.arange(W, device=x.device, dtype=compute).view(1, 1, W) + flow[:, 0]
+    py = torch.arange(H, device=x.device, dtype=compute).view(1, H, 1) + flow[:, 1]
+    # grid_sample's reflection about pixel centres is the one of align_corners=True (see _sampling.pixel_grid).
+    corners = padding_mode == "reflection"
+    grid = _sampling.pixel_grid(px, py, H, W, align_corners=corners)
+    out = _sampling.sample(x.to(compute), grid, mode, padding_mode, align_corners=corners)
     return out.to(x.dtype)
 
 
