@@ -4,6 +4,7 @@ path with fake apt-get/dpkg-deb, models per --conv kind, schedules, training, ex
 from __future__ import annotations
 
 import copy
+import dataclasses
 import glob
 import gzip
 import json
@@ -353,6 +354,52 @@ def test_match_lr_scales_are_one_over_k_c_squared(conv, K, coefficient):
     assert len(extra) == 19 and all(g["lr_scale"] == pytest.approx(1 / (K * coefficient**2), rel=1e-3) for g in extra)
     assert all(g["weight_decay"] * g["lr_scale"] == pytest.approx(5e-4) for g in extra)
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("conv", ["condconv", "dynamic", "odconv", "dynet"])
+def test_default_optimizer_gives_a_converted_layer_the_static_first_step(conv):
+    """The kinds' unequal learning speed at conversion (docs/results.md): with the recipe's default config, one
+    step of its optimizer on a converted layer's experts moves the layer's output as far as the same step moves
+    the static convolution it came from (measured here by hand on the two layers). Without the default
+    (``--no-match-lr``) DY-CNN moves 1/4 as far, ODConv about 1/256, CondConv 2x."""
+    cfg = rc.Config(conv=conv, weight_decay=0.0, **TINY)
+    torch.manual_seed(0)
+    static = rc.build_model(rc.Config(conv="static", **TINY), 1, 10)
+    torch.manual_seed(0)
+    model = rc.build_model(cfg, 1, 10)
+    opt = rc.make_optimizer(model, cfg)
+    static_opt = torch.optim.SGD([static.layer2[0].conv1.weight], lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    layer, conv0 = model.layer2[0].conv1, static.layer2[0].conv1
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 4, 9, 9, generator=g)
+    r = torch.randn(3, 8, 5, 5, generator=g)
+    moved = {}
+    for key, net, module, optimizer in (("mixture", model, layer, opt), ("static", static, conv0, static_opt)):
+        module.eval()
+        y0 = module(x).detach()
+        assert_close = torch.testing.assert_close
+        if key == "mixture":
+            assert_close(y0, conv0(x).detach(), rtol=1e-4, atol=1e-5)  # step 0: the converted layer is the static one
+        (module(x) * r).sum().backward()
+        for p in net.parameters():  # only the kernels step (the attention's first step is another question)
+            if p is not module.weight:
+                p.grad = None
+        optimizer.step()
+        moved[key] = float((module(x).detach() - y0).norm())
+    assert moved["mixture"] / moved["static"] == pytest.approx(1.0, rel=0.02), moved
+
+
+def test_runs_saved_before_the_match_lr_default_resume_without_it(tmp_path):
+    from dynconv.recipes.checkpoint import save_checkpoint
+
+    old = {k: v for k, v in dataclasses.asdict(rc.Config(conv="dynamic")).items() if k != "match_lr"}
+    path = str(tmp_path / "last.pt")
+    save_checkpoint(path, {"config": old})
+    assert rc.Config().match_lr  # the default now
+    assert rc._resumed_config(path, rc.Config(), []).match_lr is False  # the run's own (absent: off)
+    assert rc._resumed_config(path, rc.Config(match_lr=True), ["--match-lr"]).match_lr is True  # given again
+    save_checkpoint(path, {"config": {**old, "match_lr": True}})
+    assert rc._resumed_config(path, rc.Config(), []).match_lr is True
 
 
 # ------------------------------------------------------------------------------------------------ training

@@ -253,15 +253,22 @@ def test_auto_formulation_rule():
     assert layer.choose_formulation(x7) == "chunked"  # CPU: 4608 < 32 * 4 * 49
     assert layer.choose_formulation(x7.to("meta")) == "experts"  # elsewhere: 4608 > 2 * 4 * 49
     small = dynconv.DynamicConv2d(64, 64, 3, padding=1)
-    assert small.choose_formulation(torch.zeros(2, 64, 32, 32)) == "chunked"  # CPU: 576 < 32 * 4 * 1024
+    # CPU: 576 < 32 * 4 * 1024; 64 kernels of 147 KB exceed GROUPED_BYTES (4 MiB), 2 do not (one call either way)
+    assert small.choose_formulation(torch.zeros(64, 64, 32, 32)) == "chunked"
+    assert small.choose_formulation(torch.zeros(2, 64, 32, 32)) == "grouped"
     assert small.choose_formulation(torch.zeros(2, 64, 32, 32, device="meta")) == "grouped"  # not CPU
     mid = dynconv.DynamicConv2d(128, 128, 3, padding=1)
-    assert mid.choose_formulation(torch.zeros(2, 128, 8, 8)) == "chunked"  # CPU: 1152 < 32 * 4 * 64
+    assert mid.choose_formulation(torch.zeros(8, 128, 8, 8)) == "chunked"  # CPU: 1152 < 32 * 4 * 64; 8 x 590 KB
     assert mid.choose_formulation(torch.zeros(2, 128, 8, 8, device="meta")) == "experts"  # 1152 > 2 * 4 * 64
     forced = dynconv.DynamicConv2d(512, 512, 3, padding=1, formulation="grouped")
     assert forced.choose_formulation(x) == "grouped"
     od = dynconv.ODConv2d(8, 8, 3)
-    assert od.choose_formulation(torch.zeros(2, 8, 5, 5)) == "chunked"
+    assert od.choose_formulation(torch.zeros(2, 8, 5, 5)) == "grouped"  # CPU: 2 kernels of 2.3 KB
+    # The narrow ResNet-18 of the classification recipe (width 1/8, 28x28 images), training at batch 64: one
+    # grouped call where the 64 kernels take at most 4 MiB (8 channels: 147 KB; 32: 2.3 MB), chunks above (64: 9.4 MB).
+    for c, size, expected in ((8, 28, "grouped"), (32, 7, "grouped"), (64, 4, "chunked")):
+        narrow = dynconv.DynamicConv2d(c, c, 3, padding=1)
+        assert narrow.choose_formulation(torch.zeros(64, c, size, size)) == expected, (c, size)
     assert od.choose_formulation(torch.zeros(1, 8, 5, 5)) == "grouped"
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dynconv.nn.mixture import CondConv2d, DynamicConv2d, DyNetConv2d, ODConv2d
 
-__all__ = ["KINDS", "convert", "skip_stem_and_pointwise"]
+__all__ = ["KINDS", "convert", "expert_lr_scales", "skip_stem_and_pointwise", "step_response"]
 
 KINDS: dict[str, type] = {
     "condconv": CondConv2d,
@@ -91,3 +93,54 @@ def convert(
             raise ValueError(f"cannot convert layer {name!r}: {exc}") from None
         setattr(parent, attr, layer)
     return model
+
+
+@torch.no_grad()
+def step_response(layer: nn.Module, seed: int = 0) -> float:
+    """How far one SGD step on a mixture layer's experts (``weight [K, C_out, C_in/groups, kh, kw]``) moves its
+    output, relative to the same step on a static convolution of the same geometry, at the layer's current state
+    (in eval mode, the attention held fixed). Both outputs are linear in their kernels, so a finite step is exact:
+    the ratio is ``|y(W - e g) - y(W)| / |conv(x, e g_static)|`` on a fixed random input ``[4, C_in, 8, 8]`` and
+    output gradient. At conversion it is ``sum_k c_k^2`` (see the module docstring).
+
+    Args:
+        layer (KernelMixtureConv2d): the layer (any module with a 5-d ``weight`` and ``nn.Conv2d``'s geometry).
+        seed (int): seed of the random input and output gradient. Default 0.
+    """
+    g = torch.Generator().manual_seed(seed)
+    dev, dtype = layer.weight.device, layer.weight.dtype
+    x = torch.randn(4, layer.in_channels, 8, 8, generator=g).to(dev, dtype)
+    was_training = layer.training
+    layer.eval()
+    try:
+        with torch.enable_grad():
+            y0 = layer(x)
+            r = torch.randn(y0.shape, generator=g).to(dev, dtype)
+            grad = torch.autograd.grad((y0 * r).sum(), layer.weight)[0]
+        step = 1e-3 * layer.weight.norm() / grad.norm().clamp_min(1e-30)
+        layer.weight.sub_(step * grad)
+        moved = (layer(x) - y0).norm()
+        layer.weight.add_(step * grad)
+        geometry = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
+        grad_static = torch.nn.grad.conv2d_weight(x, layer.weight.shape[1:], r, **geometry)
+        static_moved = F.conv2d(x, step * grad_static, **geometry).norm()
+    finally:
+        layer.train(was_training)
+    return float(moved / static_moved)
+
+
+def expert_lr_scales(model: nn.Module) -> dict[str, float]:
+    """For each mixture layer's experts (``"<name>.weight"``), the learning-rate factor that makes its SGD step
+    move the layer's output as the static convolution's would (``1 / step_response(layer)``, measured now: call
+    it right after :func:`convert`). With plain SGD (momentum included) a factor ``s`` on the experts' learning
+    rate is the same as training ``W = sqrt(s) * V``: the function at conversion and the state-dict keys stay as
+    they are. Give the experts' weight decay the inverse factor to keep the decay per step.
+
+    Returns:
+        dict[str, float]: parameter name -> factor (CondConv 0.5, DyNet 1, DY-CNN with 4 experts 4, ODConv 64-256).
+    """
+    return {
+        f"{name}.weight": 1.0 / step_response(m)
+        for name, m in model.named_modules()
+        if isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.ndim == 5 and hasattr(m, "num_experts")
+    }

@@ -22,10 +22,12 @@ papers place them) by :class:`dynconv.nn.ModulatedDeformConv2d` (DCNv2).
 
 Training: SGD with Nesterov momentum, linear warm-up then cosine decay per iteration, weight decay on
 weights only (not on norms and biases), optional label smoothing, DY-CNN's temperature annealed per iteration
-(``--temperature-start`` to 1 over ``--temperature-epochs``) for ``dynamic``, optionally (``--match-lr``) a
-learning rate per mixture layer's experts that makes its first step move the output as the static layer's
-would (at conversion a step moves a mixture ``K c^2`` times as far: DY-CNN 1/4, ODConv about 1/256, CondConv
-2, DyNet 1; see :func:`expert_lr_scales`), bf16 autocast on CUDA, a
+(``--temperature-start`` to 1 over ``--temperature-epochs``) for ``dynamic``, by default (``--match-lr``; off
+with ``--no-match-lr``) a learning rate per mixture layer's experts that makes its first step move the output
+as the static layer's would (at conversion a step moves a mixture ``K c^2`` times as far: DY-CNN 1/4, ODConv
+about 1/256, CondConv 2, DyNet 1; see :func:`dynconv.nn.convert.expert_lr_scales`): a converted network starts
+as the static one *and* learns at its speed, so equal epochs compare the layers, not their effective learning
+rates (runs saved before this default resume without it), bf16 autocast on CUDA, a
 progress bar with throughput, an atomic ``last.pt`` every ``--save-every`` steps and at every epoch's end,
 ``metrics.jsonl`` (one JSON line per epoch: test top-1/top-5, loss, training seconds) and ``metrics.json``.
 ``--resume`` continues exactly (batches and augmentation are a function of the seed, the epoch and the image;
@@ -61,6 +63,7 @@ from dynconv.data.image_classification import ClassificationDataset, ImageData, 
 from dynconv.errors import UserError
 from dynconv.models import mobilenet_v2, resnet18
 from dynconv.nn import DynamicConv2d, ModulatedDeformConv2d, convert
+from dynconv.nn.convert import expert_lr_scales
 from dynconv.nn.mixture import temperature_schedule
 from dynconv.recipes.args import device, fraction, nonnegative_float, nonnegative_int, positive_float, positive_int
 from dynconv.recipes.checkpoint import load_checkpoint, save_checkpoint
@@ -92,7 +95,7 @@ class Config:
     weight_decay: float = 5e-4
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.0
-    match_lr: bool = False
+    match_lr: bool = True
     temperature_start: float = 30.0
     temperature_epochs: float = 10.0
     augment: bool = True
@@ -141,7 +144,8 @@ FLAG_HELP = {
     "time_limit": "stop after this many seconds of training, after a checkpoint (no final evaluation)",
     "bf16": "bf16 autocast on CUDA",
     "match_lr": "scale each mixture layer's expert learning rate (weight decay inversely) so that at conversion "
-    "an SGD step moves its output as much as the static convolution's step (measured per layer)",
+    "an SGD step moves its output as much as the static convolution's step (measured per layer; the default: "
+    "--no-match-lr trains every parameter at --lr)",
 }
 
 
@@ -255,47 +259,6 @@ def temperature_at(cfg: Config, step: int, spe: int) -> float:
     return temperature_schedule(step / spe, cfg.temperature_epochs, cfg.temperature_start, 1.0)
 
 
-@torch.no_grad()
-def _step_response(layer: nn.Module, seed: int = 0) -> float:
-    """How far one SGD step on a mixture layer's experts (``weight [K, C_out, C_in/groups, kh, kw]``) moves its
-    output, relative to the same step on a static convolution of the same geometry, at the layer's current
-    state. Both outputs are linear in their kernels, so a finite step is exact: the ratio is
-    ``|y(W - e g) - y(W)| / |conv(x, e g_static)|`` on a fixed random input and output gradient."""
-    g = torch.Generator().manual_seed(seed)
-    dev, dtype = layer.weight.device, layer.weight.dtype
-    x = torch.randn(4, layer.in_channels, 8, 8, generator=g).to(dev, dtype)
-    was_training = layer.training
-    layer.eval()
-    try:
-        with torch.enable_grad():
-            y0 = layer(x)
-            r = torch.randn(y0.shape, generator=g).to(dev, dtype)
-            grad = torch.autograd.grad((y0 * r).sum(), layer.weight)[0]
-        step = 1e-3 * layer.weight.norm() / grad.norm().clamp_min(1e-30)
-        layer.weight.sub_(step * grad)
-        moved = (layer(x) - y0).norm()
-        layer.weight.add_(step * grad)
-        geometry = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
-        w_shape = layer.weight.shape[1:]
-        grad_static = torch.nn.grad.conv2d_weight(x, w_shape, r, **geometry)
-        static_moved = F.conv2d(x, step * grad_static, **geometry).norm()
-    finally:
-        layer.train(was_training)
-    return float(moved / static_moved)
-
-
-def expert_lr_scales(model: nn.Module) -> dict[str, float]:
-    """``--match-lr``: for each mixture layer's experts (``<name>.weight``), the learning-rate factor that makes
-    its first SGD step move the output as the static convolution's would (:func:`_step_response` inverted).
-    At conversion a step moves the mixed kernel ``K c^2`` times the static step (``c``: each expert's
-    coefficient): CondConv (8 sigmoids at 1/2) 2, DyNet 1, DY-CNN (softmax, K=4) 1/4, ODConv about 1/256."""
-    return {
-        f"{name}.weight": 1.0 / _step_response(m)
-        for name, m in model.named_modules()
-        if isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.ndim == 5 and hasattr(m, "num_experts")
-    }
-
-
 def param_groups(model: nn.Module, weight_decay: float, lr_scales: dict[str, float] | None = None) -> list[dict]:
     """Weight decay on weights, none on norms and biases (parameters of normalisation layers, parameters named
     ``bias``, including the experts' ``[K, C_out]`` biases, and any other parameter of fewer than 2 dimensions)."""
@@ -311,6 +274,16 @@ def param_groups(model: nn.Module, weight_decay: float, lr_scales: dict[str, flo
             scale = scaled[id(p)][1]
             groups.append({"params": [p], "weight_decay": weight_decay / scale, "lr_scale": scale})
     return groups
+
+
+def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.SGD:
+    """SGD with Nesterov momentum over :func:`param_groups`; with ``cfg.match_lr`` (the default) each mixture
+    layer's experts get the learning-rate factor of :func:`expert_lr_scales`, measured on ``model`` as built
+    (call it before any training step). The training loop sets each group's ``lr`` to ``lr * lr_scale``."""
+    groups = param_groups(model, cfg.weight_decay, expert_lr_scales(model) if cfg.match_lr else None)
+    for group in groups:
+        group["lr"] = cfg.lr * group.get("lr_scale", 1.0)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -379,12 +352,7 @@ def train(cfg: Config, data: ImageData | None = None) -> dict:
         total = cfg.epochs * spe if cfg.max_steps is None else min(cfg.epochs * spe, cfg.max_steps)
         torch.manual_seed(cfg.seed)
         model = build_model(cfg, data.channels, data.num_classes).to(device)
-        opt = torch.optim.SGD(
-            param_groups(model, cfg.weight_decay, expert_lr_scales(model) if cfg.match_lr else None),
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            nesterov=cfg.momentum > 0,
-        )
+        opt = make_optimizer(model, cfg)
         ckpt_path = os.path.join(cfg.run_dir, "last.pt")
         start, train_seconds, last_loss, resumed_epoch_losses = 0, 0.0, None, []
         if os.path.exists(ckpt_path):
@@ -935,6 +903,8 @@ def _resumed_config(ckpt_path: str, given: Config, argv: list[str]) -> Config:
             )
     # --time-limit belongs to one invocation (a job's wall-clock slot), not to the run: never restored.
     restored = {k: v for k, v in saved.items() if k in names and k not in explicit and k != "time_limit"}
+    if saved and "match_lr" not in saved and "match_lr" not in explicit:
+        restored["match_lr"] = False  # a run saved before --match-lr existed (and became the default) had none
     values = {**dataclasses.asdict(given), **restored}
     values["run_dir"] = given.run_dir
     changed = [

@@ -24,7 +24,14 @@ import torch
 
 from dynconv.functional import is_exporting
 
-__all__ = ["CHUNK_BYTES", "CHUNK_SAMPLES", "EXPERTS_RATIO", "EXPERTS_RATIO_DEFAULT", "FORMULATIONS"]
+__all__ = [
+    "CHUNK_BYTES",
+    "CHUNK_SAMPLES",
+    "EXPERTS_RATIO",
+    "EXPERTS_RATIO_DEFAULT",
+    "FORMULATIONS",
+    "GROUPED_BYTES",
+]
 
 FORMULATIONS = ("auto", "grouped", "experts", "chunked", "loop")
 # The "chunked" formulation: at most this many samples per chunk, and kernels of at most this many bytes.
@@ -33,14 +40,25 @@ CHUNK_BYTES = 8 * 2**20
 # "auto" picks "experts" at batch > 1 when C_in/groups * kh * kw > ratio * K * H_out * W_out (choose_formulation).
 EXPERTS_RATIO = {"cpu": 32}
 EXPERTS_RATIO_DEFAULT = 2
+# On CPU, "auto" runs the whole batch as one grouped convolution when all its mixed kernels together take at most
+# this many bytes (narrow layers: fewer, larger calls beat chunks of 4 samples; choose_formulation).
+GROUPED_BYTES = {"cpu": 4 * 2**20}
 
 
-def choose_formulation(x: torch.Tensor, kernel_depth: int, num_experts: int, output_size: tuple[int, int]) -> str:
+def choose_formulation(
+    x: torch.Tensor,
+    kernel_depth: int,
+    num_experts: int,
+    output_size: tuple[int, int],
+    kernel_bytes: int | None = None,
+) -> str:
     """The formulation ``"auto"`` picks for input ``x``.
 
     With one sample, ``"grouped"`` (a plain convolution with the mixed kernel). With ``B > 1``, ``"experts"``
     when the per-sample kernel is large against the output map, ``C_in/groups * kh * kw > r * K * H_out *
-    W_out``, else ``"chunked"`` on CPU and ``"grouped"`` on other devices. The left side is the per-sample
+    W_out``, else ``"grouped"`` where the batch's mixed kernels together take at most :data:`GROUPED_BYTES` for
+    the device (CPU: 4 MiB; narrow layers, where one call beats chunks of a few samples), else ``"chunked"`` on
+    CPU and ``"grouped"`` on other devices. The left side is the per-sample
     kernel size over ``C_out`` (what the per-sample formulations write and read per sample), the right side the
     ``K`` expert outputs per output channel (what the experts formulation writes). ``r`` is
     :data:`EXPERTS_RATIO` for the device (32 on CPU, where ODConv's experts formulation crosses over at the
@@ -54,12 +72,20 @@ def choose_formulation(x: torch.Tensor, kernel_depth: int, num_experts: int, out
         kernel_depth (int): ``C_in/groups * kh * kw``.
         num_experts (int): ``K``.
         output_size (tuple[int, int]): ``(H_out, W_out)``.
+        kernel_bytes (int or None): bytes of one sample's mixed kernel (``C_out * kernel_depth`` elements);
+            None leaves the small-kernel rule out.
     """
     if is_exporting():
         return "grouped"  # the one formulation without shape-dependent choices or Python loops (dynconv.onnx)
     ratio = EXPERTS_RATIO.get(x.device.type, EXPERTS_RATIO_DEFAULT)
     if x.shape[0] > 1 and kernel_depth > ratio * num_experts * output_size[0] * output_size[1]:
         return "experts"
+    limit = GROUPED_BYTES.get(x.device.type)
+    if limit is not None and kernel_bytes is not None and x.shape[0] * kernel_bytes <= limit:
+        # Narrow layers (a ResNet-18 at width 1/8 or 1/16 on 28x28 images, training at batch 64): one grouped
+        # convolution of the batch is 1.3-3.6x faster forward+backward than chunks of 4 samples, whose calls'
+        # overhead dominates; from about 9 MB of kernels on, chunks win (docs/benchmarks.md).
+        return "grouped"
     # On CPU (oneDNN, one thread) at batch 64, a few samples per convolution beat one convolution with B*groups
     # groups where kernels are large (ResNet-18 224x224 forward: x1.6 faster) and are within noise of it
     # elsewhere (docs/benchmarks.md). On CUDA the single grouped launch is the usual choice (not yet measured).

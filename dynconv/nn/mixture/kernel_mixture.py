@@ -140,7 +140,8 @@ class KernelMixtureConv2d(nn.Module):
         if self.formulation != "auto":
             return self.formulation
         depth = self.weight.shape[2] * self.kernel_size[0] * self.kernel_size[1]
-        return _formulation.choose_formulation(x, depth, self.num_experts, self._output_size(x))
+        kernel_bytes = self.weight[0].numel() * self.weight.element_size()
+        return _formulation.choose_formulation(x, depth, self.num_experts, self._output_size(x), kernel_bytes)
 
     def uniform_attention_gain(self) -> float:
         """The factor by which a uniform (zero-logit) attention scales the sum of the experts."""
