@@ -150,8 +150,12 @@ def dcn_sample_op(
     offset_scale: float,
     remove_center: bool,
     backend: str,
+    deterministic: bool = False,
 ) -> torch.Tensor:
-    """Forward of the DCNv3/DCNv4 sampling core on validated arguments (see :func:`dynconv.dcnv3`)."""
+    """Forward of the DCNv3/DCNv4 sampling core on validated arguments (see :func:`dynconv.dcnv3`).
+
+    ``deterministic`` selects the Triton backward's order-independent scatter of ``grad value`` (the torch backend
+    ignores it)."""
     if backend == "triton":
         from dynconv.kernels import dcnv as kernels
 
@@ -160,7 +164,7 @@ def dcn_sample_op(
 
 
 @dcn_sample_op.register_fake
-def _(value, offset, mask, kernel_size, stride, padding, dilation, offset_scale, remove_center, backend):
+def _(value, offset, mask, *args):  # args: kernel_size .. backend, deterministic
     B, Ho, Wo = offset.shape[:3]
     return value.new_empty((B, Ho, Wo, value.shape[3]))
 
@@ -178,6 +182,7 @@ def dcn_sample_backward_op(
     offset_scale: float,
     remove_center: bool,
     backend: str,
+    deterministic: bool,
     need_value: bool,
     need_offset: bool,
     need_mask: bool,
@@ -187,7 +192,7 @@ def dcn_sample_backward_op(
         from dynconv.kernels import dcnv as kernels
 
         needs = (need_value, need_offset, need_mask)
-        args = (kernel_size, stride, padding, dilation, offset_scale, remove_center, needs)
+        args = (kernel_size, stride, padding, dilation, offset_scale, remove_center, needs, deterministic)
         return kernels.backward(grad_out, value, offset, mask, *args)
     return _torch_backward(
         grad_out,
@@ -224,9 +229,9 @@ def _backward(ctx, grad_out):
     value, offset, mask = ctx.saved_tensors
     needs = ctx.needs_input_grad[:3]
     if not any(needs):
-        return (None,) * 10
+        return (None,) * 11
     grads = dcn_sample_backward_op(grad_out.contiguous(), value, offset, mask, *ctx.args, *needs)
-    return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * 7
+    return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * 8
 
 
 dcn_sample_op.register_autograd(_backward, setup_context=_setup_context)
