@@ -93,8 +93,9 @@ def test_dcnv_deterministic_none_follows_torch_and_reaches_the_kernel(monkeypatc
 # ------------------------------------------------------------------------------------------ int64 rule
 
 
-def test_needs_int64_is_decided_by_the_extent_through_the_strides():
+def test_needs_int64_is_decided_by_the_extent_through_the_strides(monkeypatch):
     """Meta tensors: shapes and strides without memory."""
+    monkeypatch.setattr(L, "INTERPRETER_INT64", False)
     small = torch.empty((4, 3, 64, 64), device="meta")
     assert not L.needs_int64(small)
     assert not L.needs_int64(torch.empty_strided((2, 3), (2**29, 1), device="meta"))  # extent 2**29 + 3
@@ -135,17 +136,19 @@ def _cases():
 
 
 @needs_triton
+@pytest.mark.parametrize("int64", [False, True], ids=["int32", "int64"])
 @pytest.mark.parametrize("family", ["warp", "deform", "dcnv3", "local_filter"])
-def test_every_kernel_family_asks_the_one_int64_rule(family, monkeypatch):
-    """Every launch of every family takes its INT64 switch from ``_launch.needs_int64``: forcing the rule on runs
-    the int64 index path on small tensors (forward and every gradient against the reference)."""
+def test_every_kernel_family_takes_the_one_int64_rule(family, int64, monkeypatch):
+    """Every launch of every family takes its INT64 switch from ``_launch.needs_int64``: forcing the rule either way
+    runs that index path on small tensors (forward and every gradient against the reference; the interpreter checks
+    the int32 path's arithmetic for overflow)."""
     asked = []
 
-    def always(*tensors, limit=2**30):
+    def rule(*tensors, limit=2**30):
         asked.append(len(tensors))
-        return True
+        return int64
 
-    monkeypatch.setattr(L, "needs_int64", always)
+    monkeypatch.setattr(L, "needs_int64", rule)
     op, tensors = _cases()[family]
     results = {}
     for backend in ("triton", "reference"):
@@ -155,3 +158,11 @@ def test_every_kernel_family_asks_the_one_int64_rule(family, monkeypatch):
     assert len(asked) >= 2  # forward and backward launches (the reference asks nothing)
     for name, a, e in zip(("output", "grad 0", "grad 1", "grad 2", "grad 3"), *results.values()):
         assert_close(a, e, rtol=1e-4, atol=1e-4, what=f"{family} {name}")
+
+
+def test_the_interpreter_takes_int64_indices(monkeypatch):
+    small = torch.empty((2, 3), device="meta")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert L.needs_int64(small)
+    monkeypatch.setattr(L, "INTERPRETER_INT64", False)
+    assert not L.needs_int64(small)

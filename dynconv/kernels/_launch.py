@@ -13,7 +13,7 @@ registers (the accumulator tile and the tiles loaded beside it), which is what d
 * the sampling core (``deform``, ``dcnv``, ``warp``; :mod:`dynconv.kernels._sampling`): ``BLOCK_R`` rows times
   ``BLOCK_C`` channels (all ``C/G`` channels of a group up to 32), ``BLOCK_R`` (at most 64) shrunk as ``BLOCK_C``
   grows so that ``BLOCK_R * BLOCK_C`` stays within :data:`SAMPLING_BUDGET` (a forward of one point per row) or a
-  quarter of it (the backward, and a forward summing several points), half for fp64; 4 warps.
+  quarter of it (the backward, and a forward summing several points), a quarter of that for fp64; 4 warps.
 
 Under ``TRITON_INTERPRET=1`` the interpreter pays a large fixed cost per program instance and little per element,
 so the rules give it few, large programs instead (one tile per small test image).
@@ -76,12 +76,22 @@ def acc_is_f64(dtype: torch.dtype) -> bool:
     return acc_dtype(dtype) == torch.float64
 
 
+# Under the interpreter every kernel takes the int64 path: the interpreter checks each int32 addition and
+# multiplication for overflow (binary_op_sanitize_overflow_impl, ~6 ms an operation in the sampling kernels, which
+# made an int32 warp forward 2x slower than the int64 one) and int64 ones not. Tests switch it off to run the
+# int32 path there (overflow-checked).
+INTERPRETER_INT64 = True
+
+
 def needs_int64(*tensors: torch.Tensor, limit: int = 2**30) -> bool:
     """Whether an offset into one of ``tensors`` (through its strides) can reach ``limit`` elements; the default
-    keeps a factor-2 margin below 2**31 for the masked lanes past the edges.
+    keeps a factor-2 margin below 2**31 for the masked lanes past the edges. Always under the interpreter (see
+    :data:`INTERPRETER_INT64`).
 
     The one rule of every kernel family: their ``INT64`` switch, which promotes the program's indices (and with
     them every offset) to int64; below the limit they stay int32, cheaper on a GPU."""
+    if INTERPRETER_INT64 and triton_interpret():
+        return True
     for t in tensors:
         if t.numel() == 0:  # never indexed
             continue
@@ -165,7 +175,8 @@ def sampling_config(
         return {"BLOCK_R": 256, "BLOCK_C": block_c, "num_warps": 1}
     # A forward looping over several points is software-pipelined: the next points' tiles are live too (the
     # DCNv3 forward at 64 x 32 spilled on sm_90; dynconv check-kernels), so it gets the backward's quarter.
-    budget = SAMPLING_BUDGET // (4 if backward or points > 1 else 1) // (2 if f64 else 1)
+    # fp64 gets a quarter again: at half, DCNv3's fp64 atomic backward spilled on sm_90 (dynconv check-kernels).
+    budget = SAMPLING_BUDGET // (4 if backward or points > 1 else 1) // (4 if f64 else 1)
     return {"BLOCK_R": max(1, min(64, budget // block_c)), "BLOCK_C": block_c, "num_warps": 4}
 
 

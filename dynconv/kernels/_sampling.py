@@ -49,35 +49,6 @@ PADDING_MODES = {"zeros": 0, "border": 1, "reflection": 2}
 
 
 @triton.jit
-def _rows(v, PIXEL_MAJOR: tl.constexpr):
-    """A per-row vector as a tile operand."""
-    if PIXEL_MAJOR:
-        t = v[None, :]
-    else:
-        t = v[:, None]
-    return t
-
-
-@triton.jit
-def _chans(v, PIXEL_MAJOR: tl.constexpr):
-    """A per-channel vector as a tile operand."""
-    if PIXEL_MAJOR:
-        t = v[:, None]
-    else:
-        t = v[None, :]
-    return t
-
-
-@triton.jit
-def _chan_sum(t, PIXEL_MAJOR: tl.constexpr):
-    if PIXEL_MAJOR:
-        s = tl.sum(t, axis=0)
-    else:
-        s = tl.sum(t, axis=1)
-    return s
-
-
-@triton.jit
 def _row_ids(block, R, Ho, Wo, G, KR: tl.constexpr, INT64: tl.constexpr, BLOCK_R: tl.constexpr):
     """In-range flag, image, output row and column, row tap and group of the rows of ``block``."""
     rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -187,24 +158,24 @@ def _corner(corner: tl.constexpr, y0, x0, ly, lx, ok, H, W, INT64: tl.constexpr)
 
 
 @triton.jit
-def _load_corner(x_ptr, x_row, row, col, s_xh, s_xw, x_chan, inside, c_ok, PIXEL_MAJOR: tl.constexpr):
-    ptrs = x_ptr + _rows(x_row + row * s_xh + col * s_xw, PIXEL_MAJOR) + _chans(x_chan, PIXEL_MAJOR)
-    return tl.load(ptrs, mask=_rows(inside, PIXEL_MAJOR) & _chans(c_ok, PIXEL_MAJOR), other=0.0)
+def _load_corner(x_ptr, x_row, row, col, s_xh, s_xw, x_chan, inside, c_ok, CA: tl.constexpr, RA: tl.constexpr):
+    ptrs = x_ptr + tl.expand_dims(x_row + row * s_xh + col * s_xw, CA) + tl.expand_dims(x_chan, RA)
+    return tl.load(ptrs, mask=tl.expand_dims(inside, CA) & tl.expand_dims(c_ok, RA), other=0.0)
 
 
 @triton.jit
 def _scatter_corner(gx_ptr, s_gb, s_gc, s_gh, s_gw, slot, b, g, row, col, inside, contrib, chans, c_ok, ok, Cg,
-                    ATOMIC: tl.constexpr, PIXEL_MAJOR: tl.constexpr):  # fmt: skip
+                    ATOMIC: tl.constexpr, CA: tl.constexpr, RA: tl.constexpr):  # fmt: skip
     """Add ``contrib`` (a tile) to the corner's input pixels: atomically into ``grad x``, or (deterministic) into
     row ``slot`` of the contributions ``[slots, Cg]``, zero outside the image."""
     if ATOMIC:
-        dst = _rows(b * s_gb + g * Cg * s_gc + row * s_gh + col * s_gw, PIXEL_MAJOR) + _chans(chans * s_gc, PIXEL_MAJOR)
-        mask = _rows(inside, PIXEL_MAJOR) & _chans(c_ok, PIXEL_MAJOR)
+        dst = tl.expand_dims(b * s_gb + g * Cg * s_gc + row * s_gh + col * s_gw, CA) + tl.expand_dims(chans * s_gc, RA)
+        mask = tl.expand_dims(inside, CA) & tl.expand_dims(c_ok, RA)
         tl.atomic_add(gx_ptr + dst, contrib, mask=mask, sem="relaxed")
     else:
-        dst = _rows(slot * Cg, PIXEL_MAJOR) + _chans(chans, PIXEL_MAJOR)
-        contrib = contrib * _rows(inside.to(contrib.dtype), PIXEL_MAJOR)
-        tl.store(gx_ptr + dst, contrib, mask=_rows(ok, PIXEL_MAJOR) & _chans(c_ok, PIXEL_MAJOR))
+        dst = tl.expand_dims(slot * Cg, CA) + tl.expand_dims(chans, RA)
+        contrib = contrib * tl.expand_dims(inside.to(contrib.dtype), CA)
+        tl.store(gx_ptr + dst, contrib, mask=tl.expand_dims(ok, CA) & tl.expand_dims(c_ok, RA))
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -223,6 +194,8 @@ def forward_kernel(
     HAS_MASK: tl.constexpr, PIXEL_MAJOR: tl.constexpr, ACC: tl.constexpr, INT64: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
+    CA: tl.constexpr = 0 if PIXEL_MAJOR else 1  # the channel axis of a tile
+    RA: tl.constexpr = 1 - CA
     rows, ok, b, ho, wo, kr, g = _row_ids(tl.program_id(0), R, Ho, Wo, G, KR, INT64, BLOCK_R)
     chans = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     if INT64:
@@ -241,11 +214,11 @@ def forward_kernel(
         )  # fmt: skip
         for corner in tl.static_range(1 if MODE == 1 else 4):
             row, col, inside, w, _, _ = _corner(corner, y0, x0, ly, lx, ok, H, W, INT64)
-            v = _load_corner(x_ptr, x_row, row, col, s_xh, s_xw, chans * s_xc, inside, c_ok, PIXEL_MAJOR)
-            acc += v.to(ACC) * _rows(w * m, PIXEL_MAJOR)
+            v = _load_corner(x_ptr, x_row, row, col, s_xh, s_xw, chans * s_xc, inside, c_ok, CA, RA)
+            acc += v.to(ACC) * tl.expand_dims(w * m, CA)
     y_row = b * s_yb + g * Cg * s_yc + ho * s_yh + wo * s_yw + kr * s_yk
-    ptrs = y_ptr + _rows(y_row, PIXEL_MAJOR) + _chans(chans * s_yc, PIXEL_MAJOR)
-    tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=_rows(ok, PIXEL_MAJOR) & _chans(c_ok, PIXEL_MAJOR))
+    ptrs = y_ptr + tl.expand_dims(y_row, CA) + tl.expand_dims(chans * s_yc, RA)
+    tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=tl.expand_dims(ok, CA) & tl.expand_dims(c_ok, RA))
 
 
 @triton.jit
@@ -265,7 +238,9 @@ def backward_kernel(
     NEED_X: tl.constexpr, NEED_OFFSET: tl.constexpr, NEED_MASK: tl.constexpr, ATOMIC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    NC: tl.constexpr = 1 if MODE == 1 else 4
+    NC: tl.constexpr = 1 if MODE == 1 else 4  # corners
+    CA: tl.constexpr = 0 if PIXEL_MAJOR else 1  # the channel axis of a tile
+    RA: tl.constexpr = 1 - CA
     rows, ok, b, ho, wo, kr, g = _row_ids(tl.program_id(0), R, Ho, Wo, G, KR, INT64, BLOCK_R)
     scale = tl.load(scale_ptr).to(ACC) if GRID == 1 else 1.0
     x_row = b * s_xb + g * Cg * s_xc
@@ -291,20 +266,20 @@ def backward_kernel(
             if INT64:
                 chans = chans.to(tl.int64)
             c_ok = chans < Cg
-            ptrs = gy_ptr + _rows(gy_row, PIXEL_MAJOR) + _chans(chans * s_yc, PIXEL_MAJOR)
-            gy = tl.load(ptrs, mask=_rows(ok, PIXEL_MAJOR) & _chans(c_ok, PIXEL_MAJOR), other=0.0).to(ACC)
+            ptrs = gy_ptr + tl.expand_dims(gy_row, CA) + tl.expand_dims(chans * s_yc, RA)
+            gy = tl.load(ptrs, mask=tl.expand_dims(ok, CA) & tl.expand_dims(c_ok, RA), other=0.0).to(ACC)
             for corner in tl.static_range(NC):
                 row, col, inside, w, dwy, dwx = _corner(corner, y0, x0, ly, lx, ok, H, W, INT64)
                 if (NEED_OFFSET and MODE == 0) or NEED_MASK:
-                    v = _load_corner(x_ptr, x_row, row, col, s_xh, s_xw, chans * s_xc, inside, c_ok, PIXEL_MAJOR)
-                    dot = _chan_sum(gy * v.to(ACC), PIXEL_MAJOR)
+                    v = _load_corner(x_ptr, x_row, row, col, s_xh, s_xw, chans * s_xc, inside, c_ok, CA, RA)
+                    dot = tl.sum(gy * v.to(ACC), axis=CA)
                     g_py += dot * dwy
                     g_px += dot * dwx
                     g_m += dot * w
                 if NEED_X:
-                    contrib = gy * _rows(w * m, PIXEL_MAJOR)
+                    contrib = gy * tl.expand_dims(w * m, CA)
                     _scatter_corner(gx_ptr, s_gb, s_gc, s_gh, s_gw, slot + corner, b, g, row, col, inside, contrib,
-                                    chans, c_ok, ok, Cg, ATOMIC, PIXEL_MAJOR)  # fmt: skip
+                                    chans, c_ok, ok, Cg, ATOMIC, CA, RA)  # fmt: skip
         ch = (g * KR * P + k) * 2
         if NEED_OFFSET:
             p = goff_ptr + b * s_pb + ch * s_pc + ho * s_ph + wo * s_pw

@@ -85,11 +85,8 @@ def _tap(hi0, wi0, i, j, DH, DW, H, W, sh, sw):
 
 
 @triton.jit
-def _forward_kernel(
-    x_ptr,  # [B, C, H, W], any strides
-    f_ptr,  # [B, G, KH*KW, HO, WO], any strides
-    y_ptr,  # [B, C, HO, WO], written
-    G, C_PER_G, H, W, HO, WO, sxb, sxc, sxh, sxw, sfb, sfg, sfk, sfh, sfw, syb, syc, syh, syw,
+def _forward_kernel(  # x [B, C, H, W] and filters [B, G, KH*KW, HO, WO] in any strides; y [B, C, HO, WO] written
+    x_ptr, f_ptr, y_ptr, G, C_PER_G, H, W, HO, WO, sxb, sxc, sxh, sxw, sfb, sfg, sfk, sfh, sfw, syb, syc, syh, syw,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DH: tl.constexpr, DW: tl.constexpr, ACC_F64: tl.constexpr, INT64: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
@@ -116,17 +113,14 @@ def _forward_kernel(
 
 
 @triton.jit
-def _grad_x_kernel(
-    gy_ptr,  # [B, C, HO, WO], any strides
-    f_ptr,  # [B, G, KH*KW, HO, WO], any strides
-    gx_ptr,  # [B, C, H, W], written
-    G, C_PER_G, H, W, HO, WO, sgb, sgc, sgh, sgw, sfb, sfg, sfk, sfh, sfw, sxb, sxc, sxh, sxw,
+def _grad_x_kernel(  # grad y [B, C, HO, WO] and filters [B, G, KH*KW, HO, WO] in any strides; grad x written
+    gy_ptr, f_ptr, gx_ptr, G, C_PER_G, H, W, HO, WO, sgb, sgc, sgh, sgw, sfb, sfg, sfk, sfh, sfw, sxb, sxc, sxh, sxw,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DH: tl.constexpr, DW: tl.constexpr, ACC_F64: tl.constexpr, INT64: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):  # fmt: skip
-    acc_dtype = tl.float64 if ACC_F64 else tl.float32
     # A tile covers input pixels of one residue class (rh, rw): h = rh + SH * t.
+    acc_dtype = tl.float64 if ACC_F64 else tl.float32
     n_cb = tl.cdiv(C_PER_G, BLOCK_C)
     tiles_h, tiles_w = tl.cdiv(tl.cdiv(H, SH), BLOCK_H), tl.cdiv(tl.cdiv(W, SW), BLOCK_W)
     cb, th, tw, rest = _program(tl.program_id(0), n_cb, tiles_h, tiles_w, INT64)
@@ -162,11 +156,8 @@ def _grad_x_kernel(
 
 
 @triton.jit
-def _grad_filters_kernel(
-    gy_ptr,  # [B, C, HO, WO], any strides
-    x_ptr,  # [B, C, H, W], any strides
-    gf_ptr,  # [B, G, KH*KW, HO, WO], written
-    G, C_PER_G, H, W, HO, WO, sgb, sgc, sgh, sgw, sxb, sxc, sxh, sxw, sfb, sfg, sfk, sfh, sfw,
+def _grad_filters_kernel(  # grad y [B, C, HO, WO] and x [B, C, H, W] in any strides; grad filters written
+    gy_ptr, x_ptr, gf_ptr, G, C_PER_G, H, W, HO, WO, sgb, sgc, sgh, sgw, sxb, sxc, sxh, sxw, sfb, sfg, sfk, sfh, sfw,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     DH: tl.constexpr, DW: tl.constexpr, ACC_F64: tl.constexpr, INT64: tl.constexpr, SINGLE_C_BLOCK: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
@@ -216,14 +207,7 @@ def _launch(kernel, grid, args, meta: dict, rows: int, cols: int, like: torch.Te
     L.launch_local_filter(kernel, grid, args, meta, rows, cols, like, key, INTERPRETED)
 
 
-def forward(
-    x: torch.Tensor,
-    filters: torch.Tensor,
-    kernel_size: list[int],
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-) -> torch.Tensor:
+def forward(x, filters, kernel_size, stride, padding, dilation) -> torch.Tensor:
     """Dynamic local filtering on validated arguments.
 
     Args:
@@ -250,17 +234,7 @@ def forward(
     return y.to(x.dtype)
 
 
-def backward(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    filters: torch.Tensor,
-    kernel_size: list[int],
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    need_x: bool,
-    need_filters: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def backward(grad_out, x, filters, kernel_size, stride, padding, dilation, need_x, need_filters):
     """Gradients of :func:`forward` wrt ``x`` and ``filters`` (``grad_out``: ``[B, C, H_out, W_out]``, any
     strides; the rest as in :func:`forward`). Contiguous, in the input dtype; one not asked for is empty."""
     L.check_launchable(x, filters, grad_out, interpreted=INTERPRETED)

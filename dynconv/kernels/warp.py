@@ -41,15 +41,7 @@ def forward(x: torch.Tensor, flow: torch.Tensor, mode: str, padding_mode: str) -
     return out
 
 
-def backward(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    flow: torch.Tensor,
-    mode: str,
-    padding_mode: str,
-    needs: list[bool],
-    deterministic: bool | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def backward(grad_out, x, flow, mode, padding_mode, needs, deterministic=None):
     """Gradients wrt ``(x, flow)``; one not asked for in ``needs`` comes back empty.
 
     ``deterministic=None`` follows ``torch.are_deterministic_algorithms_enabled()``: fp32 atomics when it is
