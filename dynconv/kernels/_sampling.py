@@ -312,11 +312,8 @@ class Rule(NamedTuple):
     blocks: dict = {}
 
 
-def _strides(*tensors) -> tuple:
-    out = ()
-    for t in tensors:
-        out += (t, *t.stride())
-    return out
+def _strides(*tensors) -> list:
+    return [v for t in tensors for v in (t, *t.stride())]
 
 
 def _launch_args(x, offset, mask, y, rule: Rule, backward: bool, *tensors):
