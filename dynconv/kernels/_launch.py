@@ -169,7 +169,9 @@ def sampling_config(
 ) -> dict:  # fmt: skip
     """``{BLOCK_R, BLOCK_C, num_warps}`` of the sampling core's kernels for ``C/G`` channels per group, ``points``
     sampling points summed per row and the tile orientation (``pixel_major``: ``[channels, pixels]``)."""
-    block_c = min(max(next_power_of_2(channels_per_group), 2), 32)
+    # At least 4 channels in fp64: DCNv3's fp64 atomic backward at 2 x 32 rows spilled 4 bytes on sm_90 (at 4 x 16
+    # it does not; dynconv check-kernels).
+    block_c = min(max(next_power_of_2(channels_per_group), 4 if f64 else 2), 32)
     if interpreted:
         return {"BLOCK_R": 256, "BLOCK_C": block_c, "num_warps": 1}
     # Only a pixel-major forward of one point (warp's) keeps the whole budget: a [rows, channels] forward
