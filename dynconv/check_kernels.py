@@ -157,8 +157,7 @@ def _sampling_variant(family, kernel, dtype, channels_per_group, extra=None):
     sizes the launch rule picks for ``channels_per_group``; ``extra`` sets ATOMIC, INT64, modes."""
     f64, backward = dtype == "fp64", kernel == "backward_kernel"
     geometry, ones, backward_ones = SAMPLING[family]
-    rule = {**geometry, **(extra or {})}
-    cfg = L.sampling_config(channels_per_group, f64, backward, rule["P"], rule["PIXEL_MAJOR"])
+    cfg = L.sampling_config(channels_per_group, f64, backward)
     c = dict(geometry, ACC="fp64" if f64 else "fp32", INT64=False, HAS_MASK=family != "warp")
     c.update(BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], **(extra or {}))
     if backward:

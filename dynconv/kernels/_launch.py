@@ -12,8 +12,8 @@ registers (the accumulator tile and the tiles loaded beside it), which is what d
   no more than the image has; 4 warps, 2 for a tile of at most 256 elements.
 * the sampling core (``deform``, ``dcnv``, ``warp``; :mod:`dynconv.kernels._sampling`): ``BLOCK_R`` rows times
   ``BLOCK_C`` channels (all ``C/G`` channels of a group up to 32), ``BLOCK_R`` (at most 64) shrunk as ``BLOCK_C``
-  grows so that ``BLOCK_R * BLOCK_C`` stays within :data:`SAMPLING_BUDGET` (warp's pixel-major forward), a
-  quarter of it (the other forwards) or an eighth (the backward), a quarter of that for fp64; 4 warps.
+  grows so that ``BLOCK_R * BLOCK_C`` stays within :data:`SAMPLING_BUDGET` (the forward) or half of it (the
+  backward), a quarter of that for fp64; 4 warps.
 
 Under ``TRITON_INTERPRET=1`` the interpreter pays a large fixed cost per program instance and little per element,
 so the rules give it few, large programs instead (one tile per small test image).
@@ -49,9 +49,10 @@ AUTOTUNE_ENV = "DYNCONV_AUTOTUNE"
 # tiles of this size: at 16 values per thread sm_90 needed 246-255 registers and at 32 it spilled
 # (dynconv check-kernels).
 LOCAL_FILTER_BUDGET = 1024
-# BLOCK_R * BLOCK_C of warp's forward program: 16 fp32 values per thread at 4 warps (154 registers on sm_90). The
-# other sampling kernels get less (see sampling_config).
-SAMPLING_BUDGET = 2048
+# BLOCK_R * BLOCK_C of a sampling-core forward program: 4 fp32 values per thread at 4 warps. At 2048 a
+# [rows, channels] forward spilled with int64 offsets (deform), DCNv3's (a loop over the points, software-pipelined)
+# at 64 x 32, and warp's fp16 forward at 64 x 32 (dynconv check-kernels).
+SAMPLING_BUDGET = 512
 
 
 def next_power_of_2(n: int) -> int:
@@ -163,27 +164,16 @@ def local_filter_candidates(rows: int, cols: int, block_c: int, f64: bool) -> li
     return out
 
 
-def sampling_config(
-    channels_per_group: int, f64: bool, backward: bool, points: int = 1, pixel_major: bool = False,
-    interpreted: bool = False,
-) -> dict:  # fmt: skip
-    """``{BLOCK_R, BLOCK_C, num_warps}`` of the sampling core's kernels for ``C/G`` channels per group, ``points``
-    sampling points summed per row and the tile orientation (``pixel_major``: ``[channels, pixels]``)."""
+def sampling_config(channels_per_group: int, f64: bool, backward: bool, interpreted: bool = False) -> dict:
+    """``{BLOCK_R, BLOCK_C, num_warps}`` of the sampling core's kernels for ``C/G`` channels per group."""
     # At least 4 channels in fp64: DCNv3's fp64 atomic backward at 2 x 32 rows spilled 4 bytes on sm_90 (at 4 x 16
     # it does not; dynconv check-kernels).
     block_c = min(max(next_power_of_2(channels_per_group), 4 if f64 else 2), 32)
     if interpreted:
         return {"BLOCK_R": 256, "BLOCK_C": block_c, "num_warps": 1}
-    # Only a pixel-major forward of one point (warp's) keeps the whole budget: a [rows, channels] forward
-    # spilled at it with int64 offsets (deform), one summing several points is software-pipelined (the DCNv3
-    # forward spilled at 64 x 32): a quarter. The backward keeps grad_out, a corner and its contribution live:
-    # an eighth (DCNv3's took 231 registers at a quarter, 127 at an eighth; dynconv check-kernels).
-    if backward:
-        budget = SAMPLING_BUDGET // 8
-    else:
-        budget = SAMPLING_BUDGET // (1 if pixel_major and points == 1 else 4)
-    # fp64 gets a quarter again: at half, DCNv3's fp64 atomic backward spilled on sm_90 (dynconv check-kernels).
-    budget //= 4 if f64 else 1
+    # The backward keeps grad_out, a corner and its contribution live: half the forward's (DCNv3's backward took
+    # 231 registers at 512 elements, 127 at 256). fp64 a quarter: at half, DCNv3's fp64 atomic backward spilled.
+    budget = SAMPLING_BUDGET // (2 if backward else 1) // (4 if f64 else 1)
     return {"BLOCK_R": max(1, min(64, budget // block_c)), "BLOCK_C": block_c, "num_warps": 4}
 
 

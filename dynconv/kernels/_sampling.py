@@ -326,8 +326,7 @@ def _launch_args(x, offset, mask, y, rule: Rule, backward: bool, *tensors):
     scale = torch.full((1,), rule.offset_scale, dtype=L.acc_dtype(x.dtype), device=x.device)
     (sh, sw), (ph, pw), (dh, dw) = rule.stride, rule.padding, rule.dilation
     scalars = (scale, B * Ho * Wo * KR * G, H, W, Ho, Wo, G, C // G, sh, sw, ph, pw, dh, dw)
-    pixel_major = rule.meta["PIXEL_MAJOR"]
-    config = {**L.sampling_config(C // G, f64, backward, P, pixel_major, INTERPRETED), **rule.blocks}
+    config = {**L.sampling_config(C // G, f64, backward, INTERPRETED), **rule.blocks}
     int64 = L.needs_int64(x, offset, y, *tensors, *([mask] if mask is not None else []))
     kh, kw = rule.kernel_size
     meta = dict(KH=kh, KW=kw, KR=KR, P=P, HAS_MASK=mask is not None, ACC=tl.float64 if f64 else tl.float32)
