@@ -56,8 +56,10 @@ def _row_ids(block, R, Ho, Wo, G, KR: tl.constexpr, INT64: tl.constexpr, BLOCK_R
         rows = rows.to(tl.int64)
     g = rows % G
     t = rows // G
-    kr = t % KR
-    t = t // KR
+    kr = 0
+    if KR > 1:  # deform: the row's tap
+        kr = t % KR
+        t = t // KR
     wo = t % Wo
     t = t // Wo
     return rows, rows < R, t // Ho, t % Ho, wo, kr, g
@@ -142,8 +144,9 @@ def _point(off_ptr, s_ob, s_oc, s_oh, s_ow, m_ptr, s_mb, s_mc, s_mh, s_mw, scale
 
 
 @triton.jit
-def _corner(corner: tl.constexpr, y0, x0, ly, lx, ok, H, W, INT64: tl.constexpr):
-    """Row, column, in-image flag, bilinear weight and its derivatives wrt the position of one corner."""
+def _corner(corner: tl.constexpr, y0, x0, ly, lx, ok, H, W, INT64: tl.constexpr, GRAD: tl.constexpr = True):
+    """Row, column, in-image flag, bilinear weight and (with ``GRAD``) its derivatives wrt the position of one
+    corner."""
     row = y0 + corner // 2
     col = x0 + corner % 2
     if INT64:
@@ -151,8 +154,10 @@ def _corner(corner: tl.constexpr, y0, x0, ly, lx, ok, H, W, INT64: tl.constexpr)
         col = col.to(tl.int64)
     wy = ly if corner // 2 == 1 else 1.0 - ly
     wx = lx if corner % 2 == 1 else 1.0 - lx
-    dwy = wx if corner // 2 == 1 else -wx
-    dwx = wy if corner % 2 == 1 else -wy
+    dwy, dwx = 0.0, 0.0
+    if GRAD:
+        dwy = wx if corner // 2 == 1 else -wx
+        dwx = wy if corner % 2 == 1 else -wy
     inside = ok & (row >= 0) & (row < H) & (col >= 0) & (col < W)
     return row, col, inside, wy * wx, dwy, dwx
 
@@ -213,7 +218,7 @@ def forward_kernel(
             SH, SW, PH, PW, DH, DW, KH, KW, KR * P, GRID, OFFSET_XY, REMOVE_CENTER, PAD, MODE, HAS_MASK, ACC,
         )  # fmt: skip
         for corner in tl.static_range(1 if MODE == 1 else 4):
-            row, col, inside, w, _, _ = _corner(corner, y0, x0, ly, lx, ok, H, W, INT64)
+            row, col, inside, w, _, _ = _corner(corner, y0, x0, ly, lx, ok, H, W, INT64, False)
             v = _load_corner(x_ptr, x_row, row, col, s_xh, s_xw, chans * s_xc, inside, c_ok, CA, RA)
             acc += v.to(ACC) * tl.expand_dims(w * m, CA)
     y_row = b * s_yb + g * Cg * s_yc + ho * s_yh + wo * s_yw + kr * s_yk
@@ -254,7 +259,7 @@ def backward_kernel(
         slot = (rows * P + kl) * NC
         if NEED_X and not ATOMIC:  # the table row of every corner: ((b * H + y) * W + x) * G + g, clamped
             for corner in tl.static_range(NC):
-                row, col, _, _, _, _ = _corner(corner, y0, x0, ly, lx, ok, H, W, INT64)
+                row, col, _, _, _, _ = _corner(corner, y0, x0, ly, lx, ok, H, W, INT64, False)
                 row = tl.minimum(tl.maximum(row, 0), H - 1)
                 col = tl.minimum(tl.maximum(col, 0), W - 1)
                 tl.store(idx_ptr + slot + corner, ((b * H + row) * W + col) * G + g, mask=ok)
