@@ -7,14 +7,16 @@ memory (the register blow-up that made a bf16 autotuning run hang). Triton compi
 any machine (``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``), and its wheel ships
 ``ptxas``; ``ptxas -v`` on the PTX reports registers, spill stores/loads and the stack frame (local memory).
 
-Variants (:func:`variants`): every kernel of every family (``local_filter``, ``dcnv``, ``deform``, ``warp``), in
-every dtype the family's Triton backend accepts (``dynconv.backends.TRITON_OPS``), with every configuration the
-launch rules of :mod:`dynconv.kernels._launch` can pick at their register budget (fp64 has its own budget; fp16
-and bf16 get every configuration too: one fp16 variant spilled where fp32 did not), and the configurations the
-rules pick for the benchmarks' shapes (:func:`grid_configs`); atomic and deterministic backward paths, with and
-without the optional tensors. A variant fails on a compile error,
-on spills, or when an fp64 variant takes an fp32 scalar argument (Triton passes Python floats as fp32 on a
-GPU but as fp64 in the interpreter: a precision loss only a GPU shows).
+Variants (:func:`variants`): every kernel of every family (``local_filter``; ``dcnv``, ``deform`` and ``warp``,
+which share the two kernels of the sampling core, :mod:`dynconv.kernels._sampling`, each with its own position
+rule and layout), in every dtype the family's Triton backend accepts (``dynconv.backends.TRITON_OPS``), with
+every configuration the launch rules of :mod:`dynconv.kernels._launch` can pick at their register budget (fp64
+has its own budget; fp16 and bf16 get every configuration too: one fp16 variant spilled where fp32 did not), and
+the configurations the rules pick for the benchmarks' shapes (:func:`grid_configs`); atomic and deterministic
+backward paths; at the largest block of the sampling core also int64 offsets, no mask, the removed centre and
+every warp mode and padding. A variant fails on a compile error, on spills or a stack frame (local memory), or
+when an fp64 variant takes an fp32 scalar argument (Triton passes Python floats as fp32 on a GPU but as fp64 in
+the interpreter: a precision loss only a GPU shows).
 
 It lives beside the command line rather than in :mod:`dynconv.kernels` because it reads the benchmarks' shapes
 (``dynconv.bench``) and the command-line types (``dynconv.recipes.args``): the kernel package imports nothing above
@@ -48,12 +50,9 @@ FAMILY_DTYPES = {
     "warp": ("fp32", "bf16", "fp16"),
 }
 MODULES = {f: f"dynconv.kernels.{f}" for f in FAMILY_DTYPES}
-# Stride arguments that are 1 for contiguous (NCHW) tensors, the common case, compiled as the constant 1.
-UNIT_STRIDES = {
-    "local_filter": ("sxw", "sfw", "syw", "sgw"),
-    "deform": ("s_xw", "s_ow", "s_mw"),
-    "warp": ("s_xw", "s_fw", "s_gw"),
-}
+# Stride arguments that are 1 for contiguous (NCHW) tensors, the common case, compiled as the constant 1 (the
+# sampling core's variants carry theirs).
+UNIT_STRIDES = {"local_filter": ("sxw", "sfw", "syw", "sgw")}
 
 
 @dataclass(frozen=True)
@@ -77,8 +76,8 @@ class Variant:
 
     @property
     def label(self) -> str:
-        keys = ("BLOCK_C", "BLOCK_H", "BLOCK_W", "BLOCK_Q", "BLOCK_P", "BLOCK_R", "SINGLE_C_BLOCK", "ATOMIC")
-        keys += ("DETERMINISTIC", "MODE", "PAD", "HAS_MASK")
+        keys = ("BLOCK_C", "BLOCK_H", "BLOCK_W", "BLOCK_R", "SINGLE_C_BLOCK", "ATOMIC", "MODE", "PAD", "HAS_MASK")
+        keys += ("REMOVE_CENTER", "INT64")
         c = dict(self.constexprs)
         parts = [f"{k.replace('BLOCK_', '')}={int(c[k]) if isinstance(c[k], bool) else c[k]}" for k in keys if k in c]
         stages = [f"s={self.num_stages}"] if self.num_stages else []
@@ -137,68 +136,81 @@ def local_filter_variants(dtype: str, largest_only: bool) -> list[Variant]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------------- dcnv
+# ------------------------------------------------------------------ the sampling core: dcnv, deform, warp
 
-DCNV_GEOMETRY = dict(G=4, P=9, KH=3, KW=3, SH=1, SW=1, PH=1, PW=1, DH=1, DW=1, REMOVE_CENTER=False)
-DCNV_BLOCK_C = (2, 4, 8, 16, 32, 64, 128)
+SAMPLING_MODULE = "dynconv.kernels._sampling"
+SAMPLING_BLOCK_C = (2, 4, 8, 16, 32)  # every BLOCK_C of dynconv.kernels._launch.sampling_config
+# Each family's position rule (the ``META`` of its kernel module) and geometry (3x3, stride and dilation 1: Triton
+# specialises an integer argument equal to 1 into a constant at launch, as it does the unit strides listed).
+_RULE = dict(GRID=0, OFFSET_XY=False, REMOVE_CENTER=False, PAD=0, MODE=0, PIXEL_MAJOR=False, SH=1, SW=1)
+SAMPLING = {
+    "deform": (dict(_RULE, KH=3, KW=3, KR=9, P=1, DH=1, DW=1), ("s_xw", "s_ow", "s_mw", "s_yc"), ("s_pw", "s_qw")),
+    "dcnv": (dict(_RULE, GRID=1, OFFSET_XY=True, KH=3, KW=3, KR=1, P=9, DH=1, DW=1),
+             ("s_xc", "s_oc", "s_mc", "s_yc", "s_yk"), ("s_pc", "s_qc")),
+    "warp": (dict(_RULE, OFFSET_XY=True, PIXEL_MAJOR=True, KH=1, KW=1, KR=1, P=1, G=1),
+             ("s_xw", "s_ow", "s_yw", "s_yk"), ("s_pw",)),
+}  # fmt: skip
 
 
-def _dcnv_kinds(dtype):
-    acc = "fp64" if dtype == "fp64" else "fp32"
-    names = ("grad_value_ptr", "grad_offset_ptr", "grad_mask_ptr", "contrib_ptr", "scale_ptr")
-    return {"rows_ptr": "*i64", **{n: "*" + acc for n in names}}
+def _sampling_variant(family, kernel, dtype, channels_per_group, extra=None):
+    """A variant of ``kernel`` (``forward_kernel`` or ``backward_kernel``, every gradient needed) with the block
+    sizes the launch rule picks for ``channels_per_group``; ``extra`` sets ATOMIC, INT64, modes."""
+    f64, backward = dtype == "fp64", kernel == "backward_kernel"
+    geometry, ones, backward_ones = SAMPLING[family]
+    cfg = L.sampling_config(channels_per_group, f64, backward)
+    c = dict(geometry, ACC="fp64" if f64 else "fp32", INT64=False, HAS_MASK=family != "warp")
+    c.update(BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"], **(extra or {}))
+    if backward:
+        c = dict(dict(NEED_X=True, NEED_OFFSET=True, NEED_MASK=c["HAS_MASK"], ATOMIC=True), **c)
+        # grad x: [B, C, H, W] (dcnv's channels-last) when atomic, else contributions [slots, C/G]
+        ones += backward_ones + (("s_gc",) if c["ATOMIC"] and family == "dcnv" else ("s_gw",))
+    c.update({name: 1 for name in ones})
+    acc = "*fp64" if f64 else "*fp32"
+    kinds = {"idx_ptr": "*i64", **{n: acc for n in ("gx_ptr", "goff_ptr", "gm_ptr", "scale_ptr")}}
+    if family == "deform":  # the columns and their gradient are in the accumulation dtype
+        kinds.update(y_ptr=acc, gy_ptr=acc)
+    return _variant(family, kernel, dtype, c, cfg["num_warps"], kinds, module=SAMPLING_MODULE)
 
 
-def _dcnv_variant(kernel, dtype, cg, extra=None, note=""):
-    cfg = L.dcnv_config(cg, dtype == "fp64")
-    c = dict(DCNV_GEOMETRY, CG=cg, ACC="fp64" if dtype == "fp64" else "fp32", BLOCK_Q=cfg["BLOCK_Q"])
-    c.update(BLOCK_C=cfg["BLOCK_C"], **(extra or {}))
-    return _variant("dcnv", kernel, dtype, c, cfg["num_warps"], _dcnv_kinds(dtype), note)
+def _sampling_paths(family, dtype, channels_per_group, extra=None) -> list[Variant]:
+    """The forward and the atomic and deterministic backward."""
+    extra = extra or {}
+    out = [_sampling_variant(family, "forward_kernel", dtype, channels_per_group, extra)]
+    for atomic in (True, False):
+        out.append(_sampling_variant(family, "backward_kernel", dtype, channels_per_group, dict(extra, ATOMIC=atomic)))
+    return out
+
+
+def sampling_variants(family: str, dtype: str, largest_only: bool) -> list[Variant]:
+    """Every block size the rule picks x atomic/deterministic; at the largest, int64 offsets and the family's
+    modes (no mask; removed centre; every warp mode and padding)."""
+    out = []
+    for block_c in SAMPLING_BLOCK_C[-1:] if largest_only else SAMPLING_BLOCK_C:
+        out += _sampling_paths(family, dtype, block_c)
+    if largest_only:
+        return out
+    top = SAMPLING_BLOCK_C[-1]
+    out += _sampling_paths(family, dtype, top, dict(INT64=True))
+    if family == "deform":
+        out += _sampling_paths(family, dtype, top, dict(HAS_MASK=False))
+    if family == "dcnv":
+        out += _sampling_paths(family, dtype, top, dict(REMOVE_CENTER=True, P=8))
+    if family == "warp":
+        for mode, pad in [(m, p) for m in (0, 1) for p in (0, 1, 2)][1:]:
+            out += _sampling_paths(family, dtype, top, dict(MODE=mode, PAD=pad))
+    return out
 
 
 def dcnv_variants(dtype: str, largest_only: bool) -> list[Variant]:
-    out = []
-    for bc in DCNV_BLOCK_C[-2:] if largest_only else DCNV_BLOCK_C:
-        out.append(_dcnv_variant("_dcn_forward_kernel", dtype, bc))
-        for det in (False, True):
-            out.append(_dcnv_variant("_dcn_backward_kernel", dtype, bc, dict(NEED_VALUE=True, DETERMINISTIC=det)))
-    return out
-
-
-# -------------------------------------------------------------------------------------------------- deform
-
-DEFORM_KINDS = {n: "*fp32" for n in ("cols_ptr", "gcols_ptr", "gx_ptr", "goff_ptr", "gmask_ptr")}
+    return sampling_variants("dcnv", dtype, largest_only)
 
 
 def deform_variants(dtype: str, largest_only: bool) -> list[Variant]:
-    cfg = L.deform_config()
-    base = dict(K=9, KW=3, BLOCK_R=cfg["BLOCK_R"], BLOCK_C=cfg["BLOCK_C"])
-    kinds = dict(DEFORM_KINDS, gidx_ptr="*i64")
-    out = []
-    for has_mask in (True,) if largest_only else (True, False):
-        c = dict(base, HAS_MASK=has_mask)
-        out.append(_variant("deform", "_deform_columns_kernel", dtype, c, cfg["num_warps"], kinds))
-        for atomic in (True, False):
-            c = dict(base, HAS_MASK=has_mask, NEED_X=True, ATOMIC=atomic, NEED_OFFSET=True, NEED_MASK=has_mask)
-            out.append(_variant("deform", "_deform_backward_kernel", dtype, c, cfg["num_warps"], kinds))
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------- warp
+    return sampling_variants("deform", dtype, largest_only)
 
 
 def warp_variants(dtype: str, largest_only: bool) -> list[Variant]:
-    cfg = L.warp_config()
-    base = dict(BLOCK_P=cfg["BLOCK_P"], BLOCK_C=cfg["BLOCK_C"])
-    kinds = {"gx_ptr": "*fp32", "gflow_ptr": "*fp32", "gidx_ptr": "*i64"}
-    modes = [(0, 2)] if largest_only else [(m, p) for m in (0, 1) for p in (0, 1, 2)]
-    out = []
-    for mode, pad in modes:
-        out.append(_variant("warp", "_warp_forward_kernel", dtype, dict(base, MODE=mode, PAD=pad), cfg["num_warps"]))
-        for atomic in (True, False) if (mode, pad) in ((0, 0), (0, 2)) else (True,):
-            c = dict(base, MODE=mode, PAD=pad, NEED_X=True, ATOMIC=atomic, NEED_FLOW=True)
-            out.append(_variant("warp", "_warp_backward_kernel", dtype, c, cfg["num_warps"], kinds))
-    return out
+    return sampling_variants("warp", dtype, largest_only)
 
 
 FAMILIES = {"local_filter": local_filter_variants, "dcnv": dcnv_variants, "deform": deform_variants,
@@ -221,10 +233,7 @@ def grid_configs() -> list[Variant]:
                 out.append(_lf_variant(kernel, dtype, block_c, tile, single))
     for shape in {*bench_dcnv.FULL_SHAPES, *bench_dcnv.QUICK_SHAPES}:
         for dtype in ("fp32", "fp64"):
-            out.append(_dcnv_variant("_dcn_forward_kernel", dtype, shape[4]))
-            for det in (False, True):
-                extra = dict(NEED_VALUE=True, DETERMINISTIC=det)
-                out.append(_dcnv_variant("_dcn_backward_kernel", dtype, shape[4], extra))
+            out += _sampling_paths("dcnv", dtype, shape[4])
     return list(dict.fromkeys(out))
 
 
@@ -389,6 +398,8 @@ def failed(row: dict) -> str:
         return row["error"]
     if row["spill_stores"] or row["spill_loads"]:
         return f"spills to local memory: {row['spill_stores']} bytes stored, {row['spill_loads']} loaded"
+    if row["stack"]:
+        return f"a stack frame of {row['stack']} bytes (local memory)"
     return ""
 
 
@@ -435,14 +446,9 @@ def first_call_variants(family: str, shape: tuple, dtype: str) -> list[Variant]:
                 c["SINGLE_C_BLOCK"] = C // G <= block_c
             out.append(_variant(family, kernel, dtype, c, tile["num_warps"]))
         return out
-    if family == "dcnv":
-        cg = shape[4]
-        backward = _dcnv_variant("_dcn_backward_kernel", dtype, cg, dict(NEED_VALUE=True, DETERMINISTIC=False))
-        return [_dcnv_variant("_dcn_forward_kernel", dtype, cg), backward]
-    if family == "deform":
-        return [v for v in deform_variants(dtype, True) if dict(v.constexprs).get("ATOMIC", True)]
-    return [v for v in warp_variants(dtype, True) if dict(v.constexprs) .get("ATOMIC", True) and
-            dict(v.constexprs)["PAD"] == 2]  # fmt: skip
+    # the sampling core: the atomic paths for the shape's channels per group
+    cg = {"dcnv": shape[-1], "deform": shape[1], "warp": shape[1]}[family]
+    return [v for v in _sampling_paths(family, dtype, cg) if dict(v.constexprs).get("ATOMIC", True)]
 
 
 def first_call_table(arch: int = 90, shapes=None) -> tuple[str, float]:

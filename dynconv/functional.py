@@ -513,7 +513,7 @@ def _dcn_geometry(value, kernel_size, stride, padding, dilation, group, offset_s
     return value, (B, Ho, Wo, group, P), args
 
 
-def _dcn_dispatch(op_name, value, offset, mask, args, backend):
+def _dcn_dispatch(op_name, value, offset, mask, args, backend, deterministic):
     chosen = choose_backend(op_name, value, offset, mask, backend=backend)
     if chosen == "reference":
         kernel_size, stride, padding, dilation, offset_scale, remove_center = args
@@ -521,7 +521,9 @@ def _dcn_dispatch(op_name, value, offset, mask, args, backend):
             value, offset, mask, tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation),
             offset_scale, remove_center,
         )  # fmt: skip
-    return dcn_sample_op(value, offset, mask, *args, chosen)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    return dcn_sample_op(value, offset, mask, *args, chosen, bool(deterministic))
 
 
 @autocast_op("input", "offset", "mask")
@@ -538,6 +540,7 @@ def dcnv3(
     remove_center: bool = False,
     *,
     backend: str | None = None,
+    deterministic: bool | None = None,
 ) -> torch.Tensor:
     r"""The DCNv3 core (InternImage, Wang et al., CVPR 2023): deformable sampling with ``group`` groups of
     channels that share offsets and modulation, channels-last, no weights (the projections live in
@@ -566,8 +569,13 @@ def dcnv3(
         offset_scale (float): scale of the offsets (and of the kernel grid, as in the official kernels). Default 1.
         remove_center (bool): leave out the centre kernel point (odd kernels only). Default False.
         backend (str or None): ``"reference"``, ``"torch"``, ``"triton"`` or ``None`` (automatic, see
-            :mod:`dynconv.backends`; Triton on CUDA tensors). The Triton backward scatters ``grad input`` with fp32
-            atomics, or deterministically when ``torch.are_deterministic_algorithms_enabled()``.
+            :mod:`dynconv.backends`; Triton on CUDA tensors). Keyword only.
+        deterministic (bool or None): make the Triton backward accumulate ``grad input`` in a fixed order (a
+            sorted two-pass scatter instead of fp32/fp64 atomics: bitwise repeatable, P*4 times the output in
+            memory). ``None`` (default) follows ``torch.are_deterministic_algorithms_enabled()``. The ``torch``
+            and ``reference`` backends ignore it: on CPU their backward is deterministic already; on CUDA the
+            ``torch`` backend's ``grid_sample`` backward uses atomics (and refuses to run under
+            ``torch.use_deterministic_algorithms(True)``). Keyword only.
 
     Returns:
         Tensor[B, H_out, W_out, C] in the dtype of ``input`` (fp16/bf16 accumulate in fp32).
@@ -595,7 +603,8 @@ def dcnv3(
         raise ValueError(
             f"mask must have shape [B, H_out, W_out, group*P] = {[B, Ho, Wo, G * P]} {where}; got {list(mask.shape)}"
         )
-    return _dcn_dispatch("dcnv3", value, offset.view(B, Ho, Wo, G, P, 2), mask.view(B, Ho, Wo, G, P), args, backend)
+    offset, mask = offset.view(B, Ho, Wo, G, P, 2), mask.view(B, Ho, Wo, G, P)
+    return _dcn_dispatch("dcnv3", value, offset, mask, args, backend, deterministic)
 
 
 @autocast_op("input", "offset_mask")
@@ -611,6 +620,7 @@ def dcnv4(
     remove_center: bool = False,
     *,
     backend: str | None = None,
+    deterministic: bool | None = None,
 ) -> torch.Tensor:
     r"""The DCNv4 core (Xiong et al., "Efficient Deformable ConvNets", CVPR 2024): the sampling of
     :func:`dcnv3` with offsets and modulation in **one** tensor, as one linear layer predicts them, and
@@ -622,7 +632,8 @@ def dcnv4(
             (``(x, y)`` per point) followed by ``P`` modulation scalars, i.e. ``[group, 3P]`` flattened, then
             zero channels up to ``M = ceil(3 * group * P / 8) * 8`` (the official op reads that padded width;
             ``M = 3 * group * P`` is accepted too).
-        kernel_size, stride, padding, dilation, group, offset_scale, remove_center, backend: as :func:`dcnv3`.
+        kernel_size, stride, padding, dilation, group, offset_scale, remove_center, backend, deterministic: as
+            :func:`dcnv3`.
 
     Returns:
         Tensor[B, H_out, W_out, C] in the dtype of ``input``.
@@ -647,4 +658,4 @@ def dcnv4(
     per_group = offset_mask[..., :used].unflatten(3, (G, 3 * P))
     offset = per_group[..., : 2 * P].unflatten(4, (P, 2))
     mask = per_group[..., 2 * P :]
-    return _dcn_dispatch("dcnv4", value, offset, mask, args, backend)
+    return _dcn_dispatch("dcnv4", value, offset, mask, args, backend, deterministic)

@@ -132,7 +132,7 @@ def _local_filter2d(x, filters, kernel_size, stride, padding, dilation, backend)
     return op.Cast(op.Reshape(out, shape), to=x.dtype)
 
 
-def _dcn_sample(value, offset, mask, kernel_size, stride, padding, dilation, offset_scale, remove_center, backend):
+def _dcn_sample(value, offset, mask, kernel_size, stride, padding, dilation, offset_scale, remove_center, *_):
     # value [B, H, W, C], offset [B, H_out, W_out, G, P, 2] (dx, dy), mask [B, H_out, W_out, G, P].
     op, _ = _onnx_modules()
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation

@@ -579,8 +579,8 @@ def test_layers_sweep_times_every_formulation_and_marks_auto():
     args.device, args.repeats = "cpu", 1
     lines = [line for line in mixture.run(args).splitlines() if line.startswith("| 16 ") or line.startswith("| 64 ")]
     forms = [line.split(" | ")[4] for line in lines]
-    # 16*9 / (4*36) = 1 -> chunked on CPU; 64*9 / (4*4) = 36 > 32 -> experts
-    assert forms == ["static", "grouped", "experts", "chunked (auto)", "loop"] + [
+    # 16*9 / (4*36) = 1 and 3 kernels of 9 KB under GROUPED_BYTES -> grouped on CPU; 64*9 / (4*4) = 36 > 32 -> experts
+    assert forms == ["static", "grouped (auto)", "experts", "chunked", "loop"] + [
         "static", "grouped", "experts (auto)", "chunked", "loop"
     ]  # fmt: skip
     assert all(float(line.split(" | ")[6]) > 0 for line in lines)

@@ -45,9 +45,10 @@ def test_rules_pick_one_bounded_config_for_every_bench_shape():
                 assert tile["BLOCK_W"] <= max(32, 2 * W)  # no tile much wider than the image
     for shape in {*bench_dcnv.FULL_SHAPES, *bench_dcnv.QUICK_SHAPES}:
         for f64 in (False, True):
-            cfg = L.dcnv_config(shape[4], f64)
-            assert cfg["BLOCK_C"] >= shape[4] and all(_pow2(v) for v in cfg.values())
-            assert cfg["BLOCK_Q"] * cfg["BLOCK_C"] <= L.DCNV_BUDGET // (2 if f64 else 1)
+            for backward in (False, True):
+                cfg = L.sampling_config(shape[4], f64, backward)
+                assert cfg["BLOCK_C"] >= min(shape[4], 32) and all(_pow2(v) for v in cfg.values())
+                assert cfg["BLOCK_R"] * cfg["BLOCK_C"] <= L.SAMPLING_BUDGET // (4 if f64 else 1)
     # The CUDA tests' local_filter shapes (tests/test_local_filter.py GPU_CASES), strides included:
     # (C, H, W, G, stride); every dtype's picks are among the checked variants.
     for C, H, W, G, (sh, sw) in [(64, 64, 64, 1, (1, 1)), (128, 56, 56, 8, (1, 1)), (3, 64, 64, 1, (2, 2)),
@@ -67,10 +68,7 @@ def test_rules_pick_one_bounded_config_for_every_bench_shape():
     assert {v.family for v in grid} == {"local_filter", "dcnv"} and len(grid) >= 20
     assert set(grid) <= checked
     for family in ("deform", "warp"):
-        assert {v.kernel for v in checked if v.family == family} == {
-            "deform": {"_deform_columns_kernel", "_deform_backward_kernel"},
-            "warp": {"_warp_forward_kernel", "_warp_backward_kernel"},
-        }[family]
+        assert {v.kernel for v in checked if v.family == family} == {"forward_kernel", "backward_kernel"}
 
 
 def test_variants_cover_every_dtype_and_backward_path():

@@ -589,19 +589,20 @@ def test_triton_cuda_past_int32_offsets():
 _COMPILE_SCRIPT = r"""
 import triton.language as tl
 
+import dynconv.kernels._sampling as S
 import dynconv.kernels.dcnv as K
 from dynconv.testing import compile_ptx
 
-geometry = dict(G=4, CG=32, P=8, KH=3, KW=3, SH=1, SW=1, PH=1, PW=1, DH=1, DW=1, REMOVE_CENTER=True)
-geometry.update(ACC=tl.float32, BLOCK_Q=64, BLOCK_C=32)
+geometry = dict(K.META, REMOVE_CENTER=True, KH=3, KW=3, KR=1, P=8, HAS_MASK=True, INT64=False)
+geometry.update(ACC=tl.float32, BLOCK_R=16, BLOCK_C=32)
+backward = dict(geometry, NEED_X=True, NEED_OFFSET=True, NEED_MASK=True)
 variants = [
-    (K._dcn_forward_kernel, "bf16", dict(geometry)),
-    (K._dcn_backward_kernel, "fp32", dict(geometry, NEED_VALUE=True, DETERMINISTIC=False)),
-    (K._dcn_backward_kernel, "fp16", dict(geometry, NEED_VALUE=True, DETERMINISTIC=True)),
+    (S.forward_kernel, "bf16", dict(geometry)),
+    (S.backward_kernel, "fp32", dict(backward, ATOMIC=True)),
+    (S.backward_kernel, "fp16", dict(backward, ATOMIC=False)),
 ]
-fp32 = ("grad_value_ptr", "grad_offset_ptr", "grad_mask_ptr", "contrib_ptr")
-kinds = {"rows_ptr": "*i64", "offset_scale": "fp32", **{n: "*fp32" for n in fp32}}
-print("compiled", compile_ptx(variants, kinds))
+fp32 = ("gx_ptr", "goff_ptr", "gm_ptr", "scale_ptr")
+print("compiled", compile_ptx(variants, {"idx_ptr": "*i64", **{n: "*fp32" for n in fp32}}))
 """
 
 
@@ -618,7 +619,6 @@ def test_no_python_float_reaches_the_kernels(monkeypatch):
     passed that way cost the fp64 kernels 8 digits on an H200 (``test_tiny_cases_match_reference[triton-k3-fp64]``,
     scale 0.8, failed there and passed here). Every float must reach the kernels as a tensor of the accumulation
     dtype."""
-    from dynconv.kernels import dcnv as kernels
 
     seen = []
 
@@ -633,8 +633,10 @@ def test_no_python_float_reaches_the_kernels(monkeypatch):
 
             return launch
 
-    for name in ("_dcn_forward_kernel", "_dcn_backward_kernel"):
-        monkeypatch.setattr(kernels, name, Spy(getattr(kernels, name)))
+    from dynconv.kernels import _sampling
+
+    for name in ("forward_kernel", "backward_kernel"):
+        monkeypatch.setattr(_sampling, name, Spy(getattr(_sampling, name)))
     inputs, kwargs = make_tiny(TRITON_CASES[0], torch.float64)
     out, grads, gy = fwd_bwd("triton", inputs, kwargs)
     assert seen == [[], []]  # forward and backward launched, neither with a float argument

@@ -645,20 +645,23 @@ def test_triton_opcheck():
 
 
 _COMPILE_SCRIPT = r"""
+import triton.language as tl
+
+import dynconv.kernels._sampling as S
 import dynconv.kernels.deform as K
 from dynconv.testing import compile_ptx
 
-geometry = dict(K=9, KW=3, BLOCK_R=32, BLOCK_C=32)
+geometry = dict(K.META, KH=3, KW=3, KR=9, P=1, ACC=tl.float32, INT64=False, BLOCK_R=16, BLOCK_C=32)
 backward = dict(geometry, NEED_X=True, NEED_OFFSET=True, NEED_MASK=True)
 variants = [
-    (K._deform_columns_kernel, "bf16", dict(geometry, HAS_MASK=True)),
-    (K._deform_columns_kernel, "fp32", dict(geometry, HAS_MASK=False)),
-    (K._deform_backward_kernel, "fp16", dict(backward, HAS_MASK=True, ATOMIC=True)),
-    (K._deform_backward_kernel, "fp32", dict(backward, HAS_MASK=True, ATOMIC=False)),
-    (K._deform_backward_kernel, "bf16", dict(backward, HAS_MASK=False, ATOMIC=True, NEED_MASK=False)),
+    (S.forward_kernel, "bf16", dict(geometry, HAS_MASK=True)),
+    (S.forward_kernel, "fp32", dict(geometry, HAS_MASK=False)),
+    (S.backward_kernel, "fp16", dict(backward, HAS_MASK=True, ATOMIC=True)),
+    (S.backward_kernel, "fp32", dict(backward, HAS_MASK=True, ATOMIC=False)),
+    (S.backward_kernel, "bf16", dict(backward, HAS_MASK=False, ATOMIC=True, NEED_MASK=False)),
 ]
-fp32 = ("cols_ptr", "gcols_ptr", "gx_ptr", "goff_ptr", "gmask_ptr")
-print("compiled", compile_ptx(variants, {"gidx_ptr": "*i64", **{n: "*fp32" for n in fp32}}))
+fp32 = ("y_ptr", "gy_ptr", "gx_ptr", "goff_ptr", "gm_ptr", "scale_ptr")
+print("compiled", compile_ptx(variants, {"idx_ptr": "*i64", **{n: "*fp32" for n in fp32}}))
 """
 
 

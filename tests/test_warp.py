@@ -279,21 +279,26 @@ def test_triton_cuda_realistic_sizes(dtype):
 
 
 _COMPILE_SCRIPT = r"""
+import triton.language as tl
+
+import dynconv.kernels._sampling as S
 import dynconv.kernels.warp as K
 from dynconv.testing import compile_ptx
 
 
 def flags(mode, pad, **kw):
-    return dict(MODE=mode, PAD=pad, BLOCK_P=64, BLOCK_C=32, **kw)
+    meta = dict(K._rule(mode, pad).meta, KH=1, KW=1, KR=1, P=1, HAS_MASK=False, ACC=tl.float32, INT64=False)
+    return dict(meta, BLOCK_R=64, BLOCK_C=32, **kw)
 
 
 # One forward and one backward: every mode, padding, dtype and path is compiled by `dynconv check-kernels`
 # (`make test`), with registers and spills.
 variants = [
-    (K._warp_forward_kernel, "bf16", flags(0, 2)),
-    (K._warp_backward_kernel, "fp32", flags(0, 0, NEED_X=True, ATOMIC=False, NEED_FLOW=True)),
+    (S.forward_kernel, "bf16", flags("bilinear", "reflection")),
+    (S.backward_kernel, "fp32", flags("bilinear", "zeros", NEED_X=True, ATOMIC=False, NEED_OFFSET=1, NEED_MASK=0)),
 ]
-print("compiled", compile_ptx(variants, {"gidx_ptr": "*i64", "gx_ptr": "*fp32", "gflow_ptr": "*fp32"}))
+fp32 = ("gx_ptr", "goff_ptr", "gm_ptr", "scale_ptr")
+print("compiled", compile_ptx(variants, {"idx_ptr": "*i64", **{n: "*fp32" for n in fp32}}))
 """
 
 

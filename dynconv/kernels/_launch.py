@@ -10,10 +10,10 @@ registers (the accumulator tile and the tiles loaded beside it), which is what d
   loads along W; 32 for narrow images or when 64 would not fit), as many rows as fit
   :data:`LOCAL_FILTER_BUDGET` accumulator elements (half of it for fp64), at least one and at most 16 rows and
   no more than the image has; 4 warps, 2 for a tile of at most 256 elements.
-* ``dcnv``: ``BLOCK_Q`` output pixels (at most 64) times all ``C/G`` channels of a group (``BLOCK_C``),
-  ``BLOCK_Q`` shrunk as ``BLOCK_C`` grows so that ``BLOCK_Q * BLOCK_C`` stays within :data:`DCNV_BUDGET` (half
-  for fp64); 4 warps.
-* ``warp`` and ``deform``: fixed blocks of 64 pixels / 16 rows times 32 channels, 4 warps.
+* the sampling core (``deform``, ``dcnv``, ``warp``; :mod:`dynconv.kernels._sampling`): ``BLOCK_R`` rows times
+  ``BLOCK_C`` channels (all ``C/G`` channels of a group up to 32), ``BLOCK_R`` (at most 64) shrunk as ``BLOCK_C``
+  grows so that ``BLOCK_R * BLOCK_C`` stays within :data:`SAMPLING_BUDGET` (the forward) or half of it (the
+  backward), a quarter of that for fp64; 4 warps.
 
 Under ``TRITON_INTERPRET=1`` the interpreter pays a large fixed cost per program instance and little per element,
 so the rules give it few, large programs instead (one tile per small test image).
@@ -49,10 +49,10 @@ AUTOTUNE_ENV = "DYNCONV_AUTOTUNE"
 # tiles of this size: at 16 values per thread sm_90 needed 246-255 registers and at 32 it spilled
 # (dynconv check-kernels).
 LOCAL_FILTER_BUDGET = 1024
-# BLOCK_Q * BLOCK_C of a dcnv program: 4 fp32 values per thread at 4 warps. The backward keeps grad_out, four
-# corner tiles and their differences of this size live: at 8 values per thread it took 231 registers of the
-# 255 (deterministic path), at 16 it spilled on sm_90 (dynconv check-kernels).
-DCNV_BUDGET = 512
+# BLOCK_R * BLOCK_C of a sampling-core forward program: 4 fp32 values per thread at 4 warps. At 2048 a
+# [rows, channels] forward spilled with int64 offsets (deform), DCNv3's (a loop over the points, software-pipelined)
+# at 64 x 32, and warp's fp16 forward at 64 x 32 (dynconv check-kernels).
+SAMPLING_BUDGET = 512
 
 
 def next_power_of_2(n: int) -> int:
@@ -75,14 +75,25 @@ def acc_is_f64(dtype: torch.dtype) -> bool:
     return acc_dtype(dtype) == torch.float64
 
 
+# Under the interpreter every kernel takes the int64 path: the interpreter checks each int32 addition and
+# multiplication for overflow (binary_op_sanitize_overflow_impl, ~6 ms an operation in the sampling kernels, which
+# made an int32 warp forward 2x slower than the int64 one) and int64 ones not. Tests switch it off to run the
+# int32 path there (overflow-checked).
+INTERPRETER_INT64 = True
+
+
 def needs_int64(*tensors: torch.Tensor, limit: int = 2**30) -> bool:
     """Whether an offset into one of ``tensors`` (through its strides) can reach ``limit`` elements; the default
-    keeps a factor-2 margin below 2**31 for the masked lanes past the edges.
+    keeps a factor-2 margin below 2**31 for the masked lanes past the edges. Always under the interpreter (see
+    :data:`INTERPRETER_INT64`).
 
-    The local-filter kernels take this as their ``INT64`` switch. The deform, dcnv and warp kernels do not ask:
-    they form every offset in int64 whatever the size (a single rule for all four waits for the shared
-    sampling core of issue 15)."""
+    The one rule of every kernel family: their ``INT64`` switch, which promotes the program's indices (and with
+    them every offset) to int64; below the limit they stay int32, cheaper on a GPU."""
+    if INTERPRETER_INT64 and triton_interpret():
+        return True
     for t in tensors:
+        if t.numel() == 0:  # never indexed
+            continue
         extent = 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()) if n > 0)
         if extent >= limit or t.numel() >= limit:
             return True
@@ -153,25 +164,46 @@ def local_filter_candidates(rows: int, cols: int, block_c: int, f64: bool) -> li
     return out
 
 
-def dcnv_config(channels_per_group: int, f64: bool, interpreted: bool = False) -> dict:
-    """``{BLOCK_Q, BLOCK_C, num_warps}`` of the DCNv3/DCNv4 kernels for ``C/G`` channels per group."""
-    block_c = max(next_power_of_2(channels_per_group), 2)
+def sampling_config(channels_per_group: int, f64: bool, backward: bool, interpreted: bool = False) -> dict:
+    """``{BLOCK_R, BLOCK_C, num_warps}`` of the sampling core's kernels for ``C/G`` channels per group."""
+    # At least 4 channels in fp64: DCNv3's fp64 atomic backward at 2 x 32 rows spilled 4 bytes on sm_90 (at 4 x 16
+    # it does not; dynconv check-kernels).
+    block_c = min(max(next_power_of_2(channels_per_group), 4 if f64 else 2), 32)
     if interpreted:
-        return {"BLOCK_Q": 64, "BLOCK_C": block_c, "num_warps": 1}
-    budget = DCNV_BUDGET // (2 if f64 else 1)
-    return {"BLOCK_Q": max(1, min(64, budget // block_c)), "BLOCK_C": block_c, "num_warps": 4}
+        return {"BLOCK_R": 256, "BLOCK_C": block_c, "num_warps": 1}
+    # The backward keeps grad_out, a corner and its contribution live: half the forward's (DCNv3's backward took
+    # 231 registers at 512 elements, 127 at 256). fp64 a quarter: at half, DCNv3's fp64 atomic backward spilled.
+    budget = SAMPLING_BUDGET // (2 if backward else 1) // (4 if f64 else 1)
+    return {"BLOCK_R": max(1, min(64, budget // block_c)), "BLOCK_C": block_c, "num_warps": 4}
 
 
-def warp_config(interpreted: bool = False) -> dict:
-    """``{BLOCK_P, BLOCK_C, num_warps}`` of the warp kernels: pixels x channels per program."""
-    return {"BLOCK_P": 256 if interpreted else 64, "BLOCK_C": 32, "num_warps": 4}
+def output_buffer(shape, like: torch.Tensor, interpreted: bool) -> torch.Tensor:
+    """An empty result buffer of ``like``'s dtype and device. Triton 3.9's interpreter truncates fp32 -> bf16
+    casts where the GPU rounds to nearest even (measured: 4 of 24 outputs one bf16 ulp off), so under the
+    interpreter bf16 results are stored in fp32 and rounded by torch; the kernels are the same on both paths."""
+    dtype = torch.float32 if interpreted and like.dtype == torch.bfloat16 else like.dtype
+    return torch.empty(shape, dtype=dtype, device=like.device)
 
 
-def deform_config(interpreted: bool = False) -> dict:
-    """``{BLOCK_R, BLOCK_C, num_warps}`` of the deformable-conv kernels: (image, pixel, tap, group) rows x
-    channels per program."""
-    # 32 x 32 (8 values a thread) spilled in the atomic backward on sm_90 (dynconv check-kernels); 16 x 32 does not.
-    return {"BLOCK_R": 128 if interpreted else 16, "BLOCK_C": 32, "num_warps": 4}
+def launch_local_filter(kernel, grid, args, meta: dict, rows: int, cols: int, like, key: list, interpreted: bool):
+    """Launch a local_filter ``kernel`` with the tile of the rule (or, with ``DYNCONV_AUTOTUNE=1``, the cached
+    fastest, :func:`select` under ``key``) for programs covering ``rows x cols`` pixels; ``grid(tile)`` is the
+    launch grid of a tile."""
+    block_c, f64 = meta["BLOCK_C"], meta["ACC_F64"]
+    tile = local_filter_tile(rows, cols, block_c, f64, interpreted=interpreted)
+    candidates = [tile]
+    if autotune_enabled():
+        candidates += [c for c in local_filter_candidates(rows, cols, block_c, f64) if c != tile]
+
+    def run(cfg):
+        kernel[grid(cfg)](*args, **meta, **cfg)
+
+    with on_device(like):
+        if len(candidates) == 1:
+            run(tile)
+            return
+        device = torch.cuda.get_device_name(like.device) if like.is_cuda else "interpreter"
+        run(select(kernel.fn.__name__, key, like.dtype, device, candidates, run))
 
 
 # ------------------------------------------------------------------------------------- opt-in autotuning

@@ -3,6 +3,10 @@ De Brabandere et al., NIPS 2016; the aggregation step of involution, Li et al., 
 
     y[b, c, ho, wo] = sum_{i, j} f[b, g(c), i*kw + j, ho, wo] * x[b, c, ho*sh - ph + i*dh, wo*sw - pw + j*dw]
 
+Local filtering keeps its own kernels rather than the bilinear sampling core of the deformable ops
+(:mod:`dynconv.kernels._sampling`): its taps sit on the integer grid, so it needs no interpolation, and its input
+gradient is a gather too (no scatter, no atomics).
+
 Three kernels, each a gather (every program writes its own tile once: no atomics, deterministic):
 
 * ``forward``: one program per (channel block, output tile, b, g); a loop over the taps loads each tap's
@@ -52,142 +56,79 @@ FORCE_INT64 = False
 
 
 @triton.jit
-def _forward_kernel(
-    x_ptr,  # [B, C, H, W], any strides
-    f_ptr,  # [B, G, KH*KW, HO, WO], any strides
-    y_ptr,  # [B, C, HO, WO], written
-    G,
-    C_PER_G,
-    H,
-    W,
-    HO,
-    WO,
-    sxb,
-    sxc,
-    sxh,
-    sxw,
-    sfb,
-    sfg,
-    sfk,
-    sfh,
-    sfw,
-    syb,
-    syc,
-    syh,
-    syw,
-    KH: tl.constexpr,
-    KW: tl.constexpr,
-    SH: tl.constexpr,
-    SW: tl.constexpr,
-    PH: tl.constexpr,
-    PW: tl.constexpr,
-    DH: tl.constexpr,
-    DW: tl.constexpr,
-    ACC_F64: tl.constexpr,
-    INT64: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_W: tl.constexpr,
-):
-    acc_dtype = tl.float64 if ACC_F64 else tl.float32
-    pid = tl.program_id(0)
+def _program(pid, n_cb, tiles_h, tiles_w, INT64: tl.constexpr):
+    """Channel block, tile row, tile column and the rest (image, group, ...) of program ``pid``: channel blocks
+    vary fastest, so programs that run together share the filter tile in L2."""
     if INT64:
         pid = pid.to(tl.int64)
-    # Channel blocks vary fastest: programs that run together share the filter tile in L2.
-    n_cb = tl.cdiv(C_PER_G, BLOCK_C)
-    tiles_w = tl.cdiv(WO, BLOCK_W)
-    tiles_h = tl.cdiv(HO, BLOCK_H)
-    cb = pid % n_cb
     rest = pid // n_cb
     tw = rest % tiles_w
     rest = rest // tiles_w
-    th = rest % tiles_h
-    bg = rest // tiles_h
-    b = bg // G
-    g = bg % G
+    return pid % n_cb, rest % tiles_h, tw, rest // tiles_h
 
-    c = (cb * BLOCK_C + tl.arange(0, BLOCK_C))[:, None, None]
+
+@triton.jit
+def _output_tile(th, tw, HO, WO, SH, SW, PH, PW, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Output rows and columns of a tile (``[1, BLOCK_H, 1]``, ``[1, 1, BLOCK_W]``), their in-range flag and the
+    input row and column of their first tap."""
     ho = (th * BLOCK_H + tl.arange(0, BLOCK_H))[None, :, None]
     wo = (tw * BLOCK_W + tl.arange(0, BLOCK_W))[None, None, :]
+    return ho, wo, (ho < HO) & (wo < WO), ho * SH - PH, wo * SW - PW
+
+
+@triton.jit
+def _tap(hi0, wi0, i, j, DH, DW, H, W, sh, sw):
+    """Offset (with strides ``sh``, ``sw``) and in-image flag of tap ``(i, j)`` of a tile's windows."""
+    hi = hi0 + i * DH
+    wi = wi0 + j * DW
+    return hi * sh + wi * sw, (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+
+
+@triton.jit
+def _forward_kernel(  # x [B, C, H, W] and filters [B, G, KH*KW, HO, WO] in any strides; y [B, C, HO, WO] written
+    x_ptr, f_ptr, y_ptr, G, C_PER_G, H, W, HO, WO, sxb, sxc, sxh, sxw, sfb, sfg, sfk, sfh, sfw, syb, syc, syh, syw,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    DH: tl.constexpr, DW: tl.constexpr, ACC_F64: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+):  # fmt: skip
+    acc_dtype = tl.float64 if ACC_F64 else tl.float32
+    n_cb = tl.cdiv(C_PER_G, BLOCK_C)
+    cb, th, tw, bg = _program(tl.program_id(0), n_cb, tl.cdiv(HO, BLOCK_H), tl.cdiv(WO, BLOCK_W), INT64)
+    b = bg // G
+    g = bg % G
+    c = (cb * BLOCK_C + tl.arange(0, BLOCK_C))[:, None, None]
     c_ok = c < C_PER_G
-    p_ok = (ho < HO) & (wo < WO)
+    ho, wo, p_ok, hi0, wi0 = _output_tile(th, tw, HO, WO, SH, SW, PH, PW, BLOCK_H, BLOCK_W)
     x_base = x_ptr + b * sxb + (g * C_PER_G + c) * sxc
     f_base = f_ptr + b * sfb + g * sfg + ho * sfh + wo * sfw
-    hi0 = ho * SH - PH
-    wi0 = wo * SW - PW
     acc = tl.zeros([BLOCK_C, BLOCK_H, BLOCK_W], dtype=acc_dtype)
     for i in range(KH):
-        hi = hi0 + i * DH
-        h_ok = (hi >= 0) & (hi < H)
         for j in tl.static_range(KW):
-            wi = wi0 + j * DW
             f_tap = tl.load(f_base + (i * KW + j) * sfk, mask=p_ok, other=0.0).to(acc_dtype)
-            x_ok = c_ok & p_ok & h_ok & (wi >= 0) & (wi < W)
-            x_tap = tl.load(x_base + hi * sxh + wi * sxw, mask=x_ok, other=0.0).to(acc_dtype)
+            x_off, x_ok = _tap(hi0, wi0, i, j, DH, DW, H, W, sxh, sxw)
+            x_tap = tl.load(x_base + x_off, mask=c_ok & p_ok & x_ok, other=0.0).to(acc_dtype)
             acc += x_tap * f_tap
     y_off = b * syb + (g * C_PER_G + c) * syc + ho * syh + wo * syw
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=c_ok & p_ok)
 
 
 @triton.jit
-def _grad_x_kernel(
-    gy_ptr,  # [B, C, HO, WO], any strides
-    f_ptr,  # [B, G, KH*KW, HO, WO], any strides
-    gx_ptr,  # [B, C, H, W], written
-    G,
-    C_PER_G,
-    H,
-    W,
-    HO,
-    WO,
-    sgb,
-    sgc,
-    sgh,
-    sgw,
-    sfb,
-    sfg,
-    sfk,
-    sfh,
-    sfw,
-    sxb,
-    sxc,
-    sxh,
-    sxw,
-    KH: tl.constexpr,
-    KW: tl.constexpr,
-    SH: tl.constexpr,
-    SW: tl.constexpr,
-    PH: tl.constexpr,
-    PW: tl.constexpr,
-    DH: tl.constexpr,
-    DW: tl.constexpr,
-    ACC_F64: tl.constexpr,
-    INT64: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_W: tl.constexpr,
-):
-    acc_dtype = tl.float64 if ACC_F64 else tl.float32
-    pid = tl.program_id(0)
-    if INT64:
-        pid = pid.to(tl.int64)
+def _grad_x_kernel(  # grad y [B, C, HO, WO] and filters [B, G, KH*KW, HO, WO] in any strides; grad x written
+    gy_ptr, f_ptr, gx_ptr, G, C_PER_G, H, W, HO, WO, sgb, sgc, sgh, sgw, sfb, sfg, sfk, sfh, sfw, sxb, sxc, sxh, sxw,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    DH: tl.constexpr, DW: tl.constexpr, ACC_F64: tl.constexpr, INT64: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+):  # fmt: skip
     # A tile covers input pixels of one residue class (rh, rw): h = rh + SH * t.
+    acc_dtype = tl.float64 if ACC_F64 else tl.float32
     n_cb = tl.cdiv(C_PER_G, BLOCK_C)
-    tiles_w = tl.cdiv(tl.cdiv(W, SW), BLOCK_W)
-    tiles_h = tl.cdiv(tl.cdiv(H, SH), BLOCK_H)
-    cb = pid % n_cb
-    rest = pid // n_cb
-    tw = rest % tiles_w
-    rest = rest // tiles_w
-    th = rest % tiles_h
-    rest = rest // tiles_h
+    tiles_h, tiles_w = tl.cdiv(tl.cdiv(H, SH), BLOCK_H), tl.cdiv(tl.cdiv(W, SW), BLOCK_W)
+    cb, th, tw, rest = _program(tl.program_id(0), n_cb, tiles_h, tiles_w, INT64)
     rw = rest % SW
     rest = rest // SW
     rh = rest % SH
-    bg = rest // SH
-    b = bg // G
-    g = bg % G
-
+    b = rest // SH // G
+    g = rest // SH % G
     c = (cb * BLOCK_C + tl.arange(0, BLOCK_C))[:, None, None]
     h = rh + SH * (th * BLOCK_H + tl.arange(0, BLOCK_H))[None, :, None]
     w = rw + SW * (tw * BLOCK_W + tl.arange(0, BLOCK_W))[None, None, :]
@@ -215,62 +156,17 @@ def _grad_x_kernel(
 
 
 @triton.jit
-def _grad_filters_kernel(
-    gy_ptr,  # [B, C, HO, WO], any strides
-    x_ptr,  # [B, C, H, W], any strides
-    gf_ptr,  # [B, G, KH*KW, HO, WO], written
-    G,
-    C_PER_G,
-    H,
-    W,
-    HO,
-    WO,
-    sgb,
-    sgc,
-    sgh,
-    sgw,
-    sxb,
-    sxc,
-    sxh,
-    sxw,
-    sfb,
-    sfg,
-    sfk,
-    sfh,
-    sfw,
-    KH: tl.constexpr,
-    KW: tl.constexpr,
-    SH: tl.constexpr,
-    SW: tl.constexpr,
-    PH: tl.constexpr,
-    PW: tl.constexpr,
-    DH: tl.constexpr,
-    DW: tl.constexpr,
-    ACC_F64: tl.constexpr,
-    INT64: tl.constexpr,
-    SINGLE_C_BLOCK: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_W: tl.constexpr,
-):
+def _grad_filters_kernel(  # grad y [B, C, HO, WO] and x [B, C, H, W] in any strides; grad filters written
+    gy_ptr, x_ptr, gf_ptr, G, C_PER_G, H, W, HO, WO, sgb, sgc, sgh, sgw, sxb, sxc, sxh, sxw, sfb, sfg, sfk, sfh, sfw,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    DH: tl.constexpr, DW: tl.constexpr, ACC_F64: tl.constexpr, INT64: tl.constexpr, SINGLE_C_BLOCK: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+):  # fmt: skip
     acc_dtype = tl.float64 if ACC_F64 else tl.float32
-    pid = tl.program_id(0)
-    if INT64:
-        pid = pid.to(tl.int64)
-    tiles_w = tl.cdiv(WO, BLOCK_W)
-    tiles_h = tl.cdiv(HO, BLOCK_H)
-    tw = pid % tiles_w
-    rest = pid // tiles_w
-    th = rest % tiles_h
-    bg = rest // tiles_h
+    _, th, tw, bg = _program(tl.program_id(0), 1, tl.cdiv(HO, BLOCK_H), tl.cdiv(WO, BLOCK_W), INT64)
     b = bg // G
     g = bg % G
-
-    ho = (th * BLOCK_H + tl.arange(0, BLOCK_H))[None, :, None]
-    wo = (tw * BLOCK_W + tl.arange(0, BLOCK_W))[None, None, :]
-    p_ok = (ho < HO) & (wo < WO)
-    hi0 = ho * SH - PH
-    wi0 = wo * SW - PW
+    ho, wo, p_ok, hi0, wi0 = _output_tile(th, tw, HO, WO, SH, SW, PH, PW, BLOCK_H, BLOCK_W)
     gy_base = gy_ptr + b * sgb + g * C_PER_G * sgc + ho * sgh + wo * sgw
     x_base = x_ptr + b * sxb + g * C_PER_G * sxc
     gf_base = gf_ptr + b * sfb + g * sfg + ho * sfh + wo * sfw
@@ -279,12 +175,9 @@ def _grad_filters_kernel(
         # The whole group fits in one block: load grad_y once and reuse it for every tap.
         gy = tl.load(gy_base + c0 * sgc, mask=(c0 < C_PER_G) & p_ok, other=0.0).to(acc_dtype)
     for i in range(KH):
-        hi = hi0 + i * DH
-        h_ok = (hi >= 0) & (hi < H)
         for j in tl.static_range(KW):
-            wi = wi0 + j * DW
-            x_ok = p_ok & h_ok & (wi >= 0) & (wi < W)
-            x_off = hi * sxh + wi * sxw
+            x_off, x_ok = _tap(hi0, wi0, i, j, DH, DW, H, W, sxh, sxw)
+            x_ok = x_ok & p_ok
             if SINGLE_C_BLOCK:
                 x_tap = tl.load(x_base + c0 * sxc + x_off, mask=x_ok & (c0 < C_PER_G), other=0.0)
                 acc = tl.sum(gy * x_tap.to(acc_dtype), axis=0)
@@ -300,52 +193,21 @@ def _grad_filters_kernel(
             tl.store(gf_tap, acc[None, :, :].to(gf_ptr.dtype.element_ty), mask=p_ok)
 
 
-def _output(shape, like: torch.Tensor) -> torch.Tensor:
-    # Triton 3.9's interpreter truncates fp32 -> bf16 casts where the GPU rounds to nearest even (measured: 4 of
-    # 24 outputs one bf16 ulp off), so under the interpreter bf16 results are stored in fp32 and rounded by
-    # torch; the kernels themselves are the same on both paths.
-    dtype = torch.float32 if INTERPRETED and like.dtype == torch.bfloat16 else like.dtype
-    return torch.empty(shape, dtype=dtype, device=like.device)
-
-
-def _needs_int64(*tensors: torch.Tensor) -> bool:
-    return FORCE_INT64 or L.needs_int64(*tensors)
+def _meta(kernel_size, stride, padding, dilation, f64: bool, block_c: int, *tensors, **extra) -> dict:
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    int64 = FORCE_INT64 or L.needs_int64(*tensors)
+    return dict(KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw, ACC_F64=f64, INT64=int64, BLOCK_C=block_c,
+                **extra)  # fmt: skip
 
 
 def _launch(kernel, grid, args, meta: dict, rows: int, cols: int, like: torch.Tensor) -> None:
     """Launch ``kernel`` with the tile of the rule (or, with ``DYNCONV_AUTOTUNE=1``, the cached fastest) for
     programs covering ``rows x cols`` pixels; ``grid(tile)`` is the launch grid of a tile."""
-    block_c, f64 = meta["BLOCK_C"], meta["ACC_F64"]
-    tile = L.local_filter_tile(rows, cols, block_c, f64, interpreted=INTERPRETED)
-    candidates = [tile]
-    if L.autotune_enabled():
-        candidates += [c for c in L.local_filter_candidates(rows, cols, block_c, f64) if c != tile]
-
-    def run(cfg):
-        kernel[grid(cfg)](*args, **meta, **cfg)
-
-    with L.on_device(like):
-        if len(candidates) == 1:
-            run(tile)
-            return
-        device = torch.cuda.get_device_name(like.device) if like.is_cuda else "interpreter"
-        key = [args[4], *args[5:9], *(meta[k] for k in ("KH", "KW", "SH", "SW", "PH", "PW", "DH", "DW", "BLOCK_C"))]
-        run(L.select(kernel.fn.__name__, key, like.dtype, device, candidates, run))
+    key = [args[4], *args[5:9], *(meta[k] for k in ("KH", "KW", "SH", "SW", "PH", "PW", "DH", "DW", "BLOCK_C"))]
+    L.launch_local_filter(kernel, grid, args, meta, rows, cols, like, key, INTERPRETED)
 
 
-def _geometry(kernel_size, stride, padding, dilation) -> dict:
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
-    return dict(KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw)
-
-
-def forward(
-    x: torch.Tensor,
-    filters: torch.Tensor,
-    kernel_size: list[int],
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-) -> torch.Tensor:
+def forward(x, filters, kernel_size, stride, padding, dilation) -> torch.Tensor:
     """Dynamic local filtering on validated arguments.
 
     Args:
@@ -359,17 +221,11 @@ def forward(
     L.check_launchable(x, filters, interpreted=INTERPRETED)
     B, C, H, W = x.shape
     _, G, _, Ho, Wo = filters.shape
-    y = _output((B, C, Ho, Wo), x)
-    cpg = C // G
-    acc_f64 = L.acc_is_f64(x.dtype)
-    block_c = L.local_filter_block_c(cpg, 16, acc_f64)
+    y = L.output_buffer((B, C, Ho, Wo), x, INTERPRETED)
+    cpg, f64 = C // G, L.acc_is_f64(x.dtype)
+    block_c = L.local_filter_block_c(cpg, 16, f64)
     args = (x, filters, y, G, cpg, H, W, Ho, Wo, *x.stride(), *filters.stride(), *y.stride())
-    meta = dict(
-        **_geometry(kernel_size, stride, padding, dilation),
-        ACC_F64=acc_f64,
-        INT64=_needs_int64(x, filters, y),
-        BLOCK_C=block_c,
-    )
+    meta = _meta(kernel_size, stride, padding, dilation, f64, block_c, x, filters, y)
 
     def grid(m):
         return (triton.cdiv(cpg, block_c) * triton.cdiv(Ho, m["BLOCK_H"]) * triton.cdiv(Wo, m["BLOCK_W"]) * B * G,)
@@ -378,65 +234,35 @@ def forward(
     return y.to(x.dtype)
 
 
-def backward(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    filters: torch.Tensor,
-    kernel_size: list[int],
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    need_x: bool,
-    need_filters: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`forward` wrt ``x`` and ``filters``.
-
-    Args:
-        grad_out (Tensor[B, C, H_out, W_out]): gradient of the loss wrt the output, any strides.
-        x, filters, kernel_size, stride, padding, dilation: as in :func:`forward`.
-        need_x, need_filters (bool): which gradients to compute.
-
-    Returns:
-        (Tensor[B, C, H, W], Tensor[B, G, kh*kw, H_out, W_out]): contiguous gradients in the input dtype;
-        a gradient not asked for is an empty tensor.
-    """
+def backward(grad_out, x, filters, kernel_size, stride, padding, dilation, need_x, need_filters):
+    """Gradients of :func:`forward` wrt ``x`` and ``filters`` (``grad_out``: ``[B, C, H_out, W_out]``, any
+    strides; the rest as in :func:`forward`). Contiguous, in the input dtype; one not asked for is empty."""
     L.check_launchable(x, filters, grad_out, interpreted=INTERPRETED)
     B, C, H, W = x.shape
     _, G, _, Ho, Wo = filters.shape
-    cpg = C // G
-    geometry = _geometry(kernel_size, stride, padding, dilation)
+    cpg, f64 = C // G, L.acc_is_f64(x.dtype)
+    geometry = (kernel_size, stride, padding, dilation, f64)
     sh, sw = stride
-    acc_f64 = L.acc_is_f64(x.dtype)
     grad_x, grad_f = x.new_empty(0), filters.new_empty(0)
     if need_x:
-        grad_x = _output((B, C, H, W), x)
-        block_c = L.local_filter_block_c(cpg, 16, acc_f64)
+        grad_x = L.output_buffer((B, C, H, W), x, INTERPRETED)
+        block_c = L.local_filter_block_c(cpg, 16, f64)
         args = (grad_out, filters, grad_x, G, cpg, H, W, Ho, Wo, *grad_out.stride(), *filters.stride())
         args += tuple(grad_x.stride())
-        meta = dict(
-            **geometry,
-            ACC_F64=acc_f64,
-            INT64=_needs_int64(grad_out, filters, grad_x),
-            BLOCK_C=block_c,
-        )
+        meta = _meta(*geometry, block_c, grad_out, filters, grad_x)
+        rows, cols = triton.cdiv(H, sh), triton.cdiv(W, sw)
 
         def grid_x(m):
-            tiles = triton.cdiv(triton.cdiv(H, sh), m["BLOCK_H"]) * triton.cdiv(triton.cdiv(W, sw), m["BLOCK_W"])
+            tiles = triton.cdiv(rows, m["BLOCK_H"]) * triton.cdiv(cols, m["BLOCK_W"])
             return (triton.cdiv(cpg, block_c) * tiles * sh * sw * B * G,)
 
-        _launch(_grad_x_kernel, grid_x, args, meta, triton.cdiv(H, sh), triton.cdiv(W, sw), x)
+        _launch(_grad_x_kernel, grid_x, args, meta, rows, cols, x)
         grad_x = grad_x.to(x.dtype)
     if need_filters:
-        grad_f = _output(filters.shape, filters)
-        block_c = L.local_filter_block_c(cpg, 32, acc_f64)
+        grad_f = L.output_buffer(filters.shape, filters, INTERPRETED)
+        block_c = L.local_filter_block_c(cpg, 32, f64)
         args = (grad_out, x, grad_f, G, cpg, H, W, Ho, Wo, *grad_out.stride(), *x.stride(), *grad_f.stride())
-        meta = dict(
-            **geometry,
-            ACC_F64=acc_f64,
-            INT64=_needs_int64(grad_out, x, grad_f),
-            SINGLE_C_BLOCK=cpg <= block_c,
-            BLOCK_C=block_c,
-        )
+        meta = _meta(*geometry, block_c, grad_out, x, grad_f, SINGLE_C_BLOCK=cpg <= block_c)
 
         def grid_f(m):
             return (triton.cdiv(Ho, m["BLOCK_H"]) * triton.cdiv(Wo, m["BLOCK_W"]) * B * G,)

@@ -91,7 +91,18 @@ def _torch_forward(value, offset, mask, kernel_size, stride, padding, dilation, 
 
 
 def _torch_backward(
-    grad_out, value, offset, mask, kernel_size, stride, padding, dilation, offset_scale, remove_center, needs
+    grad_out,
+    value,
+    offset,
+    mask,
+    kernel_size,
+    stride,
+    padding,
+    dilation,
+    offset_scale,
+    remove_center,
+    needs,
+    deterministic=False,
 ):
     need_value, need_offset, need_mask = needs
     B, H, W, C = value.shape
@@ -108,7 +119,9 @@ def _torch_backward(
         if need_mask:
             grad_m[:, :, k0:k1] = _sampling.sample(xg, grid).mul_(gy).sum(1)
         # The input gradient sums the chunk's points inside the sampler's backward.
-        gx_k, gpos = _sampling.sample_backward(gy * _mask_chunk(mask, k0, k1, acc), xg, grid, need_value, need_offset)
+        gx_k, gpos = _sampling.sample_backward(
+            gy * _mask_chunk(mask, k0, k1, acc), xg, grid, need_value, need_offset, deterministic
+        )
         if need_value:
             grad_x += gx_k
         if need_offset:
@@ -134,12 +147,14 @@ _ARGS = (
 )
 
 
-@torch.library.custom_op("dynconv::dcn_sample", mutates_args=(), schema=f"({_ARGS}) -> Tensor")
+@torch.library.custom_op(
+    "dynconv::dcn_sample", mutates_args=(), schema=f"({_ARGS}, bool deterministic=False) -> Tensor"
+)
 def dcn_sample_op(value: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, *args) -> torch.Tensor:
     """Forward of the DCNv3/DCNv4 sampling core on validated arguments (see :func:`dynconv.dcnv3`); ``args`` are
-    ``kernel_size, stride, padding, dilation`` (int pairs as lists), ``offset_scale, remove_center`` and the
-    backend name."""
-    *geometry, backend = args
+    ``kernel_size, stride, padding, dilation`` (int pairs as lists), ``offset_scale, remove_center``, the
+    backend name and ``deterministic`` (the backward's order-independent scatter of ``grad value``)."""
+    geometry, backend = args[:6], args[6]  # a trailing deterministic only matters to the backward
     if backend == "triton":
         from dynconv.kernels import dcnv as kernels
 
@@ -156,20 +171,23 @@ def _(value, offset, mask, *args):
 @torch.library.custom_op(
     "dynconv::dcn_sample_backward",
     mutates_args=(),
-    schema=f"(Tensor grad_out, {_ARGS}, bool need_value, bool need_offset, bool need_mask) -> (Tensor, Tensor, Tensor)",
+    schema=(
+        f"(Tensor grad_out, {_ARGS}, bool deterministic, bool need_value, bool need_offset, bool need_mask)"
+        " -> (Tensor, Tensor, Tensor)"
+    ),
 )
 def dcn_sample_backward_op(
     grad_out: torch.Tensor, value: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, *args
 ):
     """Gradients of ``dcn_sample`` wrt ``value``, ``offset`` and ``mask``; one not needed comes back empty. ``args``
     are the forward's, then ``need_value, need_offset, need_mask``."""
-    *geometry, backend = args[:-3]
+    *geometry, backend, deterministic = args[:-3]
     needs = tuple(args[-3:])
     if backend == "triton":
         from dynconv.kernels import dcnv as kernels
 
-        return kernels.backward(grad_out, value, offset, mask, *geometry, needs)
-    return _torch_backward(grad_out, value, offset, mask, *geometry, needs)
+        return kernels.backward(grad_out, value, offset, mask, *geometry, needs, deterministic)
+    return _torch_backward(grad_out, value, offset, mask, *geometry, needs, deterministic)
 
 
 @dcn_sample_backward_op.register_fake
@@ -185,16 +203,16 @@ def _(grad_out, value, offset, mask, *args):
 def _setup_context(ctx, inputs, output):
     value, offset, mask = inputs[:3]
     ctx.save_for_backward(value, offset, mask)
-    ctx.args = inputs[3:]
+    ctx.args = (*inputs[3:], False) if len(inputs) == 10 else inputs[3:]  # deterministic omitted: its default
 
 
 def _backward(ctx, grad_out):
     value, offset, mask = ctx.saved_tensors
     needs = ctx.needs_input_grad[:3]
     if not any(needs):
-        return (None,) * 10
+        return (None,) * (3 + len(ctx.args))
     grads = dcn_sample_backward_op(grad_out.contiguous(), value, offset, mask, *ctx.args, *needs)
-    return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * 7
+    return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * len(ctx.args)
 
 
 dcn_sample_op.register_autograd(_backward, setup_context=_setup_context)
