@@ -572,10 +572,10 @@ def dcnv3(
             :mod:`dynconv.backends`; Triton on CUDA tensors). Keyword only.
         deterministic (bool or None): make the Triton backward accumulate ``grad input`` in a fixed order (a
             sorted two-pass scatter instead of fp32/fp64 atomics: bitwise repeatable, P*4 times the output in
-            memory). ``None`` (default) follows ``torch.are_deterministic_algorithms_enabled()``. The ``torch``
-            and ``reference`` backends ignore it: on CPU their backward is deterministic already; on CUDA the
-            ``torch`` backend's ``grid_sample`` backward uses atomics (and refuses to run under
-            ``torch.use_deterministic_algorithms(True)``). Keyword only.
+            memory). ``None`` (default) follows ``torch.are_deterministic_algorithms_enabled()``. On CPU every
+            backend's backward is deterministic already; on CUDA ``True`` makes the ``torch`` backend scatter
+            ``grad input`` with ``index_put_(accumulate=True)`` instead of ``grid_sample``'s atomic backward
+            (:mod:`dynconv.ops._sampling`). The ``reference`` backend ignores it. Keyword only.
 
     Returns:
         Tensor[B, H_out, W_out, C] in the dtype of ``input`` (fp16/bf16 accumulate in fp32).
