@@ -203,3 +203,23 @@ def test_deterministic_default_follows_torch_flag():
         torch.use_deterministic_algorithms(before)
     assert torch.equal(out, dynconv.sample_conv2d(x, w, b, padding=1, groups=2, backend="torch", deterministic=False))
     assert torch.equal(lf, dynconv.local_filter2d(*_local_filter_inputs(), 3, backend="torch", deterministic=False))
+
+
+@pytest.mark.cuda
+def test_cuda_deterministic_scatter_of_dcnv3_torch_backend():
+    # On CUDA deterministic=True replaces grid_sample's atomic backward by the index_put_ scatter: the input
+    # gradient equals the CPU's (deterministic there) and is bitwise equal across two runs.
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 7, 6, 8, generator=gen, dtype=torch.float64)
+    off = 1.5 * torch.randn(2, 7, 6, 2 * 9 * 2, generator=gen, dtype=torch.float64)
+    m = torch.randn(2, 7, 6, 2 * 9, generator=gen, dtype=torch.float64)
+
+    def grad(device, **kw):
+        t = x.to(device).requires_grad_()
+        out = dynconv.dcnv3(t, off.to(device), m.to(device), kernel_size=3, group=2, backend="torch", **kw)
+        (g,) = torch.autograd.grad(out, t, torch.ones_like(out))
+        return g.cpu()
+
+    first, second = grad("cuda", deterministic=True), grad("cuda", deterministic=True)
+    assert torch.equal(first, second)
+    assert_close(first, grad("cpu"))
