@@ -571,3 +571,81 @@ def test_state_dict_keys_of_nested_layers():
     del state["1.spatial_fc.weight"]
     with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"1.attention.spatial_fc.weight\""):
         b.load_state_dict(state, strict=True)
+
+
+# Runs in a fresh process (a heap corruption there fails this test instead of killing pytest): ODConv experts on
+# a 3x3 layer, whose output used to come back in channels-last strides, then on a 1x1 stride-2 layer (ResNet's
+# downsample); and the 1x1 stride-2 layer alone on a channels-last input. Writes the outputs and gradients.
+_EXPERTS_CHANNELS_LAST_SCRIPT = """
+import sys, torch, dynconv
+torch.set_num_threads(1)
+torch.manual_seed(0)
+first = dynconv.ODConv2d(4, 4, 3, padding=1, formulation="experts").eval()
+second = dynconv.ODConv2d(4, 8, 1, stride=2, formulation="experts").eval()
+x = torch.randn(2, 4, 8, 8, requires_grad=True)
+mid = first(x)
+out = second(mid)
+gy = torch.randn_like(out)
+params = list(first.parameters()) + list(second.parameters())
+grads = torch.autograd.grad(out, [x] + params, gy)
+x_cl = torch.randn(2, 4, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
+for _ in range(3):  # the corruption is not always caught at the first free
+    out_cl = second(x_cl)
+    grads_cl = torch.autograd.grad(out_cl, [x_cl] + list(second.parameters()), gy)
+torch.save(dict(first=first.state_dict(), second=second.state_dict(), x=x.detach(), gy=gy, mid=mid.detach(),
+                out=out.detach(), grads=grads, x_cl=x_cl.detach(), out_cl=out_cl.detach(), grads_cl=grads_cl),
+           sys.argv[1])
+"""
+
+
+def test_odconv_experts_channels_last_1x1_stride_2_does_not_corrupt_the_heap(tmp_path):
+    """The abort of the width-1/16 ResNet-18 with ODConv experts (docs/benchmarks.md, "mixture"): the experts
+    3x3 layer returned a channels-last view, and the backward of the next 1x1 stride-2 convolution of a
+    channels-last input with 4 channels (oneDNN, torch 2.13) wrote past its weight gradient. The fresh process
+    must finish, and its outputs and gradients (also for a channels-last input) equal the explicit per-sample
+    convolution's and the other formulations'."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    # MALLOC_CHECK_=3: glibc checks every block it frees and aborts on a corrupt one.
+    env = dict(os.environ, MALLOC_CHECK_="3", PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    path = tmp_path / "experts.pt"
+    proc = subprocess.run(
+        [sys.executable, "-c", _EXPERTS_CHANNELS_LAST_SCRIPT, str(path)],
+        env=env, cwd=root, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"exit status {proc.returncode}: {proc.stderr[-3000:]}"
+    run = torch.load(path)
+    assert run["mid"].is_contiguous(), "the experts output of an NCHW input must be NCHW, as F.conv2d's"
+    first = dynconv.ODConv2d(4, 4, 3, padding=1).eval()
+    second = dynconv.ODConv2d(4, 8, 1, stride=2).eval()
+    first.load_state_dict(run["first"])
+    second.load_state_dict(run["second"])
+    params = list(first.parameters()) + list(second.parameters())
+    names = (
+        ["x"]
+        + [f"first.{n}" for n, _ in first.named_parameters()]
+        + [f"second.{n}" for n, _ in second.named_parameters()]
+    )
+
+    x = run["x"].clone().requires_grad_()
+    ref = explicit_output(second, explicit_output(first, x))
+    ref_grads = torch.autograd.grad(ref, [x] + params, run["gy"])
+    assert_close(run["out"], ref, what="experts output")
+    for g, gr, name in zip(run["grads"], ref_grads, names):
+        assert_close(g, gr, what=f"experts grad {name}")
+    for formulation in ("grouped", "chunked", "loop"):
+        first.formulation = second.formulation = formulation
+        out = second(first(x))
+        assert_close(out, ref, what=f"{formulation} output")
+        for g, gr, name in zip(torch.autograd.grad(out, [x] + params, run["gy"]), ref_grads, names):
+            assert_close(g, gr, what=f"{formulation} grad {name}")
+
+    x_cl = run["x_cl"].clone().requires_grad_()
+    ref = explicit_output(second, x_cl.contiguous())
+    ref_grads = torch.autograd.grad(ref, [x_cl] + list(second.parameters()), run["gy"])
+    assert_close(run["out_cl"], ref, what="experts output, channels-last input")
+    for g, gr, name in zip(run["grads_cl"], ref_grads, ["x"] + [n for n, _ in second.named_parameters()]):
+        assert_close(g, gr, what=f"experts grad {name}, channels-last input")

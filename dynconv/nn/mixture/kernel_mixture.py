@@ -187,7 +187,15 @@ class KernelMixtureConv2d(nn.Module):
         if "in_channel" in att and not fold_in:
             x = x * att["in_channel"][:, :, None, None]
         if formulation == "static":  # nothing per sample inside the kernel (ODConv 1x on a 1x1 layer)
-            y = F.conv2d(x, self.weight[0], None, self.stride, self.padding, self.dilation, self.groups)
+            y = F.conv2d(
+                _dense_conv_input(x, self.weight),
+                self.weight[0],
+                None,
+                self.stride,
+                self.padding,
+                self.dilation,
+                self.groups,
+            )
             bias_in_conv = False
         elif formulation == "experts":
             y = self._experts_forward(x, att, Ho, Wo)
@@ -259,7 +267,7 @@ class KernelMixtureConv2d(nn.Module):
             # Group-major order of the K*C_out outputs: F.conv2d splits its output channels into G contiguous
             # blocks, so every block must hold all experts of that group's output channels.
             w = self.weight.unflatten(1, (G, C_out // G)).transpose(0, 1).flatten(0, 2)
-            y = F.conv2d(x, w, None, self.stride, self.padding, self.dilation, G)
+            y = F.conv2d(_dense_conv_input(x, self.weight), w, None, self.stride, self.padding, self.dilation, G)
             y = y.unflatten(1, (G, K, C_out // G))  # [B, G, K, C_out/G, Ho, Wo]
             # Under autocast y is in the low precision: keep its dtype, as nn.Conv2d's output has it there.
             return (y * c.to(y.dtype)[..., None, None]).sum(2).flatten(1, 2)
@@ -272,7 +280,10 @@ class KernelMixtureConv2d(nn.Module):
         w = self.weight.view(K, G, C_out // G, depth).permute(1, 3, 0, 2).reshape(G, depth, K * (C_out // G))
         y = torch.bmm(cols, w).view(G, B, L, K, C_out // G)
         y = (y * c.transpose(0, 1)[:, :, None].to(y.dtype)).sum(3)
-        return y.permute(1, 0, 3, 2).reshape(B, C_out, Ho, Wo)
+        # The permuted reshape would be a view in channels-last strides, whatever the input's layout; the layers
+        # after it (and their backward) then run channels-last, where a torch kernel corrupts the heap
+        # (_dense_conv_input). Return the layout F.conv2d would: the input's.
+        return y.permute(1, 0, 3, 2).reshape(B, C_out, Ho, Wo).contiguous(memory_format=_memory_format(x))
 
     def _output_size(self, x: torch.Tensor) -> tuple[int, int]:
         H, W = x.shape[-2:]
@@ -336,6 +347,25 @@ class KernelMixtureConv2d(nn.Module):
         layer.load_static_weight(conv.weight, conv.bias, expert_noise=expert_noise)
         layer.train(conv.training)
         return layer
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout ``F.conv2d`` gives its output for input ``x``: channels-last only for a channels-last input
+    (not for one contiguous in both layouts, such as a 1x1 map or one channel)."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _dense_conv_input(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x`` for a dense ``F.conv2d`` with kernels ``weight [K, C_out, C_in/groups, kh, kw]``, made contiguous
+    (NCHW) for a 1x1 kernel: in torch 2.13 (CPU, float32), the backward of a 1x1 stride-2 convolution of a
+    channels-last input with 2-6 input channels and batch > 1 writes past the weight gradient (oneDNN's
+    ``jit_avx2_1x1_convolution_bwd_weights``) and corrupts the heap (docs/benchmarks.md, "mixture"). Every 1x1
+    kernel, not only strided ones: only the failing cases that were found are known, and the copy is small."""
+    if weight.shape[-2:] == (1, 1) and not x.is_contiguous():
+        return x.contiguous()
+    return x
 
 
 def _mix(coeff: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
