@@ -27,6 +27,13 @@ def _check_channels(channels: int, group: int) -> tuple[int, int]:
 
 
 class _DCNBase(nn.Module):
+    def _setup(self, channels, kernel_size, stride, pad, dilation, group, offset_scale, dw_kernel_size, remove_center,
+               backend):  # fmt: skip
+        """The checked arguments the DCNv3 and DCNv4 layers share, as attributes."""
+        channels, group = _check_channels(channels, group)
+        self.channels, self.group, self.offset_scale, self.backend = channels, group, float(offset_scale), backend
+        self._geometry(kernel_size, stride, pad, dilation, dw_kernel_size, remove_center)
+
     def _geometry(self, kernel_size, stride, pad, dilation, dw_kernel_size, remove_center):
         self.kernel_size = pair(kernel_size, "kernel_size")
         self.stride = pair(stride, "stride")
@@ -37,6 +44,17 @@ class _DCNBase(nn.Module):
             raise TypeError(f"remove_center must be a bool, got {remove_center!r}")
         self.remove_center = remove_center
         self.points = self.kernel_size[0] * self.kernel_size[1] - int(remove_center)
+
+    def _check_input(self, input: torch.Tensor) -> None:
+        if input.dim() != 4 or input.shape[3] != self.channels:
+            raise ValueError(f"input must have shape [B, H, W, {self.channels}], got {list(input.shape)}")
+        self._check_offset_size(input.shape[1], input.shape[2])
+
+    def _core_args(self) -> tuple:
+        """The positional arguments of :func:`dcnv3` / :func:`dcnv4` after the tensors."""
+        return (
+            self.kernel_size, self.stride, self.pad, self.dilation, self.group, self.offset_scale, self.remove_center
+        )  # fmt: skip
 
     def _check_offset_size(self, H: int, W: int) -> None:
         """The predictor runs the depth-wise conv at the layer's stride with "same" padding; its output grid
@@ -108,9 +126,10 @@ class DCNv3(_DCNBase):
         backend: str | None = None,
     ) -> None:
         super().__init__()
-        channels, group = _check_channels(channels, group)
-        self.channels, self.group, self.offset_scale, self.backend = channels, group, float(offset_scale), backend
-        self._geometry(kernel_size, stride, pad, dilation, dw_kernel_size, remove_center)
+        self._setup(
+            channels, kernel_size, stride, pad, dilation, group, offset_scale, dw_kernel_size, remove_center, backend
+        )
+        channels, group = self.channels, self.group
         self.dw_conv = self._dw_conv(channels)
         self.norm = nn.LayerNorm(channels, eps=1e-6)
         self.offset = nn.Linear(channels, group * self.points * 2)
@@ -130,29 +149,14 @@ class DCNv3(_DCNBase):
         self.norm.reset_parameters()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if input.dim() != 4 or input.shape[3] != self.channels:
-            raise ValueError(f"input must have shape [B, H, W, {self.channels}], got {list(input.shape)}")
-        B, H, W, _ = input.shape
-        self._check_offset_size(H, W)
+        self._check_input(input)
         x = self.input_proj(input)
         feat = self.dw_conv(input.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         feat = F.gelu(self.norm(feat))
         offset = self.offset(feat)
         mask = self.mask(feat)
         mask = F.softmax(mask.unflatten(-1, (self.group, self.points)), dim=-1).flatten(-2)
-        x = dcnv3(
-            x,
-            offset,
-            mask,
-            self.kernel_size,
-            self.stride,
-            self.pad,
-            self.dilation,
-            self.group,
-            self.offset_scale,
-            self.remove_center,
-            backend=self.backend,
-        )
+        x = dcnv3(x, offset, mask, *self._core_args(), backend=self.backend)
         return self.output_proj(x)
 
 
@@ -195,9 +199,10 @@ class DCNv4(_DCNBase):
         backend: str | None = None,
     ) -> None:
         super().__init__()
-        channels, group = _check_channels(channels, group)
-        self.channels, self.group, self.offset_scale, self.backend = channels, group, float(offset_scale), backend
-        self._geometry(kernel_size, stride, pad, dilation, dw_kernel_size, remove_center)
+        self._setup(
+            channels, kernel_size, stride, pad, dilation, group, offset_scale, dw_kernel_size, remove_center, backend
+        )
+        channels, group = self.channels, self.group
         self.use_dw = dw_kernel_size is not None
         if not self.use_dw:
             self.dw_kernel_size = (1, 1)  # the predictor is pointwise: it runs at the layer's stride
@@ -222,26 +227,12 @@ class DCNv4(_DCNBase):
             self.offset_mask_dw.reset_parameters()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if input.dim() != 4 or input.shape[3] != self.channels:
-            raise ValueError(f"input must have shape [B, H, W, {self.channels}], got {list(input.shape)}")
-        B, H, W, _ = input.shape
-        self._check_offset_size(H, W)
+        self._check_input(input)
         x = input if self.without_pointwise else self.value_proj(input)
         if self.use_dw:
             feat = self.offset_mask_dw(input.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         else:
             feat = input[:, :: self.stride[0], :: self.stride[1]]
         offset_mask = self.offset_mask(feat)
-        x = dcnv4(
-            x,
-            offset_mask,
-            self.kernel_size,
-            self.stride,
-            self.pad,
-            self.dilation,
-            self.group,
-            self.offset_scale,
-            self.remove_center,
-            backend=self.backend,
-        )
+        x = dcnv4(x, offset_mask, *self._core_args(), backend=self.backend)
         return x if self.without_pointwise else self.output_proj(x)
