@@ -20,24 +20,21 @@ forward+backward twice that (their gradients).
 from __future__ import annotations
 
 import argparse
-import functools
 
 import torch
 import torch.nn.functional as F
 
 from dynconv.bench.report import (
     Report,
-    device_name,
-    parse_dtypes,
+    device_note,
+    parse_common,
     parse_list,
     parse_shapes,
-    row_note,
     speedup,
     time_cells,
     time_header,
-    timing_note,
 )
-from dynconv.bench.timing import describe, gbs, measure_interleaved, no_grad_call, tensor_bytes
+from dynconv.bench.timing import describe, gbs, measure_fwd_bwd, tensor_bytes
 from dynconv.errors import UserError
 from dynconv.functional import dcnv3, dcnv4
 
@@ -150,8 +147,8 @@ def _candidates(op, backends, group, with_grid_sample, with_official=False):
 def run(args: argparse.Namespace) -> str:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    shapes, dtypes = _parse_shapes(args), parse_dtypes(args.dtypes)
-    backends = parse_list(args.backends, "--backends")
+    shapes = _parse_shapes(args)
+    dtypes, backends = parse_common(args)
     ops = parse_list(args.ops, "--ops")
     if set(ops) - {"dcnv3", "dcnv4"}:
         raise UserError(f"--ops: expected a comma-separated list of dcnv3, dcnv4, got {args.ops!r}")
@@ -171,8 +168,7 @@ def run(args: argparse.Namespace) -> str:
         "fwd peak extra MB",
         "fwd+bwd peak extra MB",
     ]
-    note = f"device: {device_name(device)}; 3x3 kernel, stride 1, padding 1\n{timing_note(device)}"
-    report = Report.from_args(args, header, note)
+    report = Report.from_args(args, header, device_note(device, "; 3x3 kernel, stride 1, padding 1"))
     for shape in shapes:
         B, H, W, G, Cg = shape
         P = 9
@@ -197,19 +193,8 @@ def run(args: argparse.Namespace) -> str:
                     continue
                 # every input and the output (the size of value) once; the backward as much again
                 fwd_bytes = tensor_bytes(*inputs, inputs[0])
-
-                def step(fn=None, inputs=inputs, grad_y=grad_y):
-                    for t in inputs:
-                        t.grad = None
-                    fn(*inputs).backward(grad_y)
-
                 candidates = _candidates(op, backends, G, not args.no_grid_sample, with_official)
-                calls = {}
-                for name, fn in candidates.items():
-                    calls[name + " fwd"] = functools.partial(no_grad_call, fn, *inputs)
-                    calls[name + " both"] = functools.partial(step, fn)
-                timed = measure_interleaved(calls, device, args.repeats, warmup=2)
-                results = {name: (timed[name + " fwd"], timed[name + " both"]) for name in candidates}
+                results = measure_fwd_bwd(candidates, inputs, device, args.repeats, warmup=2, grad_y=grad_y)
                 base_fwd, base_both = results[backends[0]]
                 for name, (fwd, both) in results.items():
                     cells = [
@@ -225,7 +210,7 @@ def run(args: argparse.Namespace) -> str:
                         fwd.peak_extra_mb,
                         both.peak_extra_mb,
                     ]
-                    report.row(cells, row_note(fwd=fwd, both=both))
+                    report.measured(cells, fwd=fwd, both=both)
                 if op == "dcnv4" and official_missing:
                     report.failed(
                         [str(shape), dtype_name, op, OFFICIAL],

@@ -17,24 +17,12 @@ shared machine a burst of someone else's load then slows every candidate alike i
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib
 
 import torch
 
-from dynconv.bench.report import (
-    Report,
-    device_name,
-    parse_dtypes,
-    parse_list,
-    parse_shapes,
-    row_note,
-    speedup,
-    time_cells,
-    time_header,
-    timing_note,
-)
-from dynconv.bench.timing import describe, gbs, measure_interleaved, no_grad_call, tensor_bytes
+from dynconv.bench.report import Report, device_note, parse_common, parse_shapes, speedup, time_cells, time_header
+from dynconv.bench.timing import describe, gbs, measure_fwd_bwd, tensor_bytes
 from dynconv.functional import deform_conv2d
 
 DCNV2_SHAPES = [(8, 64, 56, 56), (2, 256, 64, 64)]
@@ -78,20 +66,11 @@ def _inputs(shape, dtype, device):
     return x, offset, weight, bias, mask
 
 
-def _fwd_bwd(fn, tensors):
-    def step():
-        for t in tensors:
-            t.grad = None
-        fn(*tensors).sum().backward()
-
-    return step
-
-
 def run(args: argparse.Namespace) -> str:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    shapes, dtypes = _parse_shapes(args.shapes), parse_dtypes(args.dtypes)
-    backends = parse_list(args.backends, "--backends")
+    shapes = _parse_shapes(args.shapes)
+    dtypes, backends = parse_common(args)
     tv_op, tv_reason = (None, "--no-torchvision") if args.no_torchvision else _torchvision_op()
     # With torchvision the ratios are against it and also against the first dynconv backend (torchvision has no
     # kernel for some dtypes: bf16 on CUDA); without, against the first backend alone.
@@ -110,7 +89,7 @@ def run(args: argparse.Namespace) -> str:
         "fwd peak extra MB",
         "fwd+bwd peak extra MB",
     ]
-    report = Report.from_args(args, header, f"device: {device_name(device)}\n{timing_note(device)}")
+    report = Report.from_args(args, header, device_note(device))
     for shape in shapes:
         for dtype_name in dtypes:
             dtype = getattr(torch, dtype_name)
@@ -128,12 +107,7 @@ def run(args: argparse.Namespace) -> str:
                 candidates[name] = lambda x, o, w, b, m, name=name: deform_conv2d(
                     x, o, w, b, padding=1, mask=m, backend=name
                 )
-            calls = {}
-            for name, fn in candidates.items():
-                calls[name + " fwd"] = functools.partial(no_grad_call, fn, *tensors)
-                calls[name + " both"] = _fwd_bwd(fn, tensors)
-            timed = measure_interleaved(calls, device, args.repeats)
-            results = {name: (timed[name + " fwd"], timed[name + " both"]) for name in candidates}
+            results = measure_fwd_bwd(candidates, tensors, device, args.repeats)
             for name, (fwd, both) in results.items():
                 ratios = []
                 for base in bases:
@@ -149,7 +123,7 @@ def run(args: argparse.Namespace) -> str:
                     fwd.peak_extra_mb,
                     both.peak_extra_mb,
                 ]
-                report.row(cells, row_note(fwd=fwd, both=both))
+                report.measured(cells, fwd=fwd, both=both)
     if tv_op is None:
         report.footnote(f"torchvision not measured ({tv_reason}).")
     return report.close()

@@ -18,25 +18,13 @@ bandwidth is in :data:`PEAK_BANDWIDTH_GBS` (or given with ``--peak-gbs``) also i
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
-from dynconv.bench.report import (
-    Report,
-    device_name,
-    parse_dtypes,
-    parse_list,
-    parse_shapes,
-    row_note,
-    speedup,
-    time_cells,
-    time_header,
-    timing_note,
-)
-from dynconv.bench.timing import describe, gbs, measure_interleaved, no_grad_call, tensor_bytes
+from dynconv.bench.report import Report, device_note, parse_common, parse_shapes, speedup, time_cells, time_header
+from dynconv.bench.timing import describe, gbs, measure_fwd_bwd, tensor_bytes
 from dynconv.functional import local_filter2d
 from dynconv.recipes.args import positive_float
 
@@ -123,22 +111,12 @@ def _parse_shapes(text: str, device: torch.device) -> list[tuple[int, ...]]:
     return parse_shapes(text, named, 6, "B,C,H,W,k,G")
 
 
-def _fwd_bwd(fn, x, f, grad_y):
-    # A materialised grad_y (not the stride-0 one of .sum().backward()), so the backward reads it from memory
-    # as in training and the bandwidth column counts bytes that were moved.
-    def step():
-        x.grad = f.grad = None
-        fn(x, f).backward(grad_y)
-
-    return step
-
-
 def run(args: argparse.Namespace) -> str:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     peak_gbs = args.peak_gbs if args.peak_gbs is not None else peak_bandwidth_gbs(device)
-    shapes, dtypes = _parse_shapes(args.shapes, device), parse_dtypes(args.dtypes)
-    backends = parse_list(args.backends, "--backends")
+    shapes = _parse_shapes(args.shapes, device)
+    dtypes, backends = parse_common(args)
     header = [
         "(B,C,H,W,k,G)",
         "dtype",
@@ -157,8 +135,8 @@ def run(args: argparse.Namespace) -> str:
     ]
     with_peak = math.isfinite(peak_gbs)  # unknown peak bandwidth (CPU, unlisted GPU): no fraction columns
     keep = [i for i, h in enumerate(header) if with_peak or "frac. of peak" not in h]
-    note = f"device: {device_name(device)}" + (f"; peak bandwidth: {peak_gbs:.0f} GB/s" if with_peak else "")
-    report = Report.from_args(args, [header[i] for i in keep], note + "\n" + timing_note(device))
+    note = device_note(device, f"; peak bandwidth: {peak_gbs:.0f} GB/s" if with_peak else "")
+    report = Report.from_args(args, [header[i] for i in keep], note)
     for shape in shapes:
         B, C, H, W, k, G = shape
         for dtype_name in dtypes:
@@ -179,12 +157,9 @@ def run(args: argparse.Namespace) -> str:
             if args.compile:
                 torch._dynamo.reset()  # a fresh cache per shape, or dynamo's recompile limit falls back to eager
                 candidates["compiled shift"] = torch.compile(lambda x, f: shift_local_filter(x, f, k))
-            calls = {}
-            for name, fn in candidates.items():
-                calls[name + " fwd"] = functools.partial(no_grad_call, fn, x, f)
-                calls[name + " both"] = _fwd_bwd(fn, x, f, grad_y)
-            timed = measure_interleaved(calls, device, args.repeats, warmup=2)
-            results = {name: (timed[name + " fwd"], timed[name + " both"]) for name in candidates}
+            # A materialised grad_y (not the stride-0 one of .sum().backward()), so the backward reads it from
+            # memory as in training and the bandwidth column counts bytes that were moved.
+            results = measure_fwd_bwd(candidates, (x, f), device, args.repeats, warmup=2, grad_y=grad_y)
             base_fwd, base_both = results["unfold"]
             torch_fwd, torch_both = results.get("torch", (None, None))
             for name, (fwd, both) in results.items():
@@ -205,5 +180,5 @@ def run(args: argparse.Namespace) -> str:
                     fwd.peak_extra_mb,
                     both.peak_extra_mb,
                 ]
-                report.row([cells[i] for i in keep], row_note(fwd=fwd, both=both))
+                report.measured([cells[i] for i in keep], fwd=fwd, both=both)
     return report.close()

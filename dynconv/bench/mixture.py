@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import dynconv
-from dynconv.bench.report import Report, device_name, row_note, speedup, timing_note
+from dynconv.bench.report import Report, device_name, speedup, timing_note
 from dynconv.bench.timing import measure_interleaved
 from dynconv.models import mobilenet_v2, resnet18
 from dynconv.nn.mixture import FORMULATIONS, KernelMixtureConv2d
@@ -123,7 +123,7 @@ def run_layers(args: argparse.Namespace, device: torch.device) -> str:
                 cells = [C, f"{HW}x{HW}", batch, ratio, form + (" (auto)" if form == auto else ""), m.median_ms]
                 cells += [m.graph_ms] if cuda else []
                 cells += [1 / speedup(timed["static"], m), m.peak_extra_mb]
-                report.row(cells, row_note(forward=m))
+                report.measured(cells, forward=m)
     return report.close()
 
 
@@ -211,7 +211,7 @@ def run(args: argparse.Namespace) -> str:
                         1 / speedup(static, m) if static else float("nan"),
                         m.peak_extra_mb,
                     ]
-                    report.row(cells, row_note(forward=m))
+                    report.measured(cells, forward=m)
     if skipped:
         report.footnote("skipped: " + ", ".join(skipped))
     return report.close()

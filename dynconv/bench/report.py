@@ -79,6 +79,10 @@ class Report:
         self.rows.append(cells)
         self._emit([format_row(cells)])
 
+    def measured(self, cells: list[object], **measurements: Measurement) -> None:
+        """Add a row of measured ``cells`` with the note :func:`row_note` writes for ``measurements``."""
+        self.row(cells, row_note(**measurements))
+
     def failed(self, key: list[object], reason: str) -> None:
         """A row for a candidate that could not run: its ``key`` cells (shape, dtype, name), ``-`` in the
         measured columns and ``not run: reason`` in the note."""
@@ -153,6 +157,11 @@ def timing_note(device: torch.device) -> str:
     return "ms: per call (median of interleaved rounds)"
 
 
+def device_note(device: torch.device, detail: str = "") -> str:
+    """The note above a table: the device and ``detail`` (``"; ..."``), then how the times were taken."""
+    return f"device: {device_name(device)}{detail}\n{timing_note(device)}"
+
+
 # ------------------------------------------------------------------------------------------------ options
 
 
@@ -187,6 +196,11 @@ def parse_dtypes(text: str) -> list[str]:
     if bad or not names:
         raise UserError(f"--dtypes: expected a comma-separated list of {', '.join(DTYPES)}, got {text!r}")
     return names
+
+
+def parse_common(args) -> tuple[list[str], list[str]]:
+    """``--dtypes`` and ``--backends``, the options of every benchmark that times dynconv backends."""
+    return parse_dtypes(args.dtypes), parse_list(args.backends, "--backends")
 
 
 def parse_list(text: str, flag: str) -> list[str]:

@@ -17,7 +17,7 @@ import functools
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -305,3 +305,40 @@ def no_grad_call(fn: Callable, *args: object) -> object:
     """``fn(*args)`` under ``torch.no_grad()``: the forward-only candidate of a benchmark."""
     with torch.no_grad():
         return fn(*args)
+
+
+def fwd_bwd_call(
+    fn: Callable, inputs: Sequence[torch.Tensor], grad_y: torch.Tensor | None = None
+) -> Callable[[], None]:
+    """The forward+backward candidate of a benchmark: a call that clears the gradients of ``inputs``, runs
+    ``fn(*inputs)`` and backpropagates ``grad_y`` (``None``: the output's sum, a stride-0 gradient; pass a
+    materialised one where the backward's reads of it should count as in training)."""
+
+    def step() -> None:
+        for t in inputs:
+            t.grad = None
+        y = fn(*inputs)
+        if grad_y is None:
+            y.sum().backward()
+        else:
+            y.backward(grad_y)
+
+    return step
+
+
+def measure_fwd_bwd(
+    candidates: dict[str, Callable],
+    inputs: Sequence[torch.Tensor],
+    device: torch.device | str,
+    repeats: int,
+    warmup: int = 1,
+    grad_y: torch.Tensor | None = None,
+) -> dict[str, tuple[Measurement, Measurement]]:
+    """The forward (:func:`no_grad_call`) and forward+backward (:func:`fwd_bwd_call`) of every candidate
+    ``fn(*inputs)``, all timed interleaved by :func:`measure_interleaved`: ``{name: (fwd, both)}``."""
+    calls = {}
+    for name, fn in candidates.items():
+        calls[name + " fwd"] = functools.partial(no_grad_call, fn, *inputs)
+        calls[name + " both"] = fwd_bwd_call(fn, inputs, grad_y)
+    timed = measure_interleaved(calls, device, repeats, warmup=warmup)
+    return {name: (timed[name + " fwd"], timed[name + " both"]) for name in candidates}

@@ -13,24 +13,11 @@ replay stands beside the eager per-call time, and GB/s and speed-ups use it.
 from __future__ import annotations
 
 import argparse
-import functools
 
 import torch
 
-from dynconv.bench.deform import _fwd_bwd
-from dynconv.bench.report import (
-    Report,
-    device_name,
-    parse_dtypes,
-    parse_list,
-    parse_shapes,
-    row_note,
-    speedup,
-    time_cells,
-    time_header,
-    timing_note,
-)
-from dynconv.bench.timing import describe, gbs, measure_interleaved, no_grad_call, tensor_bytes
+from dynconv.bench.report import Report, device_note, parse_common, parse_shapes, speedup, time_cells, time_header
+from dynconv.bench.timing import describe, gbs, measure_fwd_bwd, tensor_bytes
 from dynconv.functional import warp
 
 # Deep Feature Flow: ResNet-101 conv5 features of a 1024x2048 Cityscapes frame (stride 16), and an ImageNet-VID
@@ -56,8 +43,8 @@ def _parse_shapes(text: str) -> list[tuple[int, ...]]:
 def run(args: argparse.Namespace) -> str:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    shapes, dtypes = _parse_shapes(args.shapes), parse_dtypes(args.dtypes)
-    backends = parse_list(args.backends, "--backends")
+    shapes = _parse_shapes(args.shapes)
+    dtypes, backends = parse_common(args)
     labels = []
     for name in backends:
         if name == "triton" and args.deterministic:
@@ -77,8 +64,7 @@ def run(args: argparse.Namespace) -> str:
         "fwd peak extra MB",
         "fwd+bwd peak extra MB",
     ]
-    note = f"device: {device_name(device)}; padding_mode={args.padding_mode}\n{timing_note(device)}"
-    report = Report.from_args(args, header, note)
+    report = Report.from_args(args, header, device_note(device, f"; padding_mode={args.padding_mode}"))
     for shape in shapes:
         B, C, H, W = shape
         for dtype_name in dtypes:
@@ -97,15 +83,10 @@ def run(args: argparse.Namespace) -> str:
                 )
                 for label, name, det in labels
             }
-            calls = {}
-            for name, fn in candidates.items():
-                calls[name + " fwd"] = functools.partial(no_grad_call, fn, *tensors)
-                calls[name + " both"] = _fwd_bwd(fn, tensors)
-            timed = measure_interleaved(calls, device, args.repeats)
+            results = measure_fwd_bwd(candidates, tensors, device, args.repeats)
             io_bytes = tensor_bytes(x, flow, x)  # x, flow and y (the size of x) once
-            base_fwd, base_both = timed[base + " fwd"], timed[base + " both"]
-            for name in candidates:
-                fwd, both = timed[name + " fwd"], timed[name + " both"]
+            base_fwd, base_both = results[base]
+            for name, (fwd, both) in results.items():
                 cells = [
                     str(shape),
                     dtype_name,
@@ -118,5 +99,5 @@ def run(args: argparse.Namespace) -> str:
                     fwd.peak_extra_mb,
                     both.peak_extra_mb,
                 ]
-                report.row(cells, row_note(fwd=fwd, both=both))
+                report.measured(cells, fwd=fwd, both=both)
     return report.close()
