@@ -481,8 +481,14 @@ def sample_conv2d_unfold(
     return out if bias is None else out + bias[:, :, None, None]
 
 
-def _dcn_geometry(value, kernel_size, stride, padding, dilation, group, offset_scale, remove_center):
-    """Validate the arguments shared by :func:`dcnv3` and :func:`dcnv4`; return the normalised ones."""
+def _dcn_geometry(value, tensors, kernel_size, stride, padding, dilation, group, offset_scale, remove_center):
+    """Validate the arguments shared by :func:`dcnv3` and :func:`dcnv4`; return the normalised ones.
+
+    ``tensors`` are the op's offset and modulation tensors, ``{name: (tensor, shape_hint)}``: each must be a 4-D
+    floating tensor of the dtype and device of ``value`` (their sizes are the caller's to check). Returns
+    ``value``, those tensors in order, ``(B, H_out, W_out, group, P)``, the geometry arguments of the sampling op
+    and the words that locate a wrong shape (``for input of shape ...``).
+    """
     value = check_tensor(value, "input", ndim=4, shape_hint="[B, H, W, C] (channels-last)")
     kh, kw = pair(kernel_size, "kernel_size")
     sh, sw = pair(stride, "stride")
@@ -510,7 +516,12 @@ def _dcn_geometry(value, kernel_size, stride, padding, dilation, group, offset_s
         )
     P = kh * kw - int(remove_center)
     args = ([kh, kw], [sh, sw], [ph, pw], [dh, dw], float(offset_scale), remove_center)
-    return value, (B, Ho, Wo, group, P), args
+    checked = [check_tensor(t, name, ndim=4, shape_hint=hint) for name, (t, hint) in tensors.items()]
+    for name, t in zip(tensors, checked):
+        check_same(value, "input", t, name)
+    where = f"for input of shape {list(value.shape)}, kernel_size {(kh, kw)}, stride {(sh, sw)}, " \
+        f"padding {(ph, pw)}, dilation {(dh, dw)}, group {group}, remove_center {remove_center}"  # fmt: skip
+    return value, checked, (B, Ho, Wo, group, P), args, where
 
 
 def _dcn_dispatch(op_name, value, offset, mask, args, backend, deterministic):
@@ -585,15 +596,10 @@ def dcnv3(
         ValueError: a wrong rank or shape (the message gives the expected one), ``C`` not divisible by ``group``,
             tensors on different devices, or non-positive sizes.
     """
-    value, (B, Ho, Wo, G, P), args = _dcn_geometry(
-        input, kernel_size, stride, padding, dilation, group, offset_scale, remove_center
+    tensors = {"offset": (offset, "[B, H_out, W_out, group*P*2]"), "mask": (mask, "[B, H_out, W_out, group*P]")}
+    value, (offset, mask), (B, Ho, Wo, G, P), args, where = _dcn_geometry(
+        input, tensors, kernel_size, stride, padding, dilation, group, offset_scale, remove_center
     )
-    offset = check_tensor(offset, "offset", ndim=4, shape_hint="[B, H_out, W_out, group*P*2]")
-    mask = check_tensor(mask, "mask", ndim=4, shape_hint="[B, H_out, W_out, group*P]")
-    check_same(value, "input", offset, "offset")
-    check_same(value, "input", mask, "mask")
-    where = f"for input of shape {list(value.shape)}, kernel_size {tuple(args[0])}, stride {tuple(args[1])}, " \
-        f"padding {tuple(args[2])}, dilation {tuple(args[3])}, group {G}, remove_center {remove_center}"  # fmt: skip
     if tuple(offset.shape) != (B, Ho, Wo, G * P * 2):
         raise ValueError(
             f"offset must have shape [B, H_out, W_out, group*P*2] = {[B, Ho, Wo, G * P * 2]} {where}; "
@@ -641,19 +647,16 @@ def dcnv4(
     Raises:
         TypeError, ValueError: as :func:`dcnv3`, for ``offset_mask`` of the wrong shape, dtype or device.
     """
-    value, (B, Ho, Wo, G, P), args = _dcn_geometry(
-        input, kernel_size, stride, padding, dilation, group, offset_scale, remove_center
-    )
-    offset_mask = check_tensor(offset_mask, "offset_mask", ndim=4, shape_hint="[B, H_out, W_out, M]")
-    check_same(value, "input", offset_mask, "offset_mask")
+    value, (offset_mask,), (B, Ho, Wo, G, P), args, where = _dcn_geometry(
+        input, {"offset_mask": (offset_mask, "[B, H_out, W_out, M]")}, kernel_size, stride, padding, dilation, group,
+        offset_scale, remove_center,
+    )  # fmt: skip
     used = 3 * G * P
     padded = -(-used // 8) * 8
     if tuple(offset_mask.shape[:3]) != (B, Ho, Wo) or offset_mask.shape[3] not in (used, padded):
         raise ValueError(
             f"offset_mask must have shape [B, H_out, W_out, M] = {[B, Ho, Wo, padded]} (or M = 3*group*P = {used}) "
-            f"for input of shape {list(value.shape)}, kernel_size {tuple(args[0])}, stride {tuple(args[1])}, "
-            f"padding {tuple(args[2])}, dilation {tuple(args[3])}, group {G}, remove_center {remove_center}; "
-            f"got {list(offset_mask.shape)}"
+            f"{where}; got {list(offset_mask.shape)}"
         )
     per_group = offset_mask[..., :used].unflatten(3, (G, 3 * P))
     offset = per_group[..., : 2 * P].unflatten(4, (P, 2))
