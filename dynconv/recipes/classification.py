@@ -69,7 +69,15 @@ from dynconv.recipes.args import device, fraction, nonnegative_float, nonnegativ
 from dynconv.recipes.checkpoint import load_checkpoint, save_checkpoint
 from dynconv.recipes.distributed import all_reduce_mean, cleanup, init_distributed
 from dynconv.recipes.progress import Progress
-from dynconv.recipes.run_dir import TrainingLog, read_log, remove_stale_temporaries, write_json, write_text
+from dynconv.recipes.run_dir import (
+    TrainingLog,
+    flags_given,
+    read_log,
+    remove_stale_temporaries,
+    resumed_config,
+    write_json,
+    write_text,
+)
 
 ARCHS = ("resnet18", "mobilenetv2")
 CONVS = ("static", "condconv", "dynamic", "odconv", "dynet", "deform")
@@ -891,28 +899,16 @@ def _strip_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:
 def _resumed_config(ckpt_path: str, given: Config, argv: list[str]) -> Config:
     """The run's own config (from its checkpoint) with the flags given on this command line changed."""
     saved = load_checkpoint(ckpt_path, map_location="cpu").get("config") or {}
-    names = {f.name for f in dataclasses.fields(Config)}
-    flags = argparse.ArgumentParser(add_help=False)
-    _add_config_arguments(flags, defaults=False)
-    explicit = vars(flags.parse_known_args(argv)[0])
+    explicit = flags_given(_add_config_arguments, argv)
     for key in ("arch", "conv", "width", "num_experts", "reduction"):
         if key in explicit and key in saved and saved[key] != explicit[key]:
             raise UserError(
                 f"--{key.replace('_', '-')} {explicit[key]}: {ckpt_path} holds a run with {key} {saved[key]!r}; "
                 "resume it as it is, or use another --run-dir"
             )
-    # --time-limit belongs to one invocation (a job's wall-clock slot), not to the run: never restored.
-    restored = {k: v for k, v in saved.items() if k in names and k not in explicit and k != "time_limit"}
-    if saved and "match_lr" not in saved and "match_lr" not in explicit:
-        restored["match_lr"] = False  # a run saved before --match-lr existed (and became the default) had none
-    values = {**dataclasses.asdict(given), **restored}
-    values["run_dir"] = given.run_dir
-    changed = [
-        f"{k} {saved[k]!r} -> {v!r}" for k, v in values.items() if k in saved and saved[k] != v and k != "run_dir"
-    ]
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"resuming with the run's config{'; changed: ' + ', '.join(changed) if changed else ''}", file=sys.stderr)
-    return Config(**values)
+    # --time-limit belongs to one invocation (a job's wall-clock slot), not to the run: never restored. A run saved
+    # before --match-lr existed (and became the default) had none: it resumes without.
+    return resumed_config(given, saved, explicit, never_restored=("time_limit",), old_defaults={"match_lr": False})
 
 
 def _final_metrics(cfg: Config, result: dict) -> dict:

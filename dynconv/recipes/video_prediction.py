@@ -56,7 +56,16 @@ from dynconv.recipes import args as types
 from dynconv.recipes.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dynconv.recipes.distributed import all_reduce_mean, cleanup, init_distributed
 from dynconv.recipes.progress import Progress
-from dynconv.recipes.run_dir import TrainingLog, read_log, remove_stale_temporaries, resume_from, write_json, write_text
+from dynconv.recipes.run_dir import (
+    TrainingLog,
+    flags_given,
+    read_log,
+    remove_stale_temporaries,
+    resume_from,
+    resumed_config,
+    write_json,
+    write_text,
+)
 
 MODELS = ("dfn", "baseline", "convlstm", "seed")
 TEST_SEED = 1_000_003  # the fixed seed of the generated test set (training uses --seed)
@@ -658,10 +667,7 @@ def _resumed_config(ckpt_path: str, given: Config, argv: list[str]) -> Config:
     ``--run-dir DIR --resume`` alone continues the run as it was."""
     state = load_checkpoint(ckpt_path, map_location="cpu")
     saved = _saved_config(state, ckpt_path)
-    names = {f.name for f in dataclasses.fields(Config)}
-    flags = argparse.ArgumentParser(add_help=False)
-    _add_config_arguments(flags, defaults=False)
-    explicit = vars(flags.parse_known_args(argv)[0])
+    explicit = flags_given(_add_config_arguments, argv)
     if "model" in explicit and saved.get("model", explicit["model"]) != explicit["model"]:
         raise UserError(f"--model {explicit['model']}: {ckpt_path} holds a {saved['model']!r} run; resume it as one")
     if "init_from" in explicit and explicit["init_from"] != saved.get("init_from"):
@@ -669,14 +675,7 @@ def _resumed_config(ckpt_path: str, given: Config, argv: list[str]) -> Config:
             f"--init-from starts a new run; {ckpt_path} continues one (from its own weights): leave out "
             "--init-from, or choose another --run-dir"
         )
-    values = {**dataclasses.asdict(given), **{k: v for k, v in saved.items() if k in names and k not in explicit}}
-    values["run_dir"] = given.run_dir  # wherever the run folder is now
-    changed = [
-        f"{k} {saved[k]!r} -> {v!r}" for k, v in values.items() if k in saved and saved[k] != v and k != "run_dir"
-    ]
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"resuming with the run's config{'; changed: ' + ', '.join(changed) if changed else ''}", file=sys.stderr)
-    return Config(**values)
+    return resumed_config(given, saved, explicit)
 
 
 def _check_output(path: str, flag: str) -> None:

@@ -782,20 +782,12 @@ def _add_config_arguments(p: argparse.ArgumentParser, defaults: bool = True) -> 
 def _resumed_config(ckpt_path: str, given: Config, argv: list[str]) -> Config:
     """The run's own config (saved in its checkpoint) with the flags given on this command line changed."""
     saved = load_checkpoint(ckpt_path, map_location="cpu").get("config") or {}
-    names = {f.name for f in dataclasses.fields(Config)}
-    flags = argparse.ArgumentParser(add_help=False)
-    _add_config_arguments(flags, defaults=False)
-    explicit = vars(flags.parse_known_args(argv)[0])
+    explicit = run_dir.flags_given(_add_config_arguments, argv)
     architecture = ("data", "width", "blocks", "output_stride", "flow_net", "flow_width", "flow_init", "frame_size")
     for k in architecture:
         if k in explicit and k in saved and saved[k] != explicit[k]:
             raise UserError(f"--{k.replace('_', '-')} {explicit[k]}: {ckpt_path} holds a run with {saved[k]!r}")
-    values = {**dataclasses.asdict(given), **{k: v for k, v in saved.items() if k in names and k not in explicit}}
-    values["run_dir"] = given.run_dir
-    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in values.items() if k in saved and saved[k] != v]
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"resuming with the run's config{'; changed: ' + ', '.join(changed) if changed else ''}", file=sys.stderr)
-    return Config(**values)
+    return run_dir.resumed_config(given, saved, explicit, list_run_dir=True)
 
 
 def main(command: str, argv: list[str]) -> int:
