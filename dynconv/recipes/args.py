@@ -24,44 +24,37 @@ def _number(text: str, kind):
     return value
 
 
+def _checked(text: str, kind, ok, expected: str):
+    """``text`` parsed as ``kind`` (:func:`_number`), refused with "expected {expected}" unless ``ok(value)``."""
+    value = _number(text, kind)
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An integer >= 1 (batch sizes, step counts, intervals)."""
-    value = _number(text, int)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
+    return _checked(text, int, lambda v: v >= 1, "an integer >= 1")
 
 
 def nonnegative_int(text: str) -> int:
     """An integer >= 0 (warm-up steps, seeds, indices)."""
-    value = _number(text, int)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+    return _checked(text, int, lambda v: v >= 0, "an integer >= 0")
 
 
 def positive_float(text: str) -> float:
     """A finite number > 0 (learning rates, time limits, temperatures)."""
-    value = _number(text, float)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
+    return _checked(text, float, lambda v: v > 0, "a number > 0")
 
 
 def nonnegative_float(text: str) -> float:
     """A finite number >= 0 (weight decay, label smoothing)."""
-    value = _number(text, float)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
+    return _checked(text, float, lambda v: v >= 0, "a number >= 0")
 
 
 def fraction(text: str) -> float:
     """A number in [0, 1) (label smoothing, dropout)."""
-    value = _number(text, float)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
-    return value
+    return _checked(text, float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
 def device(text: str) -> str:
