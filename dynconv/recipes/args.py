@@ -1,15 +1,32 @@
 """Argument checks shared by every recipe's command line, in one place.
 
-Each function is an argparse ``type=``: it returns the parsed value or raises ``argparse.ArgumentTypeError``,
+Each check is an argparse ``type=``: it returns the parsed value or raises ``argparse.ArgumentTypeError``,
 so a bad value is refused at parse time with argparse's message naming the flag (exit status 2), before any
-data is read or any step is spent.
+data is read or any step is spent. :func:`recipe_parser` and :func:`config_from` are the recipes' common
+parser and the config a parsed command line gives.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
+from typing import TypeVar
+
+C = TypeVar("C")
+
+
+def recipe_parser(command: str, task: str, doc: str | None) -> argparse.ArgumentParser:
+    """The parser of ``dynconv COMMAND TASK``, its help the recipe module's docstring ``doc`` as written."""
+    return argparse.ArgumentParser(
+        prog=f"dynconv {command} {task}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
+def config_from(cls: type[C], namespace: argparse.Namespace) -> C:
+    """The config dataclass ``cls`` with every field taken from the parsed flag of the same name."""
+    return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)})
 
 
 def _number(text: str, kind):

@@ -65,7 +65,16 @@ from dynconv.models import mobilenet_v2, resnet18
 from dynconv.nn import DynamicConv2d, ModulatedDeformConv2d, convert
 from dynconv.nn.convert import expert_lr_scales
 from dynconv.nn.mixture import temperature_schedule
-from dynconv.recipes.args import device, fraction, nonnegative_float, nonnegative_int, positive_float, positive_int
+from dynconv.recipes.args import (
+    config_from,
+    device,
+    fraction,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    recipe_parser,
+)
 from dynconv.recipes.checkpoint import load_checkpoint, save_checkpoint
 from dynconv.recipes.distributed import all_reduce_mean, cleanup, init_distributed
 from dynconv.recipes.progress import Progress
@@ -958,17 +967,13 @@ def _check_same_data(data: ImageData, record: dict, where) -> None:
 
 
 def main(command: str, argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog=f"dynconv {command} classification",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = recipe_parser(command, "classification", __doc__)
     if command == "train":
         _add_config_arguments(p)
         p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt (required if it exists)")
         p.add_argument("--fresh", action="store_true", help="discard RUN_DIR's checkpoint and logs, start over")
         args = p.parse_args(argv)
-        cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+        cfg = config_from(Config, args)
         _check_device(cfg.device)
         ckpt = os.path.join(cfg.run_dir, "last.pt")
         if args.resume and args.fresh:
@@ -1043,7 +1048,7 @@ def main(command: str, argv: list[str]) -> int:
         p.add_argument("--ablate", help="num_experts=1,2,4,8: one row per expert count of each mixture kind")
         p.add_argument("--latency-repeats", type=positive_int, default=15, help="timed forwards per latency median")
         args = p.parse_args(argv)
-        base = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+        base = config_from(Config, args)
         _check_device(base.device)
         train_argv = _strip_flags(argv, ("--convs", "--seeds", "--ablate", "--latency-repeats"))
         print(compare(args, train_argv, base))

@@ -694,7 +694,7 @@ def _train_command(p: argparse.ArgumentParser, argv: list[str]) -> int:
         help="continue RUN_DIR/last.pt if it exists, else start a new run (for job scripts)",
     )
     args = p.parse_args(argv)
-    cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+    cfg = types.config_from(Config, args)
     ckpt_path = resume_from(cfg.run_dir, args.resume, args.resume_if_exists)
     if ckpt_path is not None:
         cfg = _resumed_config(ckpt_path, cfg, argv)
@@ -833,11 +833,7 @@ def _predict_command(p: argparse.ArgumentParser, argv: list[str]) -> int:
 
 
 def main(command: str, argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog=f"dynconv {command} video-prediction",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = types.recipe_parser(command, "video-prediction", __doc__)
     if command == "train":
         return _train_command(p, argv)
     if command == "eval":

@@ -61,7 +61,15 @@ from dynconv.errors import UserError
 from dynconv.functional import warp
 from dynconv.models.dff import DeepFeatureFlow, lucas_kanade
 from dynconv.recipes import run_dir
-from dynconv.recipes.args import device, nonnegative_float, nonnegative_int, positive_float, positive_int
+from dynconv.recipes.args import (
+    config_from,
+    device,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    recipe_parser,
+)
 from dynconv.recipes.checkpoint import load_checkpoint, save_checkpoint
 from dynconv.recipes.distributed import all_reduce_mean, cleanup, init_distributed
 from dynconv.recipes.progress import Progress
@@ -791,17 +799,13 @@ def _resumed_config(ckpt_path: str, given: Config, argv: list[str]) -> Config:
 
 
 def main(command: str, argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog=f"dynconv {command} video-segmentation",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = recipe_parser(command, "video-segmentation", __doc__)
     if command == "train":
         _add_config_arguments(p)
         p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt (required if it exists)")
         p.add_argument("--eval-repeats", type=positive_int, default=5, help="timing repeats of the final evaluation")
         args = p.parse_args(argv)
-        cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+        cfg = config_from(Config, args)
         check_config(cfg)
         ckpt_path = os.path.join(cfg.run_dir, run_dir.CHECKPOINT)
         if run_dir.resume_from(cfg.run_dir, args.resume):
