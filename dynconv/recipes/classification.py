@@ -76,7 +76,7 @@ from dynconv.recipes.args import (
     recipe_parser,
 )
 from dynconv.recipes.checkpoint import load_checkpoint, save_checkpoint
-from dynconv.recipes.distributed import all_reduce_mean, cleanup, init_distributed
+from dynconv.recipes.distributed import all_reduce_mean, cleanup, init_distributed, time_limit_reached
 from dynconv.recipes.progress import Progress
 from dynconv.recipes.run_dir import (
     TrainingLog,
@@ -435,10 +435,7 @@ def train(cfg: Config, data: ImageData | None = None) -> dict:
                 progress.update(step, value, cfg.batch_size * info.world_size, f"(epoch {epoch + 1})")
                 step += 1
                 step_log.write({"step": step, "loss": value, "lr": lr, "temperature": temperature})
-                out_of_time = (
-                    cfg.time_limit is not None
-                    and all_reduce_mean(float(info.is_main and time.monotonic() - started > cfg.time_limit), info) > 0
-                )
+                out_of_time = time_limit_reached(cfg.time_limit, started, info)
                 epoch_end = step % spe == 0
                 if step >= total or out_of_time or epoch_end or step % cfg.save_every == 0:
                     break_now = step >= total or out_of_time

@@ -54,7 +54,7 @@ from dynconv.models.dfn_seed import DFNSeedPredictor
 from dynconv.models.dfn_video import ConvLSTMPredictor, CopyLastFrame, DFNVideoPredictor, rollout
 from dynconv.recipes import args as types
 from dynconv.recipes.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from dynconv.recipes.distributed import all_reduce_mean, cleanup, init_distributed
+from dynconv.recipes.distributed import all_reduce_mean, cleanup, init_distributed, time_limit_reached
 from dynconv.recipes.progress import Progress
 from dynconv.recipes.run_dir import (
     TrainingLog,
@@ -368,10 +368,7 @@ def train(cfg: Config) -> dict:
             log.write({"step": step + 1, "loss": value, "lr": learning_rate(cfg, step)})
             done = step + 1
             # --time-limit: every rank stops at the same step (rank 0's clock decides), after a checkpoint.
-            out_of_time = (
-                cfg.time_limit is not None
-                and all_reduce_mean(float(info.is_main and time.monotonic() - started > cfg.time_limit), info) > 0
-            )
+            out_of_time = time_limit_reached(cfg.time_limit, started, info)
             if info.is_main and (done % cfg.save_every == 0 or done == cfg.total_steps or out_of_time):
                 log.flush()  # first: the log then always reaches the checkpoint's step (rows past it are dropped)
                 save_checkpoint(

@@ -71,7 +71,7 @@ from dynconv.recipes.args import (
     recipe_parser,
 )
 from dynconv.recipes.checkpoint import load_checkpoint, save_checkpoint
-from dynconv.recipes.distributed import all_reduce_mean, cleanup, init_distributed
+from dynconv.recipes.distributed import all_reduce_mean, cleanup, init_distributed, time_limit_reached
 from dynconv.recipes.progress import Progress
 
 TEST_SEED = 1_000_003  # the fixed seed of the generated test set (training uses --seed)
@@ -381,10 +381,7 @@ def train(cfg: Config) -> dict:
             log.write({"step": step + 1, "stage": stage, "loss": value, **parts, "lr": lr})
             done = step + 1
             # --time-limit: every rank stops at the same step (rank 0's clock decides), after a checkpoint.
-            out_of_time = (
-                cfg.time_limit is not None
-                and all_reduce_mean(float(info.is_main and time.monotonic() - started > cfg.time_limit), info) > 0
-            )
+            out_of_time = time_limit_reached(cfg.time_limit, started, info)
             if info.is_main and (done % cfg.save_every == 0 or done == cfg.total_steps or out_of_time):
                 log.flush()  # before the checkpoint: a resume keeps the rows up to its step
                 state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done}
