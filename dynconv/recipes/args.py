@@ -1,15 +1,32 @@
 """Argument checks shared by every recipe's command line, in one place.
 
-Each function is an argparse ``type=``: it returns the parsed value or raises ``argparse.ArgumentTypeError``,
+Each check is an argparse ``type=``: it returns the parsed value or raises ``argparse.ArgumentTypeError``,
 so a bad value is refused at parse time with argparse's message naming the flag (exit status 2), before any
-data is read or any step is spent.
+data is read or any step is spent. :func:`recipe_parser` and :func:`config_from` are the recipes' common
+parser and the config a parsed command line gives.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
+from typing import TypeVar
+
+C = TypeVar("C")
+
+
+def recipe_parser(command: str, task: str, doc: str | None) -> argparse.ArgumentParser:
+    """The parser of ``dynconv COMMAND TASK``, its help the recipe module's docstring ``doc`` as written."""
+    return argparse.ArgumentParser(
+        prog=f"dynconv {command} {task}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
+def config_from(cls: type[C], namespace: argparse.Namespace) -> C:
+    """The config dataclass ``cls`` with every field taken from the parsed flag of the same name."""
+    return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)})
 
 
 def _number(text: str, kind):
@@ -24,44 +41,37 @@ def _number(text: str, kind):
     return value
 
 
+def _checked(text: str, kind, ok, expected: str):
+    """``text`` parsed as ``kind`` (:func:`_number`), refused with "expected {expected}" unless ``ok(value)``."""
+    value = _number(text, kind)
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An integer >= 1 (batch sizes, step counts, intervals)."""
-    value = _number(text, int)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
+    return _checked(text, int, lambda v: v >= 1, "an integer >= 1")
 
 
 def nonnegative_int(text: str) -> int:
     """An integer >= 0 (warm-up steps, seeds, indices)."""
-    value = _number(text, int)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+    return _checked(text, int, lambda v: v >= 0, "an integer >= 0")
 
 
 def positive_float(text: str) -> float:
     """A finite number > 0 (learning rates, time limits, temperatures)."""
-    value = _number(text, float)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
+    return _checked(text, float, lambda v: v > 0, "a number > 0")
 
 
 def nonnegative_float(text: str) -> float:
     """A finite number >= 0 (weight decay, label smoothing)."""
-    value = _number(text, float)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
+    return _checked(text, float, lambda v: v >= 0, "a number >= 0")
 
 
 def fraction(text: str) -> float:
     """A number in [0, 1) (label smoothing, dropout)."""
-    value = _number(text, float)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
-    return value
+    return _checked(text, float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
 def device(text: str) -> str:

@@ -65,11 +65,28 @@ from dynconv.models import mobilenet_v2, resnet18
 from dynconv.nn import DynamicConv2d, ModulatedDeformConv2d, convert
 from dynconv.nn.convert import expert_lr_scales
 from dynconv.nn.mixture import temperature_schedule
-from dynconv.recipes.args import device, fraction, nonnegative_float, nonnegative_int, positive_float, positive_int
+from dynconv.recipes.args import (
+    config_from,
+    device,
+    fraction,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    recipe_parser,
+)
 from dynconv.recipes.checkpoint import load_checkpoint, save_checkpoint
-from dynconv.recipes.distributed import all_reduce_mean, cleanup, init_distributed
+from dynconv.recipes.distributed import all_reduce_mean, cleanup, init_distributed, time_limit_reached
 from dynconv.recipes.progress import Progress
-from dynconv.recipes.run_dir import TrainingLog, read_log, remove_stale_temporaries, write_json, write_text
+from dynconv.recipes.run_dir import (
+    TrainingLog,
+    flags_given,
+    read_log,
+    remove_stale_temporaries,
+    resumed_config,
+    write_json,
+    write_text,
+)
 
 ARCHS = ("resnet18", "mobilenetv2")
 CONVS = ("static", "condconv", "dynamic", "odconv", "dynet", "deform")
@@ -418,10 +435,7 @@ def train(cfg: Config, data: ImageData | None = None) -> dict:
                 progress.update(step, value, cfg.batch_size * info.world_size, f"(epoch {epoch + 1})")
                 step += 1
                 step_log.write({"step": step, "loss": value, "lr": lr, "temperature": temperature})
-                out_of_time = (
-                    cfg.time_limit is not None
-                    and all_reduce_mean(float(info.is_main and time.monotonic() - started > cfg.time_limit), info) > 0
-                )
+                out_of_time = time_limit_reached(cfg.time_limit, started, info)
                 epoch_end = step % spe == 0
                 if step >= total or out_of_time or epoch_end or step % cfg.save_every == 0:
                     break_now = step >= total or out_of_time
@@ -891,28 +905,16 @@ def _strip_flags(argv: list[str], flags: tuple[str, ...]) -> list[str]:
 def _resumed_config(ckpt_path: str, given: Config, argv: list[str]) -> Config:
     """The run's own config (from its checkpoint) with the flags given on this command line changed."""
     saved = load_checkpoint(ckpt_path, map_location="cpu").get("config") or {}
-    names = {f.name for f in dataclasses.fields(Config)}
-    flags = argparse.ArgumentParser(add_help=False)
-    _add_config_arguments(flags, defaults=False)
-    explicit = vars(flags.parse_known_args(argv)[0])
+    explicit = flags_given(_add_config_arguments, argv)
     for key in ("arch", "conv", "width", "num_experts", "reduction"):
         if key in explicit and key in saved and saved[key] != explicit[key]:
             raise UserError(
                 f"--{key.replace('_', '-')} {explicit[key]}: {ckpt_path} holds a run with {key} {saved[key]!r}; "
                 "resume it as it is, or use another --run-dir"
             )
-    # --time-limit belongs to one invocation (a job's wall-clock slot), not to the run: never restored.
-    restored = {k: v for k, v in saved.items() if k in names and k not in explicit and k != "time_limit"}
-    if saved and "match_lr" not in saved and "match_lr" not in explicit:
-        restored["match_lr"] = False  # a run saved before --match-lr existed (and became the default) had none
-    values = {**dataclasses.asdict(given), **restored}
-    values["run_dir"] = given.run_dir
-    changed = [
-        f"{k} {saved[k]!r} -> {v!r}" for k, v in values.items() if k in saved and saved[k] != v and k != "run_dir"
-    ]
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"resuming with the run's config{'; changed: ' + ', '.join(changed) if changed else ''}", file=sys.stderr)
-    return Config(**values)
+    # --time-limit belongs to one invocation (a job's wall-clock slot), not to the run: never restored. A run saved
+    # before --match-lr existed (and became the default) had none: it resumes without.
+    return resumed_config(given, saved, explicit, never_restored=("time_limit",), old_defaults={"match_lr": False})
 
 
 def _final_metrics(cfg: Config, result: dict) -> dict:
@@ -962,17 +964,13 @@ def _check_same_data(data: ImageData, record: dict, where) -> None:
 
 
 def main(command: str, argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog=f"dynconv {command} classification",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = recipe_parser(command, "classification", __doc__)
     if command == "train":
         _add_config_arguments(p)
         p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt (required if it exists)")
         p.add_argument("--fresh", action="store_true", help="discard RUN_DIR's checkpoint and logs, start over")
         args = p.parse_args(argv)
-        cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+        cfg = config_from(Config, args)
         _check_device(cfg.device)
         ckpt = os.path.join(cfg.run_dir, "last.pt")
         if args.resume and args.fresh:
@@ -1047,7 +1045,7 @@ def main(command: str, argv: list[str]) -> int:
         p.add_argument("--ablate", help="num_experts=1,2,4,8: one row per expert count of each mixture kind")
         p.add_argument("--latency-repeats", type=positive_int, default=15, help="timed forwards per latency median")
         args = p.parse_args(argv)
-        base = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+        base = config_from(Config, args)
         _check_device(base.device)
         train_argv = _strip_flags(argv, ("--convs", "--seeds", "--ablate", "--latency-repeats"))
         print(compare(args, train_argv, base))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +54,16 @@ def all_reduce_mean(value: float, info: DistInfo) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.item() / info.world_size
+
+
+def time_limit_reached(time_limit: float | None, started: float, info: DistInfo) -> bool:
+    """``--time-limit``: whether the run stops after this step. Rank 0's clock decides (``time.monotonic()`` since
+    ``started``) and every rank gets its answer, so all stop at the same step; ``None`` never stops (and makes no
+    collective call, on any rank)."""
+    return (
+        time_limit is not None
+        and all_reduce_mean(float(info.is_main and time.monotonic() - started > time_limit), info) > 0
+    )
 
 
 def cleanup(info: DistInfo) -> None:

@@ -9,21 +9,29 @@ Every recipe uses the same four pieces, so that a run folder behaves the same wh
   :func:`~dynconv.recipes.checkpoint.save_checkpoint` leaves behind;
 - :class:`TrainingLog` appends ``log.jsonl`` rows and, when a run resumes at step ``s``, first drops the rows
   after ``s`` (written after the checkpoint, then lost with the process), so every step appears once;
-- :func:`write_json` / :func:`write_text` write output files atomically (a kill never leaves half a file).
+- :func:`write_json` / :func:`write_text` write output files atomically (a kill never leaves half a file);
+- :func:`flags_given` and :func:`resumed_config` give a ``--resume`` the run's own config (saved in its
+  checkpoint) with the flags given again changing it.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import glob
 import json
 import os
+import sys
 import tempfile
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from dynconv.errors import UserError
 
 CHECKPOINT = "last.pt"
 LOG = "log.jsonl"
+
+C = TypeVar("C")
 
 
 def resume_from(run_dir: str, resume: bool, resume_if_exists: bool = False) -> str | None:
@@ -164,3 +172,55 @@ def write_text(path: str, text: str) -> None:
 def write_json(path: str, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def flags_given(add_config_arguments: Callable[..., None], argv: list[str]) -> dict[str, Any]:
+    """The config flags given on this command line, field name -> parsed value; a flag left out is absent.
+
+    Args:
+        add_config_arguments: the recipe's ``_add_config_arguments(parser, defaults)``, one flag per config field
+            (``defaults=False`` leaves a flag not given out of the namespace).
+        argv: the command line; flags that are not config fields (``--resume``, ...) are ignored.
+    """
+    flags = argparse.ArgumentParser(add_help=False)
+    add_config_arguments(flags, defaults=False)
+    return vars(flags.parse_known_args(argv)[0])
+
+
+def resumed_config(
+    given: C,
+    saved: dict[str, Any],
+    explicit: dict[str, Any],
+    never_restored: tuple[str, ...] = (),
+    old_defaults: dict[str, Any] | None = None,
+    list_run_dir: bool = False,
+) -> C:
+    """The config a ``--resume`` continues with: the run's own values (``saved``, from its checkpoint), except the
+    flags given on this command line (``explicit``, from :func:`flags_given`), which change them. Flags left out
+    keep the run's values, not the defaults, so ``--run-dir DIR --resume`` alone continues the run as it was.
+    ``run_dir`` is always the given one (wherever the run folder is now). Rank 0 prints
+    ``resuming with the run's config; changed: ...`` to stderr.
+
+    Args:
+        given: the config parsed from this command line (a dataclass instance).
+        saved: the config saved in the checkpoint (``{}`` when it holds none).
+        explicit: the flags given on this command line.
+        never_restored: fields that belong to one invocation, not to the run (they keep ``given``'s value).
+        old_defaults: values for fields that a checkpoint saved before they existed lacks.
+        list_run_dir: also list a moved run folder among the changes.
+    """
+    names = {f.name for f in dataclasses.fields(given)}
+    restored = {k: v for k, v in saved.items() if k in names and k not in explicit and k not in never_restored}
+    for k, v in (old_defaults or {}).items():
+        if saved and k not in saved and k not in explicit:
+            restored[k] = v
+    values = {**dataclasses.asdict(given), **restored}
+    values["run_dir"] = given.run_dir
+    changed = [
+        f"{k} {saved[k]!r} -> {v!r}"
+        for k, v in values.items()
+        if k in saved and saved[k] != v and (list_run_dir or k != "run_dir")
+    ]
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"resuming with the run's config{'; changed: ' + ', '.join(changed) if changed else ''}", file=sys.stderr)
+    return type(given)(**values)

@@ -54,9 +54,18 @@ from dynconv.models.dfn_seed import DFNSeedPredictor
 from dynconv.models.dfn_video import ConvLSTMPredictor, CopyLastFrame, DFNVideoPredictor, rollout
 from dynconv.recipes import args as types
 from dynconv.recipes.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from dynconv.recipes.distributed import all_reduce_mean, cleanup, init_distributed
+from dynconv.recipes.distributed import all_reduce_mean, cleanup, init_distributed, time_limit_reached
 from dynconv.recipes.progress import Progress
-from dynconv.recipes.run_dir import TrainingLog, read_log, remove_stale_temporaries, resume_from, write_json, write_text
+from dynconv.recipes.run_dir import (
+    TrainingLog,
+    flags_given,
+    read_log,
+    remove_stale_temporaries,
+    resume_from,
+    resumed_config,
+    write_json,
+    write_text,
+)
 
 MODELS = ("dfn", "baseline", "convlstm", "seed")
 TEST_SEED = 1_000_003  # the fixed seed of the generated test set (training uses --seed)
@@ -359,10 +368,7 @@ def train(cfg: Config) -> dict:
             log.write({"step": step + 1, "loss": value, "lr": learning_rate(cfg, step)})
             done = step + 1
             # --time-limit: every rank stops at the same step (rank 0's clock decides), after a checkpoint.
-            out_of_time = (
-                cfg.time_limit is not None
-                and all_reduce_mean(float(info.is_main and time.monotonic() - started > cfg.time_limit), info) > 0
-            )
+            out_of_time = time_limit_reached(cfg.time_limit, started, info)
             if info.is_main and (done % cfg.save_every == 0 or done == cfg.total_steps or out_of_time):
                 log.flush()  # first: the log then always reaches the checkpoint's step (rows past it are dropped)
                 save_checkpoint(
@@ -658,10 +664,7 @@ def _resumed_config(ckpt_path: str, given: Config, argv: list[str]) -> Config:
     ``--run-dir DIR --resume`` alone continues the run as it was."""
     state = load_checkpoint(ckpt_path, map_location="cpu")
     saved = _saved_config(state, ckpt_path)
-    names = {f.name for f in dataclasses.fields(Config)}
-    flags = argparse.ArgumentParser(add_help=False)
-    _add_config_arguments(flags, defaults=False)
-    explicit = vars(flags.parse_known_args(argv)[0])
+    explicit = flags_given(_add_config_arguments, argv)
     if "model" in explicit and saved.get("model", explicit["model"]) != explicit["model"]:
         raise UserError(f"--model {explicit['model']}: {ckpt_path} holds a {saved['model']!r} run; resume it as one")
     if "init_from" in explicit and explicit["init_from"] != saved.get("init_from"):
@@ -669,14 +672,7 @@ def _resumed_config(ckpt_path: str, given: Config, argv: list[str]) -> Config:
             f"--init-from starts a new run; {ckpt_path} continues one (from its own weights): leave out "
             "--init-from, or choose another --run-dir"
         )
-    values = {**dataclasses.asdict(given), **{k: v for k, v in saved.items() if k in names and k not in explicit}}
-    values["run_dir"] = given.run_dir  # wherever the run folder is now
-    changed = [
-        f"{k} {saved[k]!r} -> {v!r}" for k, v in values.items() if k in saved and saved[k] != v and k != "run_dir"
-    ]
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"resuming with the run's config{'; changed: ' + ', '.join(changed) if changed else ''}", file=sys.stderr)
-    return Config(**values)
+    return resumed_config(given, saved, explicit)
 
 
 def _check_output(path: str, flag: str) -> None:
@@ -695,7 +691,7 @@ def _train_command(p: argparse.ArgumentParser, argv: list[str]) -> int:
         help="continue RUN_DIR/last.pt if it exists, else start a new run (for job scripts)",
     )
     args = p.parse_args(argv)
-    cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+    cfg = types.config_from(Config, args)
     ckpt_path = resume_from(cfg.run_dir, args.resume, args.resume_if_exists)
     if ckpt_path is not None:
         cfg = _resumed_config(ckpt_path, cfg, argv)
@@ -834,11 +830,7 @@ def _predict_command(p: argparse.ArgumentParser, argv: list[str]) -> int:
 
 
 def main(command: str, argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog=f"dynconv {command} video-prediction",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = types.recipe_parser(command, "video-prediction", __doc__)
     if command == "train":
         return _train_command(p, argv)
     if command == "eval":

@@ -61,9 +61,17 @@ from dynconv.errors import UserError
 from dynconv.functional import warp
 from dynconv.models.dff import DeepFeatureFlow, lucas_kanade
 from dynconv.recipes import run_dir
-from dynconv.recipes.args import device, nonnegative_float, nonnegative_int, positive_float, positive_int
+from dynconv.recipes.args import (
+    config_from,
+    device,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    recipe_parser,
+)
 from dynconv.recipes.checkpoint import load_checkpoint, save_checkpoint
-from dynconv.recipes.distributed import all_reduce_mean, cleanup, init_distributed
+from dynconv.recipes.distributed import all_reduce_mean, cleanup, init_distributed, time_limit_reached
 from dynconv.recipes.progress import Progress
 
 TEST_SEED = 1_000_003  # the fixed seed of the generated test set (training uses --seed)
@@ -373,10 +381,7 @@ def train(cfg: Config) -> dict:
             log.write({"step": step + 1, "stage": stage, "loss": value, **parts, "lr": lr})
             done = step + 1
             # --time-limit: every rank stops at the same step (rank 0's clock decides), after a checkpoint.
-            out_of_time = (
-                cfg.time_limit is not None
-                and all_reduce_mean(float(info.is_main and time.monotonic() - started > cfg.time_limit), info) > 0
-            )
+            out_of_time = time_limit_reached(cfg.time_limit, started, info)
             if info.is_main and (done % cfg.save_every == 0 or done == cfg.total_steps or out_of_time):
                 log.flush()  # before the checkpoint: a resume keeps the rows up to its step
                 state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done}
@@ -782,34 +787,22 @@ def _add_config_arguments(p: argparse.ArgumentParser, defaults: bool = True) -> 
 def _resumed_config(ckpt_path: str, given: Config, argv: list[str]) -> Config:
     """The run's own config (saved in its checkpoint) with the flags given on this command line changed."""
     saved = load_checkpoint(ckpt_path, map_location="cpu").get("config") or {}
-    names = {f.name for f in dataclasses.fields(Config)}
-    flags = argparse.ArgumentParser(add_help=False)
-    _add_config_arguments(flags, defaults=False)
-    explicit = vars(flags.parse_known_args(argv)[0])
+    explicit = run_dir.flags_given(_add_config_arguments, argv)
     architecture = ("data", "width", "blocks", "output_stride", "flow_net", "flow_width", "flow_init", "frame_size")
     for k in architecture:
         if k in explicit and k in saved and saved[k] != explicit[k]:
             raise UserError(f"--{k.replace('_', '-')} {explicit[k]}: {ckpt_path} holds a run with {saved[k]!r}")
-    values = {**dataclasses.asdict(given), **{k: v for k, v in saved.items() if k in names and k not in explicit}}
-    values["run_dir"] = given.run_dir
-    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in values.items() if k in saved and saved[k] != v]
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"resuming with the run's config{'; changed: ' + ', '.join(changed) if changed else ''}", file=sys.stderr)
-    return Config(**values)
+    return run_dir.resumed_config(given, saved, explicit, list_run_dir=True)
 
 
 def main(command: str, argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog=f"dynconv {command} video-segmentation",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = recipe_parser(command, "video-segmentation", __doc__)
     if command == "train":
         _add_config_arguments(p)
         p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt (required if it exists)")
         p.add_argument("--eval-repeats", type=positive_int, default=5, help="timing repeats of the final evaluation")
         args = p.parse_args(argv)
-        cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+        cfg = config_from(Config, args)
         check_config(cfg)
         ckpt_path = os.path.join(cfg.run_dir, run_dir.CHECKPOINT)
         if run_dir.resume_from(cfg.run_dir, args.resume):
