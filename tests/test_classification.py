@@ -402,6 +402,78 @@ def test_runs_saved_before_the_match_lr_default_resume_without_it(tmp_path):
     assert rc._resumed_config(path, rc.Config(), []).match_lr is True
 
 
+@pytest.mark.parametrize("conv", ["condconv", "dynamic", "odconv", "dynet"])
+def test_independent_expert_init_draws_each_expert_and_the_attention(conv):
+    """``--expert-init independent``: every mixture layer as a fresh layer of its kind (experts drawn one by one,
+    the attention's own initialisation), not the static kernel K times with a uniform attention."""
+    cfg = rc.Config(conv=conv, expert_init="independent", match_lr=False, **TINY)
+    torch.manual_seed(0)
+    model = rc.build_model(cfg, 1, 10)
+    torch.manual_seed(0)
+    static = rc.build_model(rc.Config(conv="static", **TINY), 1, 10)
+    torch.manual_seed(0)
+    again = rc.build_model(cfg, 1, 10)
+    layers = [m for m in model.modules() if isinstance(m, rc.KernelMixtureConv2d)]
+    assert len(layers) == 19
+    for layer in layers:
+        w = layer.weight.detach()
+        spread = (w - w[:1]).flatten(1).norm(dim=1)[1:] / w[0].norm()
+        assert spread.min() > 0.5, spread  # independent draws differ by about sqrt(2) of their norm
+    x = torch.randn(4, 1, 12, 12)
+    model.eval(), static.eval(), again.eval()
+    with torch.no_grad():
+        assert (model(x) - static(x)).abs().max() > 1e-2  # not the static network
+        torch.testing.assert_close(model(x), again(x), rtol=0, atol=0)  # a function of the seed
+        att = layers[5].attention(x.new_empty(4, layers[5].in_channels, 6, 6).normal_())
+    coefficients = att["kernel"] if isinstance(att, dict) else att
+    assert coefficients.std(0).max() > 1e-4  # the attention depends on the input from the start
+
+
+def test_independent_expert_init_refuses_match_lr_and_is_ignored_by_static_kinds():
+    with pytest.raises(UserError, match="--no-match-lr"):
+        rc.build_model(rc.Config(conv="dynamic", expert_init="independent", **TINY), 1, 10)
+    with pytest.raises(UserError, match="--expert-init must be one of static, independent"):
+        rc.build_model(rc.Config(conv="dynamic", expert_init="random", **TINY), 1, 10)
+    for conv in ("static", "deform"):  # no experts: the flag changes nothing
+        torch.manual_seed(0)
+        a = rc.build_model(rc.Config(conv=conv, expert_init="independent", **TINY), 1, 10).state_dict()
+        torch.manual_seed(0)
+        b = rc.build_model(rc.Config(conv=conv, **TINY), 1, 10).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_offset_lr_scale_on_the_deform_offset_branch_only():
+    model = rc.build_model(rc.Config(conv="deform", **TINY), 1, 10)
+    cfg = rc.Config(conv="deform", lr=0.2, **TINY)
+    assert cfg.offset_lr_scale == 0.1  # the default: DCN practice
+    groups = rc.make_optimizer(model, cfg).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    offset = {n for n in names.values() if ".conv_offset." in n}
+    assert len(offset) == 8  # the four DCNv2 layers of layer4, weight and bias
+    by_name = {names[id(p)]: g for g in groups for p in g["params"]}
+    assert len(by_name) == len(names)  # every parameter in exactly one group
+    for n, g in by_name.items():
+        scaled = n in offset
+        assert g["lr"] == pytest.approx(0.2 * (0.1 if scaled else 1.0)), n
+        decayed = n.endswith(".weight") and "bn" not in n and "downsample.1" not in n
+        assert g["weight_decay"] == (cfg.weight_decay if decayed else 0.0), n
+    plain = rc.make_optimizer(model, rc.Config(conv="deform", offset_lr_scale=1.0, **TINY)).param_groups
+    assert len(plain) == 2  # factor 1: the plain decayed / not decayed groups
+
+
+def test_runs_saved_before_expert_init_and_offset_lr_scale_resume_as_they_ran(tmp_path):
+    from dynconv.recipes.checkpoint import save_checkpoint
+
+    saved = dataclasses.asdict(rc.Config(conv="deform"))
+    old = {k: v for k, v in saved.items() if k not in ("offset_lr_scale", "expert_init")}
+    path = str(tmp_path / "last.pt")
+    save_checkpoint(path, {"config": old})
+    resumed = rc._resumed_config(path, rc.Config(), [])
+    assert resumed.offset_lr_scale == 1.0 and resumed.expert_init == "static"  # no offset factor then
+    save_checkpoint(path, {"config": saved})
+    assert rc._resumed_config(path, rc.Config(), []).offset_lr_scale == 0.1
+
+
 # ------------------------------------------------------------------------------------------------ training
 
 

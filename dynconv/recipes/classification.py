@@ -62,7 +62,7 @@ from torch import nn
 from dynconv.data.image_classification import ClassificationDataset, ImageData, load_image_data, normalize
 from dynconv.errors import UserError
 from dynconv.models import mobilenet_v2, resnet18
-from dynconv.nn import DynamicConv2d, ModulatedDeformConv2d, convert
+from dynconv.nn import DynamicConv2d, KernelMixtureConv2d, ModulatedDeformConv2d, convert
 from dynconv.nn.convert import expert_lr_scales
 from dynconv.nn.mixture import temperature_schedule
 from dynconv.recipes.args import (
@@ -90,6 +90,7 @@ from dynconv.recipes.run_dir import (
 
 ARCHS = ("resnet18", "mobilenetv2")
 CONVS = ("static", "condconv", "dynamic", "odconv", "dynet", "deform")
+EXPERT_INITS = ("static", "independent")
 SUBSET_SEED = 20_161_130  # the fixed draw of --train-images, the same for every run and seed
 
 
@@ -113,6 +114,8 @@ class Config:
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.0
     match_lr: bool = True
+    expert_init: str = "static"
+    offset_lr_scale: float = 0.1
     temperature_start: float = 30.0
     temperature_epochs: float = 10.0
     augment: bool = True
@@ -140,6 +143,7 @@ FLAG_TYPES = {
     "warmup_epochs": nonnegative_float,
     "label_smoothing": fraction,
     "temperature_start": positive_float,
+    "offset_lr_scale": positive_float,
     "temperature_epochs": positive_float,
     "seed": nonnegative_int,
     "save_every": positive_int,
@@ -160,6 +164,10 @@ FLAG_HELP = {
     "workers": "data-loading worker processes",
     "time_limit": "stop after this many seconds of training, after a checkpoint (no final evaluation)",
     "bf16": "bf16 autocast on CUDA",
+    "expert_init": "mixture experts at the start: 'static' (each the static kernel, so the network starts as the "
+    "static one) or 'independent' (each drawn as nn.Conv2d draws a kernel, the attention at its own "
+    "initialisation: how CondConv, DY-CNN, ODConv and DyNet train from scratch)",
+    "offset_lr_scale": "learning-rate factor of the deform kind's offset/modulation branch (DCN practice: 0.1)",
     "match_lr": "scale each mixture layer's expert learning rate (weight decay inversely) so that at conversion "
     "an SGD step moves its output as much as the static convolution's step (measured per layer; the default: "
     "--no-match-lr trains every parameter at --lr)",
@@ -204,7 +212,10 @@ def _stem_name(arch: str) -> str:
 
 def convert_model(model: nn.Module, cfg: Config) -> nn.Module:
     """``cfg.conv`` applied to a static model (in place): every convolution but the stem for the mixtures, the
-    last stage's 3x3 convolutions for ``deform``. Returns ``model``."""
+    last stage's 3x3 convolutions for ``deform``. Returns ``model``. With ``cfg.expert_init == "independent"``
+    each mixture layer is then re-initialised as a fresh layer of its kind (``reset_parameters``: experts drawn
+    independently, the attention at its own initialisation), as the papers train from scratch; with
+    ``"static"`` (the default) the network computes the static one."""
     if cfg.conv == "static":
         return model
     if cfg.conv == "deform":
@@ -220,8 +231,23 @@ def convert_model(model: nn.Module, cfg: Config) -> nn.Module:
         raise UserError(f"--reduction: {cfg.conv} has no attention bottleneck (only dynamic, dynet and odconv)")
     if cfg.conv == "dynamic":
         kwargs["temperature"] = cfg.temperature_start
+    if cfg.expert_init not in EXPERT_INITS:
+        raise UserError(f"--expert-init must be one of {', '.join(EXPERT_INITS)}, got {cfg.expert_init!r}")
+    if cfg.expert_init == "independent" and cfg.match_lr:
+        # --match-lr compensates the step of experts that all hold the static kernel. Independent experts need
+        # none: their mixed kernel is smaller by the same sqrt(sum c_k^2) that scales the step, and the norm
+        # layer after it makes the output depend on the kernel's direction only.
+        raise UserError(
+            "--expert-init independent with --match-lr: the learning-rate match is measured against experts "
+            "that start as the static kernel; train independent experts with --no-match-lr (as the papers do)"
+        )
     stem = _stem_name(cfg.arch)
-    return convert(model, cfg.conv, num_experts=cfg.num_experts, predicate=lambda n, m: n != stem, **kwargs)
+    model = convert(model, cfg.conv, num_experts=cfg.num_experts, predicate=lambda n, m: n != stem, **kwargs)
+    if cfg.expert_init == "independent":
+        for m in model.modules():
+            if isinstance(m, KernelMixtureConv2d):
+                m.reset_parameters()  # independent experts, the attention's own initialisation
+    return model
 
 
 def build_model(cfg: Config, channels: int, num_classes: int) -> nn.Module:
@@ -276,28 +302,63 @@ def temperature_at(cfg: Config, step: int, spe: int) -> float:
     return temperature_schedule(step / spe, cfg.temperature_epochs, cfg.temperature_start, 1.0)
 
 
-def param_groups(model: nn.Module, weight_decay: float, lr_scales: dict[str, float] | None = None) -> list[dict]:
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    lr_scales: dict[str, float] | None = None,
+    lr_mults: dict[str, float] | None = None,
+) -> list[dict]:
     """Weight decay on weights, none on norms and biases (parameters of normalisation layers, parameters named
-    ``bias``, including the experts' ``[K, C_out]`` biases, and any other parameter of fewer than 2 dimensions)."""
+    ``bias``, including the experts' ``[K, C_out]`` biases, and any other parameter of fewer than 2 dimensions).
+
+    ``lr_scales`` (name -> factor, the experts of ``--match-lr``): the parameter's learning rate times the
+    factor and its weight decay divided by it (the decay per step stays). ``lr_mults`` (name -> factor, the
+    offset branch of ``--offset-lr-scale``): the learning rate times the factor, the decay rule as for any
+    parameter (mmcv's ``lr_mult``). Each group's factor is its ``lr_scale``; the groups are: decayed, not
+    decayed, one per scaled parameter, then one per (factor, decayed) of the multiplied ones."""
     norms = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
     exempt = {id(p) for m in model.modules() if isinstance(m, norms) for p in m.parameters(recurse=False)}
     exempt |= {id(p) for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias" or p.ndim < 2}
-    scaled = {id(p): (n, lr_scales[n]) for n, p in model.named_parameters() if lr_scales and n in lr_scales}
-    decay = [p for p in model.parameters() if id(p) not in exempt and id(p) not in scaled]
-    no_decay = [p for p in model.parameters() if id(p) in exempt and id(p) not in scaled]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    for p in model.parameters():
-        if id(p) in scaled:  # the decay per step (lr * scale * decay) stays the static layer's
-            scale = scaled[id(p)][1]
+    lr_scales, lr_mults = lr_scales or {}, lr_mults or {}
+    plain = [(n, p) for n, p in model.named_parameters() if n not in lr_scales and n not in lr_mults]
+    groups = [
+        {"params": [p for _, p in plain if id(p) not in exempt], "weight_decay": weight_decay},
+        {"params": [p for _, p in plain if id(p) in exempt], "weight_decay": 0.0},
+    ]
+    mult_groups: dict[tuple[float, bool], dict] = {}
+    for n, p in model.named_parameters():
+        if n in lr_scales:  # the decay per step (lr * scale * decay) stays the static layer's
+            scale = lr_scales[n]
             groups.append({"params": [p], "weight_decay": weight_decay / scale, "lr_scale": scale})
-    return groups
+        elif n in lr_mults:
+            key = (lr_mults[n], id(p) not in exempt)
+            group = mult_groups.setdefault(
+                key, {"params": [], "weight_decay": weight_decay if key[1] else 0.0, "lr_scale": key[0]}
+            )
+            group["params"].append(p)
+    return groups + list(mult_groups.values())
+
+
+def offset_lr_mults(model: nn.Module, scale: float) -> dict[str, float]:
+    """``--offset-lr-scale``: the factor for every parameter of the DCNv2 layers' offset/modulation branch."""
+    return {
+        f"{name}.conv_offset.{pn}": scale
+        for name, m in model.named_modules()
+        if isinstance(m, ModulatedDeformConv2d)
+        for pn, _ in m.conv_offset.named_parameters()
+    }
 
 
 def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.SGD:
     """SGD with Nesterov momentum over :func:`param_groups`; with ``cfg.match_lr`` (the default) each mixture
     layer's experts get the learning-rate factor of :func:`expert_lr_scales`, measured on ``model`` as built
     (call it before any training step). The training loop sets each group's ``lr`` to ``lr * lr_scale``."""
-    groups = param_groups(model, cfg.weight_decay, expert_lr_scales(model) if cfg.match_lr else None)
+    groups = param_groups(
+        model,
+        cfg.weight_decay,
+        expert_lr_scales(model) if cfg.match_lr else None,
+        offset_lr_mults(model, cfg.offset_lr_scale) if cfg.offset_lr_scale != 1.0 else None,
+    )
     for group in groups:
         group["lr"] = cfg.lr * group.get("lr_scale", 1.0)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
@@ -878,6 +939,8 @@ def _add_config_arguments(p: argparse.ArgumentParser, defaults: bool = True) -> 
             p.add_argument(flag, default=default, choices=ARCHS)
         elif f.name == "conv":
             p.add_argument(flag, default=default, choices=CONVS)
+        elif f.name == "expert_init":
+            p.add_argument(flag, default=default, choices=EXPERT_INITS, help=help_text)
         elif f.type in (bool, "bool"):
             p.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=help_text)
         elif f.name in FLAG_TYPES:
@@ -914,7 +977,13 @@ def _resumed_config(ckpt_path: str, given: Config, argv: list[str]) -> Config:
             )
     # --time-limit belongs to one invocation (a job's wall-clock slot), not to the run: never restored. A run saved
     # before --match-lr existed (and became the default) had none: it resumes without.
-    return resumed_config(given, saved, explicit, never_restored=("time_limit",), old_defaults={"match_lr": False})
+    return resumed_config(
+        given,
+        saved,
+        explicit,
+        never_restored=("time_limit",),
+        old_defaults={"match_lr": False, "offset_lr_scale": 1.0, "expert_init": "static"},
+    )
 
 
 def _final_metrics(cfg: Config, result: dict) -> dict:
