@@ -634,6 +634,34 @@ def test_compare_writes_table_and_plot(tmp_path, capsys, monkeypatch):
     # a second call reuses the finished runs
     assert cli.main(argv) == 0
     assert capsys.readouterr().err.count("finished before, reused") == 6
+    # ... but not for another experiment: a row would silently describe the old one
+    assert cli.main([*argv[:-2], "--epochs", "3", "--latency-repeats", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "cmp/static/seed0 holds a run with other settings" in err and "epochs 2 (asked: 3)" in err
+
+
+def test_compare_passes_num_experts_and_refuses_to_resume_another_run(tmp_path, capsys, monkeypatch):
+    calls = []
+
+    def in_process(argv, log_path):
+        calls.append(argv)
+        return rc.main("train", argv), 0.0
+
+    monkeypatch.setattr(rc, "_run_train", in_process)
+    data_dir = write_idx_dir(tmp_path / "idx", n_train=16, n_test=8)
+    root = tmp_path / "cmp"
+    argv = ["compare", "classification", "--convs", "dynamic", "--num-experts", "2", "--seeds", "1", "--run-dir",
+            str(root), "--data-dir", data_dir, "--width", "0.0625", "--batch-size", "8", "--epochs", "1",
+            "--threads", "1", "--latency-repeats", "1"]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert calls[0][calls[0].index("--num-experts") + 1] == "2"  # not dropped without --ablate
+    assert json.load(open(root / "compare.json"))["rows"]["dynamic"]["config"]["num_experts"] == 2
+    # an interrupted run (last.pt, no metrics.json) of other settings is not resumed with this comparison's
+    os.unlink(root / "dynamic" / "seed0" / "metrics.json")
+    assert cli.main([*argv, "--lr", "0.3"]) == 2
+    assert "lr 0.1 (asked: 0.3)" in capsys.readouterr().err
+    # per-invocation settings may differ
+    assert cli.main([*argv, "--save-every", "7", "--threads", "2"]) == 0
 
 
 def test_mean_sem():

@@ -92,6 +92,10 @@ ARCHS = ("resnet18", "mobilenetv2")
 CONVS = ("static", "condconv", "dynamic", "odconv", "dynet", "deform")
 EXPERT_INITS = ("static", "independent")
 SUBSET_SEED = 20_161_130  # the fixed draw of --train-images, the same for every run and seed
+# What a run saved before a field existed ran with (its checkpoint lacks the field).
+OLD_DEFAULTS = {"match_lr": False, "offset_lr_scale": 1.0, "expert_init": "static"}
+# Config fields that belong to one invocation, not to what a run computes: a comparison may differ in them.
+PER_INVOCATION = ("run_dir", "time_limit", "threads", "workers", "save_every")
 
 
 @dataclasses.dataclass
@@ -776,6 +780,32 @@ def _repo_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(dynconv.__file__)))
 
 
+def _check_same_run(run_dir: str, wanted: Config) -> None:
+    """Refuse to reuse or resume the run in ``run_dir`` when it computes something else than ``wanted`` (another
+    budget, learning rate, data, ...): its row would silently describe another experiment. Fields of
+    :data:`PER_INVOCATION` may differ."""
+    ckpt = os.path.join(run_dir, "last.pt")
+    path = os.path.join(run_dir, "config.json")
+    if os.path.isfile(ckpt):
+        saved = load_checkpoint(ckpt, map_location="cpu").get("config") or {}
+    elif os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+    else:
+        return
+    saved = {**OLD_DEFAULTS, **saved}
+    differ = [
+        f"{f.name} {saved[f.name]!r} (asked: {getattr(wanted, f.name)!r})"
+        for f in dataclasses.fields(Config)
+        if f.name not in PER_INVOCATION and f.name in saved and saved[f.name] != getattr(wanted, f.name)
+    ]
+    if differ:
+        raise UserError(
+            f"{run_dir} holds a run with other settings than this comparison's: {'; '.join(differ)}. Use another "
+            "--run-dir, or the settings it was run with"
+        )
+
+
 def compare(args: argparse.Namespace, train_argv: list[str], base: Config) -> str:
     """Train every variant x seed (reusing finished runs, resuming interrupted ones), then write the table."""
     convs = [c.strip() for c in args.convs.split(",") if c.strip()]
@@ -795,12 +825,14 @@ def compare(args: argparse.Namespace, train_argv: list[str], base: Config) -> st
         for label, conv, k in variants:
             run_dir = os.path.join(root, label.replace(" ", "_").replace("=", ""), f"seed{seed}")
             runs.setdefault(label, []).append(run_dir)
+            wanted = dataclasses.replace(base, conv=conv, seed=seed, run_dir=run_dir, num_experts=k or base.num_experts)
+            _check_same_run(run_dir, wanted)
             if os.path.isfile(os.path.join(run_dir, "metrics.json")):
                 print(f"{label} seed {seed}: finished before, reused ({run_dir})", file=sys.stderr)
                 continue
             argv = ["--run-dir", run_dir, "--conv", conv, "--seed", str(seed), *passthrough]
-            if k is not None:
-                argv += ["--num-experts", str(k)]
+            if wanted.num_experts is not None:
+                argv += ["--num-experts", str(wanted.num_experts)]
             if os.path.isfile(os.path.join(run_dir, "last.pt")):
                 argv.append("--resume")
             os.makedirs(run_dir, exist_ok=True)
@@ -982,7 +1014,7 @@ def _resumed_config(ckpt_path: str, given: Config, argv: list[str]) -> Config:
         saved,
         explicit,
         never_restored=("time_limit",),
-        old_defaults={"match_lr": False, "offset_lr_scale": 1.0, "expert_init": "static"},
+        old_defaults=OLD_DEFAULTS,
     )
 
 
