@@ -16,9 +16,13 @@ per-channel normalisation.
 
 Models: the CIFAR-style ResNet-18 (3x3 stem, no max pool) and MobileNetV2 with a width multiplier
 (``--width``). ``--conv`` converts every convolution but the stem (as DY-CNN and ODConv do) with
-:func:`dynconv.convert`, so the network starts as the static one (``--num-experts``, ``--reduction``);
-``deform`` replaces the 3x3 convolutions of the last stage (stride 32 in the ImageNet networks; where DCN
-papers place them) by :class:`dynconv.nn.ModulatedDeformConv2d` (DCNv2).
+:func:`dynconv.convert`, so the network starts as the static one (``--num-experts``, ``--reduction``), or,
+with ``--expert-init independent``, as the papers train from scratch: every mixture layer initialised as a fresh
+layer of its kind (experts drawn independently, the attention at its own initialisation; with ``--no-match-lr``,
+as the learning-rate match below is measured against experts that start as the static kernel). ``deform``
+replaces the 3x3 convolutions of the last stage (stride 32 in the ImageNet networks; where DCN papers place
+them) by :class:`dynconv.nn.ModulatedDeformConv2d` (DCNv2), its offset/modulation branch trained at
+``--offset-lr-scale`` (default 0.1, DCN practice) times the learning rate.
 
 Training: SGD with Nesterov momentum, linear warm-up then cosine decay per iteration, weight decay on
 weights only (not on norms and biases), optional label smoothing, DY-CNN's temperature annealed per iteration
@@ -38,7 +42,8 @@ only); ``--time-limit SECONDS`` stops cleanly after a checkpoint and skips the f
 same budget, each in its own process, then writes ``compare.md`` and ``compare.png``: parameters, FLOPs per
 image (``torch.utils.flop_counter``), inference latency at batch 1 and 64 (medians, interleaved in one run),
 peak training memory, top-1 mean and standard error over seeds, and the training time to reach the static
-model's final accuracy. A run folder that already finished is reused, an interrupted one resumed.
+model's final accuracy. A run folder that already finished is reused, an interrupted one resumed, unless its
+run has other settings than the comparison's (refused: its row would describe another experiment).
 """
 
 from __future__ import annotations
