@@ -200,12 +200,13 @@ EOF
       # mkdir -p data/fashion-mnist; cp ~/.cache/dynconv/dataset-fashion-mnist/usr/share/datasets/fashion-mnist/*.gz
       # data/fashion-mnist/, after any CPU run of the recipe fetched the package). Each epoch is evaluated on the
       # 10,000 test images into metrics.jsonl, so a run cut by --time-limit keeps its per-epoch accuracy.
+      # CLS_FLAGS (default: the papers' initialisation from scratch) goes to both runs.
       arch=${step#classification_}
       run_step "$step" $(( $(left) - 5 )) "$OUT/$step.txt" bash -c "for conv in static dynamic; do
         d=runs/cls-gpu/$arch-\$conv; $PY -m dynconv train classification --arch $arch --conv \$conv --width 1 \
           --data-dir data/fashion-mnist --device cuda --workers 8 --epochs ${CLS_EPOCHS:-6} --batch-size 256 --lr 0.2 \
           --warmup-epochs 1 --temperature-epochs 2 --label-smoothing 0.1 --time-limit ${CLS_SECONDS:-200} --fresh \
-          --run-dir \$d; echo \"\$conv: rc=\$?\"; cat \$d/metrics.jsonl 2>/dev/null; done" ;;
+          ${CLS_FLAGS:---expert-init independent --no-match-lr} --run-dir \$d; echo \"\$conv: rc=\$?\"; cat \$d/metrics.jsonl 2>/dev/null; done" ;;
     video_segmentation)
       # issue 17: DFF's speed-up on CUDA. With a CPU-trained run carried as runs/dff-long (about 26 MB: carry
       # ["runs/dff-long"]) it only evaluates; otherwise it first trains one on the GPU for VSEG_SECONDS (default
