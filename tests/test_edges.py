@@ -595,3 +595,59 @@ def test_layers_take_padding_strings():
     assert layer(x).shape == (2, 3, 5, 6)
     local = dynconv.nn.DynamicLocalFilter2d(2, padding="same")
     assert local(x, _rand(2, 1, 4, 5, 6, dtype=torch.float32)).shape == x.shape
+
+
+# Keyword arguments that build each layer; every size argument a layer has is then set to 0 and to -1 in turn.
+_LAYER_KWARGS = {
+    "DynamicLocalFilter2d": dict(kernel_size=3),
+    "FilterGeneratingNetwork": dict(in_channels=2, kernel_size=3, hidden_channels=(4,)),
+    "Involution2d": dict(channels=4, kernel_size=3, group_channels=2, reduction_ratio=2),
+    "DynamicFilterLayer": dict(in_channels=2, out_channels=4, kernel_size=3, hidden_channels=4, cond_channels=3),
+    "DynamicMaskHead": dict(in_channels=3, channels=4, num_layers=2, kernel_size=3, out_channels=1),
+    "DynamicMultiScaleFilter": dict(in_channels=2, out_channels=2, kernel_sizes=(1, 3)),
+    "DynamicDilatedFilter": dict(in_channels=4, out_channels=2, guide_channels=3, reduction=2),
+    "DeformConv2d": dict(in_channels=2, out_channels=4, kernel_size=3, groups=2, offset_groups=2),
+    "ModulatedDeformConv2d": dict(in_channels=2, out_channels=4, kernel_size=3, groups=2, offset_groups=2),
+    "DCNv3": dict(channels=4, kernel_size=3, group=2, dw_kernel_size=3),
+    "DCNv4": dict(channels=4, kernel_size=3, group=2, dw_kernel_size=3),
+    "CondConv2d": dict(in_channels=2, out_channels=4, kernel_size=3, groups=2, num_experts=2),
+    "DynamicConv2d": dict(in_channels=2, out_channels=4, kernel_size=3, num_experts=2, reduction=2, min_hidden=2),
+    "DyNetConv2d": dict(in_channels=2, out_channels=4, kernel_size=3, num_experts=2, reduction=2, min_hidden=2),
+    "ODConv2d": dict(in_channels=2, out_channels=4, kernel_size=3, num_experts=2, reduction=0.5, min_channels=2),
+}
+_SIZES = (
+    "in_channels out_channels channels cond_channels guide_channels hidden_channels group_channels kernel_size "
+    "stride dilation groups group offset_groups num_experts num_layers reduction reduction_ratio min_hidden "
+    "min_channels dw_kernel_size"
+).split()
+_BAD_SIZES = [
+    (name, arg, value)
+    for name, kwargs in _LAYER_KWARGS.items()
+    for arg in _SIZES
+    if arg in kwargs or arg in ("stride", "dilation") and name not in ("DynamicMaskHead", "DynamicMultiScaleFilter")
+    if not (arg == "dilation" and name in ("Involution2d", "FilterGeneratingNetwork", "DynamicDilatedFilter"))
+    if not (arg == "stride" and name == "DynamicDilatedFilter")
+    for value in (0, -1)
+]
+
+
+def test_every_layer_is_in_the_size_table():
+    from dynconv import nn as dnn
+
+    assert set(_LAYER_KWARGS) == set(LAYERS) <= set(dnn.__all__)
+
+
+@pytest.mark.parametrize("name, arg, value", _BAD_SIZES, ids=[f"{n}-{a}={v}" for n, a, v in _BAD_SIZES])
+def test_layer_refuses_a_size_below_one_naming_it(name, arg, value):
+    """A channel count, kernel size, group count, expert count or ratio below 1 (ODConv's float ratio: <= 0) is
+    refused at construction with a ValueError naming the argument, as ``nn.Conv2d`` does, instead of a
+    ZeroDivisionError, a shape error deep inside, or a layer with no channels."""
+    from dynconv import nn as dnn
+
+    cls, kwargs = getattr(dnn, name), dict(_LAYER_KWARGS[name])
+    kwargs[arg] = (value,) if isinstance(kwargs.get(arg), tuple) else value
+    if name == "ODConv2d" and arg == "reduction":
+        kwargs[arg] = float(value)
+    cls(**_LAYER_KWARGS[name])  # the table's own arguments build the layer
+    with pytest.raises(ValueError, match=rf"\b{arg}\b"):
+        cls(**kwargs)

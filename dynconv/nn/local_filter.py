@@ -115,13 +115,13 @@ class FilterGeneratingNetwork(nn.Module):
     ) -> None:
         super().__init__()
         in_channels, groups, stride = (
-            as_int(in_channels, "in_channels"),
-            as_int(groups, "groups"),
-            as_int(stride, "stride"),
+            as_int(in_channels, "in_channels", minimum=1),
+            as_int(groups, "groups", minimum=1),
+            as_int(stride, "stride", minimum=1),
         )
-        hidden_channels = tuple(as_int(c, "hidden_channels") for c in hidden_channels)
-        if in_channels < 1 or groups < 1:
-            raise ValueError(f"in_channels and groups must be >= 1, got {in_channels} and {groups}")
+        if not isinstance(hidden_channels, Sequence) or isinstance(hidden_channels, str):
+            raise TypeError(f"hidden_channels must be a sequence of ints, got {hidden_channels!r}")
+        hidden_channels = tuple(as_int(c, "hidden_channels", minimum=1) for c in hidden_channels)
         self.kernel_size = pair(kernel_size, "kernel_size")
         self.groups = groups
         self.identity_init = identity_init
@@ -192,18 +192,16 @@ class Involution2d(nn.Module):
     ) -> None:
         super().__init__()
         channels, kernel_size, stride = (
-            as_int(channels, "channels"),
-            as_int(kernel_size, "kernel_size"),
-            as_int(stride, "stride"),
+            as_int(channels, "channels", minimum=1),
+            as_int(kernel_size, "kernel_size", minimum=1),
+            as_int(stride, "stride", minimum=1),
         )
         group_channels, reduction_ratio = (
-            as_int(group_channels, "group_channels"),
-            as_int(reduction_ratio, "reduction_ratio"),
+            as_int(group_channels, "group_channels", minimum=1),
+            as_int(reduction_ratio, "reduction_ratio", minimum=1),
         )
-        if channels < 1 or group_channels < 1 or channels % group_channels != 0:
+        if channels % group_channels != 0:
             raise ValueError(f"channels ({channels}) must be a positive multiple of group_channels ({group_channels})")
-        if reduction_ratio < 1:
-            raise ValueError(f"reduction_ratio must be >= 1, got {reduction_ratio}")
         self.channels, self.kernel_size, self.stride = channels, kernel_size, stride
         self.group_channels, self.reduction_ratio = group_channels, reduction_ratio
         self.groups = channels // group_channels

@@ -73,10 +73,11 @@ class DynamicFilterLayer(nn.Module):
     ) -> None:
         super().__init__()
         in_channels, out_channels, groups = (
-            as_int(v, n) for v, n in ((in_channels, "in_channels"), (out_channels, "out_channels"), (groups, "groups"))
+            as_int(v, n, minimum=1)
+            for v, n in ((in_channels, "in_channels"), (out_channels, "out_channels"), (groups, "groups"))
         )
-        cond_channels = None if cond_channels is None else as_int(cond_channels, "cond_channels")
-        hidden_channels = as_int(hidden_channels, "hidden_channels")
+        cond_channels = None if cond_channels is None else as_int(cond_channels, "cond_channels", minimum=1)
+        hidden_channels = as_int(hidden_channels, "hidden_channels", minimum=1)
         if in_channels % groups or out_channels % groups:
             raise ValueError(
                 f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})"
@@ -173,9 +174,9 @@ class DynamicMaskHead(nn.Module):
     ) -> None:
         super().__init__()
         in_channels, channels, out_channels = (
-            as_int(in_channels, "in_channels"),
-            as_int(channels, "channels"),
-            as_int(out_channels, "out_channels"),
+            as_int(in_channels, "in_channels", minimum=1),
+            as_int(channels, "channels", minimum=1),
+            as_int(out_channels, "out_channels", minimum=1),
         )
         num_layers, kernel_size = as_int(num_layers, "num_layers"), as_int(kernel_size, "kernel_size")
         if num_layers < 1:
@@ -269,7 +270,10 @@ class DynamicMultiScaleFilter(nn.Module):
         self, in_channels: int, out_channels: int, kernel_sizes: Sequence[int] = (1, 3, 5, 7), fusion: bool = False
     ) -> None:
         super().__init__()
-        in_channels, out_channels = as_int(in_channels, "in_channels"), as_int(out_channels, "out_channels")
+        in_channels, out_channels = (
+            as_int(in_channels, "in_channels", minimum=1),
+            as_int(out_channels, "out_channels", minimum=1),
+        )
         kernel_sizes = tuple(as_int(k, "kernel_sizes") for k in kernel_sizes)
         if not kernel_sizes or any(k < 1 for k in kernel_sizes):
             raise ValueError(f"kernel_sizes must be a non-empty sequence of positive ints, got {kernel_sizes!r}")
@@ -353,9 +357,12 @@ class DynamicDilatedFilter(nn.Module):
         backend: str | None = None,
     ) -> None:
         super().__init__()
-        in_channels, out_channels = as_int(in_channels, "in_channels"), as_int(out_channels, "out_channels")
-        guide_channels = None if guide_channels is None else as_int(guide_channels, "guide_channels")
-        kernel_size, reduction = as_int(kernel_size, "kernel_size"), as_int(reduction, "reduction")
+        in_channels, out_channels = (
+            as_int(in_channels, "in_channels", minimum=1),
+            as_int(out_channels, "out_channels", minimum=1),
+        )
+        guide_channels = None if guide_channels is None else as_int(guide_channels, "guide_channels", minimum=1)
+        kernel_size, reduction = as_int(kernel_size, "kernel_size"), as_int(reduction, "reduction", minimum=1)
         dilations = tuple(as_int(d, "dilations") for d in dilations)
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size}")

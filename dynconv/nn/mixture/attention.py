@@ -10,6 +10,7 @@ which is how a converted layer starts as its static convolution.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -93,7 +94,9 @@ class _HiddenLayerAttention(MixtureAttention):
 
     def __init__(self, in_channels, num_experts, outputs, reduction, min_hidden, device=None, dtype=None) -> None:
         super().__init__(in_channels, num_experts)
-        hidden = max(self.in_channels // as_int(reduction, "reduction"), as_int(min_hidden, "min_hidden"))
+        hidden = max(
+            self.in_channels // as_int(reduction, "reduction", minimum=1), as_int(min_hidden, "min_hidden", minimum=1)
+        )
         self.fc1 = nn.Linear(self.in_channels, hidden, device=device, dtype=dtype)
         self.fc2 = nn.Linear(hidden, as_int(outputs, "outputs"), device=device, dtype=dtype)
 
@@ -185,7 +188,9 @@ class OmniAttention(MixtureAttention):
         in_channels, out_channels, num_experts = self.in_channels, self.out_channels, self.num_experts
         self._register_temperature(temperature, device)
         factory = {"device": device, "dtype": dtype}
-        width = max(int(in_channels * reduction), as_int(min_channels, "min_channels"))
+        if isinstance(reduction, bool) or not isinstance(reduction, numbers.Real) or not reduction > 0:
+            raise ValueError(f"reduction must be a number > 0 (the trunk width is C_in * reduction), got {reduction!r}")
+        width = max(int(in_channels * reduction), as_int(min_channels, "min_channels", minimum=1))
         self.fc = nn.Linear(in_channels, width, bias=False, **factory)
         self.bn = nn.BatchNorm1d(width, **factory)
         taps = self.kernel_size[0] * self.kernel_size[1]
