@@ -26,6 +26,8 @@ from dynconv.data import image_classification as ic
 from dynconv.errors import UserError
 from dynconv.nn.convert import KINDS
 from dynconv.recipes import classification as rc
+from dynconv.recipes import video_prediction as vp
+from dynconv.recipes import video_segmentation as vs
 from dynconv.recipes.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -569,9 +571,29 @@ def test_numeric_flags_refused(flag, value, capsys):
     assert exc.value.code == 2 and flag in capsys.readouterr().err
 
 
-def test_device_checked(tmp_path, capsys):
-    assert cli.main(["train", "classification", "--device", "gpu", "--run-dir", str(tmp_path)]) == 2
-    assert "--device 'gpu': expected cpu, cuda" in capsys.readouterr().err
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_device_checked(tmp_path, capsys, command):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([command, "classification", "--device", "gpu", "--run-dir", str(tmp_path)])
+    assert exc.value.code == 2
+    assert "--device: expected a device such as cpu, cuda or cuda:0, got 'gpu'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+@pytest.mark.parametrize("recipe", ["classification", "video-prediction", "video-segmentation"])
+def test_resumed_run_of_a_gpu_is_refused_with_its_device_named(tmp_path, capsys, recipe):
+    """A run trained on CUDA and resumed here: its device comes from the checkpoint, not from the command line,
+    and is checked as the flag is (one line naming --device), not left to fail inside torch."""
+    from dynconv.recipes.checkpoint import save_checkpoint
+
+    run = tmp_path / "gpu_run"
+    run.mkdir()
+    module = {"classification": rc, "video-prediction": vp, "video-segmentation": vs}[recipe]
+    saved = dataclasses.asdict(module.Config(device="cuda", run_dir=str(run)))
+    save_checkpoint(str(run / "last.pt"), {"config": saved, "model": {}})
+    assert cli.main(["train", recipe, "--run-dir", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "--device (the run's, from its checkpoint): 'cuda': this machine has no CUDA device" in err
 
 
 def test_missing_data_dir_is_one_line_error(tmp_path, capsys):

@@ -159,6 +159,7 @@ FLAG_TYPES = {
     "workers": nonnegative_int,
     "threads": positive_int,
     "time_limit": positive_float,
+    "device": device,
 }
 FLAG_HELP = {
     "width": "channel multiplier of the network (ResNet-18 stages 64w..512w)",
@@ -1054,13 +1055,6 @@ def _final_metrics(cfg: Config, result: dict) -> dict:
     return {**base, "finished": True, **m}
 
 
-def _check_device(device: str) -> None:
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
-    if not re.fullmatch(r"cpu|cuda(:[0-9]+)?|mps", device):
-        raise UserError(f"--device {device!r}: expected cpu, cuda, cuda:N or mps")
-
-
 def _check_same_data(data: ImageData, record: dict, where) -> None:
     if data.name != record["name"] or len(data.classes) != len(record["classes"]):
         raise UserError(
@@ -1077,7 +1071,6 @@ def main(command: str, argv: list[str]) -> int:
         p.add_argument("--fresh", action="store_true", help="discard RUN_DIR's checkpoint and logs, start over")
         args = p.parse_args(argv)
         cfg = config_from(Config, args)
-        _check_device(cfg.device)
         ckpt = os.path.join(cfg.run_dir, "last.pt")
         if args.resume and args.fresh:
             raise UserError("--resume and --fresh exclude each other")
@@ -1152,7 +1145,6 @@ def main(command: str, argv: list[str]) -> int:
         p.add_argument("--latency-repeats", type=positive_int, default=15, help="timed forwards per latency median")
         args = p.parse_args(argv)
         base = config_from(Config, args)
-        _check_device(base.device)
         train_argv = _strip_flags(argv, ("--convs", "--seeds", "--ablate", "--latency-repeats"))
         print(compare(args, train_argv, base))
         return 0

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from dynconv.errors import UserError
+from dynconv.recipes.args import device
 
 CHECKPOINT = "last.pt"
 LOG = "log.jsonl"
@@ -223,4 +224,9 @@ def resumed_config(
     ]
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"resuming with the run's config{'; changed: ' + ', '.join(changed) if changed else ''}", file=sys.stderr)
+    if "device" in restored:  # from the checkpoint, past argparse's check: a GPU run resumed on a machine without one
+        try:
+            device(restored["device"])
+        except argparse.ArgumentTypeError as e:
+            raise UserError(f"--device (the run's, from its checkpoint): {e}; pass --device for this one") from None
     return type(given)(**values)
