@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import sys
 import warnings
 
 import torch
@@ -123,10 +124,19 @@ def choose_backend(op: str, *tensors: torch.Tensor, backend: str | None = None) 
                     f"DYNCONV_BACKEND={preferred}: {error}; running {op} on the {fallback!r} backend instead "
                     f"(warned once per op)",
                     BackendFallbackWarning,
-                    stacklevel=3,
+                    stacklevel=_caller_stacklevel(),
                 )
             return fallback
     return _automatic(op, tensors)
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` (for a warning issued by this function's caller) of the first frame outside dynconv and
+    torch: the user's line, whether the op was called directly, through a layer or through an autograd function."""
+    frame, level = sys._getframe(2), 2  # 1 is the caller of this function, the one that warns
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in ("dynconv", "torch"):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _automatic(op: str, tensors: tuple[torch.Tensor, ...]) -> str:

@@ -17,6 +17,7 @@ ops, the reference backend once its rule is checked against an independent footp
 
 from __future__ import annotations
 
+import linecache
 import warnings
 
 import numpy as np
@@ -406,7 +407,7 @@ def test_env_triton_falls_back_with_one_warning_per_op(monkeypatch, op, dtype, i
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a second call warns no more, whatever the warning filters
         second = OPS[op](t, None)
-    assert len(record) == 1
+    assert len(record) == 1 and record[0].filename == __file__  # the caller's line, not dynconv's
     assert torch.equal(first, expected) and torch.equal(second, expected)
     with pytest.raises(BackendError, match=reason):
         OPS[op](t, "triton")
@@ -425,6 +426,21 @@ def test_env_triton_warns_once_per_op_and_runs_triton_where_it_can(monkeypatch):
     monkeypatch.setenv("DYNCONV_BACKEND", "bogus")
     with pytest.raises(ValueError, match=r"DYNCONV_BACKEND must be one of"):
         _warp(_tensors("warp"), None)
+
+
+@pytest.mark.usefixtures("forget_fallback_warnings")
+def test_env_triton_fallback_warning_points_at_the_line_calling_the_layer(monkeypatch):
+    """Through a layer (nn.Module.__call__, the layer's forward, the op) the warning still names the user's line."""
+    from dynconv import nn as dnn
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("DYNCONV_BACKEND", "triton")
+    layer = dnn.DeformConv2d(2, 2, 3, padding=1)
+    x = _rand(1, 2, 5, 5, dtype=torch.float32)
+    with pytest.warns(BackendFallbackWarning, match="needs CUDA tensors") as record:
+        layer(x)
+    assert [(w.filename, w.lineno) for w in record] == [(__file__, record[0].lineno)]
+    assert "layer(x)" in linecache.getline(__file__, record[0].lineno)
 
 
 # ----------------------------------------------------------------------------------------------- layers
