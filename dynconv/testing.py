@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 # (rtol, atol) for results of the same computation in a different order of summation.
@@ -165,3 +167,28 @@ def run_without_interpreter(script: str, timeout: float = 600) -> str:
         pytest.skip(f"Triton's CUDA compiler is not usable here: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool = True):
+    """``torch.use_deterministic_algorithms(enabled)`` for the ``with`` block, then the previous setting back."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(enabled)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def record_last_argument(monkeypatch, module, name: str = "backward") -> list:
+    """Wrap ``module.<name>`` (with pytest's ``monkeypatch``) so that every call appends its last positional
+    argument (the kernels' ``deterministic`` flag) to the returned list, then runs the original."""
+    calls: list = []
+    original = getattr(module, name)
+
+    def spy(*args):
+        calls.append(args[-1])
+        return original(*args)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls

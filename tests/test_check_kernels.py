@@ -14,6 +14,7 @@ pytest.importorskip("triton")
 
 from dynconv import check_kernels as check  # noqa: E402
 from dynconv.kernels import _launch as L  # noqa: E402
+from dynconv.testing import deterministic_algorithms  # noqa: E402
 
 
 def _pow2(n):
@@ -248,11 +249,7 @@ def test_shared_launch_helpers(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert L.triton_interpret()
     assert L.resolve_deterministic(True) and not L.resolve_deterministic(False)
-    previous = torch.are_deterministic_algorithms_enabled()
-    try:
-        torch.use_deterministic_algorithms(True)
+    with deterministic_algorithms(True):
         assert L.resolve_deterministic(None)
-        torch.use_deterministic_algorithms(False)
+    with deterministic_algorithms(False):
         assert not L.resolve_deterministic(None)
-    finally:
-        torch.use_deterministic_algorithms(previous)

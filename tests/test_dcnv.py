@@ -16,7 +16,7 @@ from triton_setup import TRITON_DEVICE
 
 import dynconv
 from dynconv import reference
-from dynconv.testing import assert_close, assert_close_lowp, run_without_interpreter
+from dynconv.testing import assert_close, assert_close_lowp, deterministic_algorithms, run_without_interpreter
 
 
 def _pair(v):
@@ -535,12 +535,9 @@ def test_tiny_cases_match_reference(backend, case, dtype):
 def test_triton_deterministic_mode_matches_and_repeats():
     inputs, kwargs = make_tiny(TRITON_CASES[0], torch.float32, seed=1)
     _, ref_grads, gy = fwd_bwd("reference", inputs, kwargs)
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_algorithms(True):
         _, first, _ = fwd_bwd("triton", inputs, kwargs, gy)
         _, second, _ = fwd_bwd("triton", inputs, kwargs, gy)
-    finally:
-        torch.use_deterministic_algorithms(False)
     for a, b, e in zip(first, second, ref_grads):
         assert torch.equal(a, b)
         assert_close(a, e, rtol=1e-4, atol=1e-4)

@@ -21,7 +21,13 @@ from triton_setup import TRITON_DEVICE
 import dynconv
 from dynconv import _columns
 from dynconv.backends import triton_available
-from dynconv.testing import assert_close, assert_close_lowp, run_without_interpreter
+from dynconv.testing import (
+    assert_close,
+    assert_close_lowp,
+    deterministic_algorithms,
+    record_last_argument,
+    run_without_interpreter,
+)
 
 # ---------------------------------------------------------------------------------------------- oracles
 
@@ -600,22 +606,13 @@ def test_triton_deterministic_flag_follows_torch(monkeypatch):
     """Under torch.use_deterministic_algorithms(True) the backward takes the sorted path: bitwise repeatable."""
     from dynconv.kernels import deform as kernels
 
-    calls = []
-    original = kernels.backward
-
-    def spy(*args):
-        calls.append(args[-1])
-        return original(*args)
-
-    monkeypatch.setattr(kernels, "backward", spy)
+    calls = record_last_argument(monkeypatch, kernels)
     tensors, geometry = make_tiny(TRITON_CASES[0], torch.float32)
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_algorithms(True):
         first = grads(tensors, geometry, "triton")
         second = grads(tensors, geometry, "triton", first[2])
-    finally:
-        torch.use_deterministic_algorithms(False)
-    grads(tensors, geometry, "triton")
+    with deterministic_algorithms(False):
+        grads(tensors, geometry, "triton")
     assert calls == [True, True, False]
     for a, b in zip(first[1], second[1]):
         assert torch.equal(a, b)

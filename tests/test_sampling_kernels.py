@@ -8,7 +8,7 @@ from triton_setup import TRITON_DEVICE
 
 import dynconv
 from dynconv.kernels import _launch as L
-from dynconv.testing import assert_close
+from dynconv.testing import assert_close, deterministic_algorithms, record_last_argument
 
 DEVICE = TRITON_DEVICE
 # The Triton tests of this file: conftest.py skips them where Triton cannot run and marks them gpu.
@@ -58,26 +58,15 @@ def test_dcnv_deterministic_backward_matches_atomic_and_reference_and_repeats(op
 def test_dcnv_deterministic_none_follows_torch_and_reaches_the_kernel(monkeypatch):
     from dynconv.kernels import dcnv as kernels
 
-    seen = []
-    original = kernels.backward
-
-    def spy(*args):
-        seen.append(args[-1])
-        return original(*args)
-
-    monkeypatch.setattr(kernels, "backward", spy)
+    seen = record_last_argument(monkeypatch, kernels)
     inputs = _dcn_inputs(torch.float32)
     gy = torch.randn(2, 5, 6, 6, device=DEVICE)
-    previous = torch.are_deterministic_algorithms_enabled()
-    try:
-        torch.use_deterministic_algorithms(True)
+    with deterministic_algorithms(True):
         _dcn_grads("dcnv3", inputs, gy, backend="triton")
         _dcn_grads("dcnv4", inputs, gy, backend="triton", deterministic=False)  # an explicit value wins
-        torch.use_deterministic_algorithms(False)
+    with deterministic_algorithms(False):
         _dcn_grads("dcnv4", inputs, gy, backend="triton")
         _dcn_grads("dcnv3", inputs, gy, backend="triton", deterministic=True)
-    finally:
-        torch.use_deterministic_algorithms(previous)
     assert seen == [True, False, False, True]
     # the torch and reference backends take the keyword and ignore it
     for backend in ("torch", "reference"):

@@ -9,7 +9,7 @@ import torch
 import dynconv
 from dynconv import reference
 from dynconv.ops import _sampling
-from dynconv.testing import assert_close
+from dynconv.testing import assert_close, deterministic_algorithms
 
 
 def _positions(N, P, H, W, spread, gen, dtype=torch.float64):
@@ -194,13 +194,9 @@ def test_deterministic_keyword_gives_bitwise_equal_runs(backend, deterministic):
 
 def test_deterministic_default_follows_torch_flag():
     x, w, b = _sample_conv_inputs()
-    before = torch.are_deterministic_algorithms_enabled()
-    try:
-        torch.use_deterministic_algorithms(True)
+    with deterministic_algorithms(True):
         out = dynconv.sample_conv2d(x, w, b, padding=1, groups=2, backend="torch")
         lf = dynconv.local_filter2d(*_local_filter_inputs(), 3, backend="torch")
-    finally:
-        torch.use_deterministic_algorithms(before)
     assert torch.equal(out, dynconv.sample_conv2d(x, w, b, padding=1, groups=2, backend="torch", deterministic=False))
     assert torch.equal(lf, dynconv.local_filter2d(*_local_filter_inputs(), 3, backend="torch", deterministic=False))
 

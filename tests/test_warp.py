@@ -10,7 +10,13 @@ from triton_setup import INTERPRET, TRITON_DEVICE
 
 import dynconv
 from dynconv.backends import choose_backend
-from dynconv.testing import assert_close, assert_close_lowp, run_without_interpreter
+from dynconv.testing import (
+    assert_close,
+    assert_close_lowp,
+    deterministic_algorithms,
+    record_last_argument,
+    run_without_interpreter,
+)
 
 DEVICE = TRITON_DEVICE
 
@@ -196,22 +202,13 @@ def test_triton_deterministic_flag_follows_torch(monkeypatch):
     """Under torch.use_deterministic_algorithms(True) the backward takes the two-pass path: bitwise repeatable."""
     from dynconv.kernels import warp as kernels
 
-    calls = []
-    original = kernels.backward
-
-    def spy(*args):
-        calls.append(args[-1])
-        return original(*args)
-
-    monkeypatch.setattr(kernels, "backward", spy)
+    calls = record_last_argument(monkeypatch, kernels)
     x, flow = make(CASES[0], torch.float32)
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_algorithms(True):
         first = run(x, flow, "bilinear", "zeros", "triton")
         second = run(x, flow, "bilinear", "zeros", "triton", first[2])
-    finally:
-        torch.use_deterministic_algorithms(False)
-    run(x, flow, "bilinear", "zeros", "triton")
+    with deterministic_algorithms(False):
+        run(x, flow, "bilinear", "zeros", "triton")
     assert calls == [True, True, False]
     for a, b in zip(first[1], second[1]):
         assert torch.equal(a, b)
