@@ -113,6 +113,38 @@ def test_cifar_pickle_batches(tmp_path):
     assert data.classes[0] == "airplane" and data.flip
 
 
+def _write_cifar(root, labels):
+    os.makedirs(root, exist_ok=True)
+    for name in ic.CIFAR_FILES:
+        with open(os.path.join(root, name), "wb") as fh:
+            pickle.dump({b"data": np.zeros((len(labels), 3072), np.uint8), b"labels": labels}, fh)
+    return str(root)
+
+
+def test_data_with_a_label_past_the_classes_or_splits_of_two_sizes_is_refused(tmp_path):
+    """A label outside the class list (counted as a miss by the accuracy, or an index error in the loss) and a
+    test split of another image size (the networks pool globally, so it would run) would give wrong numbers:
+    each is refused when the folder is read, naming the folder, the split and what was expected."""
+    with pytest.raises(UserError, match=r"cifar10 data from .*: train labels range from 0 to 10; expected 0 to 9"):
+        ic.load_data_dir(_write_cifar(tmp_path / "cifar", [0, 1, 10]))
+    fashion = write_idx_dir(tmp_path / "my-fashion")  # named as Fashion-MNIST: its 10 classes
+    labels = pattern_images(16, seed=2)[1]
+    labels[3] = 12
+    write_idx(os.path.join(fashion, "t10k-labels-idx1-ubyte"), labels)
+    with pytest.raises(UserError, match=r"fashion-mnist data from .*my-fashion: test labels range from 0 to 12"):
+        ic.load_data_dir(fashion)
+    mixed = write_idx_dir(tmp_path / "mixed")
+    write_idx(os.path.join(mixed, "t10k-images-idx3-ubyte"), pattern_images(16, size=10, seed=2)[0])
+    with pytest.raises(UserError, match=r"train images are \[1, 8, 8\] \(C, H, W\) but test images \[1, 10, 10\]"):
+        ic.load_data_dir(mixed)
+    empty = write_idx_dir(tmp_path / "empty")
+    write_idx(os.path.join(empty, "t10k-images-idx3-ubyte"), np.zeros((0, 8, 8), np.uint8))
+    write_idx(os.path.join(empty, "t10k-labels-idx1-ubyte"), np.zeros((0,), np.uint8))
+    with pytest.raises(UserError, match=r"test images of shape \[0, 1, 8, 8\] .* N >= 1"):
+        ic.load_data_dir(empty)
+    assert ic.load_data_dir(_write_cifar(tmp_path / "cifar_ok", [0, 9, 3])).num_classes == 10  # the bounds pass
+
+
 def test_missing_and_corrupt_data_dirs(tmp_path):
     with pytest.raises(UserError, match=r"nope: no such folder.*data_batch_1.*train-images-idx3-ubyte"):
         ic.load_data_dir(str(tmp_path / "nope"))
@@ -548,6 +580,10 @@ def test_resume_after_interruption_is_exact_and_cli_rules(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "data: idx (32 train / 16 test, 1x8x8" in out
     assert f"| {m_cut['top1']:.4f} |" in out
+    # another IDX folder of another image size: the network would run on it (it pools globally); refused
+    bigger = write_idx_dir(tmp_path / "idx10", size=10)
+    assert _run(["eval", "classification", "--checkpoint", os.path.join(cut, "last.pt"), "--data-dir", bigger]) == 2
+    assert "the checkpoint was trained on idx (32 train / 16 test, 1x8x8" in capsys.readouterr().err
     from PIL import Image
 
     image = np.zeros((16, 16), np.uint8)

@@ -76,6 +76,28 @@ class ImageData:
     classes: tuple[str, ...]
     flip: bool = True
 
+    def __post_init__(self) -> None:
+        # Data read from a user's folder: a test set of another image size (the networks pool globally, so it
+        # would run) or a label past the class list (counted as a miss by the accuracy) gives a wrong number.
+        where = f"{self.name} data from {self.source}"
+        for split in ("train", "test"):
+            images, labels = getattr(self, f"{split}_images"), getattr(self, f"{split}_labels")
+            if images.ndim != 4 or labels.ndim != 1 or len(images) != len(labels) or len(images) == 0:
+                raise UserError(
+                    f"{where}: {split} images of shape {list(images.shape)} with labels of shape "
+                    f"{list(labels.shape)}; expected [N, C, H, W] images, N >= 1, and [N] labels"
+                )
+            if labels.min() < 0 or labels.max() >= self.num_classes:
+                raise UserError(
+                    f"{where}: {split} labels range from {labels.min()} to {labels.max()}; expected 0 to "
+                    f"{self.num_classes - 1} ({self.num_classes} classes)"
+                )
+        if self.train_images.shape[1:] != self.test_images.shape[1:]:
+            raise UserError(
+                f"{where}: train images are {list(self.train_images.shape[1:])} (C, H, W) but test images "
+                f"{list(self.test_images.shape[1:])}; both splits must have the same size"
+            )
+
     @property
     def channels(self) -> int:
         return self.train_images.shape[1]

@@ -1056,7 +1056,9 @@ def _final_metrics(cfg: Config, result: dict) -> dict:
 
 
 def _check_same_data(data: ImageData, record: dict, where) -> None:
-    if data.name != record["name"] or len(data.classes) != len(record["classes"]):
+    shape = [data.channels, *data.test_images.shape[2:]]
+    trained = [record.get("channels", shape[0]), *record.get("size", shape[1:])]
+    if data.name != record["name"] or len(data.classes) != len(record["classes"]) or shape != trained:
         raise UserError(
             f"the checkpoint was trained on {record['describe']}, but {where or 'the default data'} is "
             f"{data.describe()}: pass --data-dir with the training data"
