@@ -141,6 +141,32 @@ def test_cityscapes_loader_reads_the_20th_frame_label_and_the_frames_before_it(t
         CityscapesVideo(str(root), "val", max_distance=9)
 
 
+def test_cityscapes_annotation_that_is_not_a_label_map_of_its_frame_is_refused(tmp_path):
+    """A trainIds file holding other values (a labelIds file under the trainIds name), a colour annotation and
+    one of another size than its frame would give wrong mIoU or fail deep inside the metric: each is refused,
+    naming the file and what a label file holds."""
+    root = tmp_path / "cs"
+    _cityscapes_tree(root, "val")
+    label_ids = root / "gtFine/val/bonn/bonn_000003_000019_gtFine_labelIds.png"
+    train_ids = root / "gtFine/val/bonn/bonn_000003_000019_gtFine_labelTrainIds.png"
+    os.rename(label_ids, train_ids)  # ids 3, 7, 26 under the trainIds name
+    with pytest.raises(
+        UserError, match=r"labelTrainIds.png holds label values \[26\]; a _labelTrainIds.png holds 0 to 18"
+    ):
+        CityscapesVideo(str(root), "val", max_distance=2).label(0)
+    _write_png(str(train_ids), np.full((8, 16, 3), 255, np.uint8))
+    with pytest.raises(UserError, match=r"labelTrainIds.png is a RGB image; expected one 8-bit channel"):
+        CityscapesVideo(str(root), "val", max_distance=2)[0]
+    _write_png(str(train_ids), np.zeros((4, 16), np.uint8))
+    with pytest.raises(UserError, match=r"labelTrainIds.png is 16x4 but its frame .*_000019_leftImg8bit.png is 16x8"):
+        CityscapesVideo(str(root), "val", max_distance=2).label(0)
+    resized = CityscapesVideo(str(root), "val", max_distance=2, size=(4, 8))  # both resized: nothing to compare
+    assert resized.label(0).shape == (4, 8)
+    _write_png(str(train_ids), np.where(np.arange(16) < 8, 18, 255).astype(np.uint8)[None].repeat(8, 0))
+    label = CityscapesVideo(str(root), "val", max_distance=2).label(0)  # the bounds themselves pass
+    assert label[:, :8].eq(18).all() and label[:, 8:].eq(255).all()
+
+
 def test_miou_on_a_hand_computed_case():
     labels = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 255]])
     pred = torch.tensor([[0, 1, 1, 1], [2, 0, 0, 2]])

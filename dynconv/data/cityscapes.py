@@ -46,7 +46,9 @@ class CityscapesVideo(torch.utils.data.Dataset):
 
     Raises:
         UserError: a missing folder, no annotations, or an annotated frame without its snippet frames; the
-            message names the path and the files expected.
+            message names the path and the files expected. Reading an annotation (``label``, ``dataset[i]``):
+            one that is not a one-channel label map of its frame's size, or a ``_labelTrainIds.png`` holding
+            values other than 0-18 and 255.
     """
 
     def __init__(self, root: str, split: str = "train", max_distance: int = 9, size: tuple[int, int] | None = None):
@@ -99,12 +101,28 @@ class CityscapesVideo(torch.utils.data.Dataset):
     def label(self, index: int) -> torch.Tensor:
         from PIL import Image
 
-        with Image.open(self.items[index][1]) as im:
+        frames, path = self.items[index]
+        with Image.open(path) as im:
+            if im.mode not in ("L", "P"):
+                raise UserError(f"Cityscapes: {path} is a {im.mode} image; expected one 8-bit channel of label ids")
             if self.size is not None:
                 im = im.resize((self.size[1], self.size[0]), Image.NEAREST)
             array = np.asarray(im, np.uint8)
+        if self.size is None:
+            with Image.open(frames[-1]) as frame:
+                if frame.size != im.size:
+                    raise UserError(
+                        f"Cityscapes: {path} is {im.size[0]}x{im.size[1]} but its frame {frames[-1]} is "
+                        f"{frame.size[0]}x{frame.size[1]}; an annotation must have its frame's size"
+                    )
         if not self.train_ids:
             array = ID_TO_TRAIN[array]
+        elif ((array >= NUM_CLASSES) & (array != IGNORE_INDEX)).any():
+            bad = np.unique(array[(array >= NUM_CLASSES) & (array != IGNORE_INDEX)])
+            raise UserError(
+                f"Cityscapes: {path} holds label values {bad[:5].tolist()}; a _labelTrainIds.png holds 0 to "
+                f"{NUM_CLASSES - 1} and {IGNORE_INDEX} (a _labelIds.png is mapped: name it so)"
+            )
         return torch.from_numpy(array.astype(np.int64))
 
     def frame(self, index: int, distance: int) -> torch.Tensor:
