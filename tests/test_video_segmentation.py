@@ -413,6 +413,21 @@ def test_cli_train_resume_eval_predict_and_flow_check(tmp_path, capsys):
     assert not [n for n in os.listdir(run) + os.listdir(tmp_path) if n.startswith(".tmp-")]
 
 
+def test_read_frames_in_the_video_order_of_their_numbers_and_refuses_a_broken_file(tmp_path):
+    """``f2.png`` comes before ``f10.png`` (a plain sort put frame 10 second, and the flow check would have
+    measured the warp between frames that are not neighbours); a file that is not an image is named."""
+    folder = tmp_path / "video"
+    for n in range(1, 13):
+        _write_png(str(folder / f"f{n}.png"), np.full((4, 6), 20 * n, np.uint8))
+    frames = vs.read_frames(str(folder), 100, 4)
+    assert [round(v * 255) for v in frames[:, 0, 0, 0].tolist()] == [20 * n for n in range(1, 13)]
+    every_third = vs.read_frames(str(folder), 3, 4, step=3)
+    assert [round(v * 255) for v in every_third[:, 0, 0, 0].tolist()] == [20, 80, 140]
+    (folder / "f13.png").write_bytes(b"not a png")
+    with pytest.raises(UserError, match=r"--flow-check: .*f13.png is not a readable image"):
+        vs.read_frames(str(folder), 100, 4)
+
+
 def test_flow_check_measures_the_warp_with_the_flow_network_in_image_pixels():
     """With a flow network that returns the exact flow (at the feature stride, in feature pixels), the
     photometric check's warped error is far below the unwarped one; with zero flow they are equal."""

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynconv.data import synthetic_segmentation as synthetic
+from dynconv.data.frame_folder import natural_key
 from dynconv.errors import UserError
 from dynconv.functional import warp
 from dynconv.models.dff import DeepFeatureFlow, lucas_kanade
@@ -667,7 +668,8 @@ def read_frames(folder: str, limit: int, height: int, flag: str = "--flow-check"
 
     if not os.path.isdir(folder):
         raise UserError(f"{flag}: {folder} is not a folder; expected a folder of frames {FRAME_EXTENSIONS}")
-    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(FRAME_EXTENSIONS))[::step][:limit]
+    names = sorted((n for n in os.listdir(folder) if n.lower().endswith(FRAME_EXTENSIONS)), key=natural_key)
+    names = names[::step][:limit]  # natural order: frame_2 before frame_10, as the frames of a video are numbered
     if len(names) < 2:
         raise UserError(
             f"{flag}: {folder} holds {len(names)} frame(s); expected at least 2 files with the extensions "
@@ -675,10 +677,13 @@ def read_frames(folder: str, limit: int, height: int, flag: str = "--flow-check"
         )
     frames = []
     for n in names:
-        with Image.open(os.path.join(folder, n)) as im:
-            im = im.convert("RGB")
-            width = max(1, round(im.width * height / im.height))
-            frames.append(np.asarray(im.resize((width, height), Image.BILINEAR), np.float32) / 255.0)
+        try:
+            with Image.open(os.path.join(folder, n)) as im:
+                im = im.convert("RGB")
+                width = max(1, round(im.width * height / im.height))
+                frames.append(np.asarray(im.resize((width, height), Image.BILINEAR), np.float32) / 255.0)
+        except OSError as exc:  # PIL's UnidentifiedImageError and a truncated file are OSErrors
+            raise UserError(f"{flag}: {os.path.join(folder, n)} is not a readable image: {exc}") from None
     if len({f.shape for f in frames}) > 1:
         raise UserError(f"{flag}: the frames in {folder} differ in size; expected one video's frames")
     return torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).contiguous()
