@@ -490,6 +490,10 @@ def test_cli_resume_keeps_the_runs_config(tmp_path, capsys):
     argv = ["train", "video-prediction", "--run-dir", str(tmp_path / "part"), "--resume", "--model", "convlstm"]
     assert main(argv) == 2
     assert re.search(r"--model convlstm: .* holds a 'dfn' run", capsys.readouterr().err)
+    os.rename(tmp_path / "part", tmp_path / "moved")  # a moved run folder continues there, and says so
+    train("moved", "--resume", "--max-steps", "5")
+    moved = f"run_dir {str(tmp_path / 'part')!r} -> {str(tmp_path / 'moved')!r}"
+    assert f"resuming with the run's config; changed: {moved}, max_steps 4 -> 5" in capsys.readouterr().err
 
 
 def test_export_and_load_a_shipped_checkpoint_by_name(tmp_path, monkeypatch):

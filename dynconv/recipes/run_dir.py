@@ -194,13 +194,12 @@ def resumed_config(
     explicit: dict[str, Any],
     never_restored: tuple[str, ...] = (),
     old_defaults: dict[str, Any] | None = None,
-    list_run_dir: bool = False,
 ) -> C:
     """The config a ``--resume`` continues with: the run's own values (``saved``, from its checkpoint), except the
     flags given on this command line (``explicit``, from :func:`flags_given`), which change them. Flags left out
     keep the run's values, not the defaults, so ``--run-dir DIR --resume`` alone continues the run as it was.
-    ``run_dir`` is always the given one (wherever the run folder is now). Rank 0 prints
-    ``resuming with the run's config; changed: ...`` to stderr.
+    ``run_dir`` is always the given one (wherever the run folder is now; a moved folder is listed among the
+    changes). Rank 0 prints ``resuming with the run's config; changed: ...`` to stderr.
 
     Args:
         given: the config parsed from this command line (a dataclass instance).
@@ -208,7 +207,6 @@ def resumed_config(
         explicit: the flags given on this command line.
         never_restored: fields that belong to one invocation, not to the run (they keep ``given``'s value).
         old_defaults: values for fields that a checkpoint saved before they existed lacks.
-        list_run_dir: also list a moved run folder among the changes.
     """
     names = {f.name for f in dataclasses.fields(given)}
     restored = {k: v for k, v in saved.items() if k in names and k not in explicit and k not in never_restored}
@@ -217,11 +215,7 @@ def resumed_config(
             restored[k] = v
     values = {**dataclasses.asdict(given), **restored}
     values["run_dir"] = given.run_dir
-    changed = [
-        f"{k} {saved[k]!r} -> {v!r}"
-        for k, v in values.items()
-        if k in saved and saved[k] != v and (list_run_dir or k != "run_dir")
-    ]
+    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in values.items() if k in saved and saved[k] != v]
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"resuming with the run's config{'; changed: ' + ', '.join(changed) if changed else ''}", file=sys.stderr)
     if "device" in restored:  # from the checkpoint, past argparse's check: a GPU run resumed on a machine without one

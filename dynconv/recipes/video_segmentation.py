@@ -797,7 +797,7 @@ def _resumed_config(ckpt_path: str, given: Config, argv: list[str]) -> Config:
     for k in architecture:
         if k in explicit and k in saved and saved[k] != explicit[k]:
             raise UserError(f"--{k.replace('_', '-')} {explicit[k]}: {ckpt_path} holds a run with {saved[k]!r}")
-    return run_dir.resumed_config(given, saved, explicit, list_run_dir=True)
+    return run_dir.resumed_config(given, saved, explicit)
 
 
 def main(command: str, argv: list[str]) -> int:
