@@ -266,16 +266,29 @@ def _signature(fn, dtype: str, constexprs: dict, kinds: dict) -> dict:
 _PTXAS: list[str] = []
 
 
+def _triton_ptxas(arch: int) -> list[str]:
+    """The assembler Triton itself runs for ``sm_<arch>`` (its ``get_ptxas``: the plain ``ptxas`` of Triton 3.6 for
+    sm_90, ``ptxas-blackwell`` in Triton 3.9): registers and spills then are those of the GPU's real compile."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return [get_ptxas(arch).path]
+    except Exception:  # another Triton layout: fall back to the wheel's assemblers
+        return []
+
+
 def _ptxas_report(ptx: str, arch: int) -> str:
-    """``ptxas -v`` on ``ptx`` with an assembler of Triton's wheel that accepts its PTX version (Triton 3.9 ships
-    a plain ``ptxas`` too old for the PTX it writes, and ``ptxas-blackwell``, which takes it)."""
+    """``ptxas -lineinfo -v`` on ``ptx`` (Triton's own flags) with the assembler Triton uses for the arch, else one of
+    its wheel that accepts the PTX version (Triton 3.9 ships a plain ``ptxas`` too old for the PTX it writes, and
+    ``ptxas-blackwell``, which takes it)."""
     import triton.backends.nvidia as nv
 
     target = re.search(r"\.target\s+(sm_\w+)", ptx)
     gpu = target.group(1) if target else f"sm_{arch}a"
     bindir = os.path.join(os.path.dirname(nv.__file__), "bin")
-    candidates = _PTXAS or [os.path.join(bindir, n) for n in ("ptxas-blackwell", "ptxas") if os.path.exists(
-        os.path.join(bindir, n))] + ([shutil.which("ptxas")] if shutil.which("ptxas") else [])  # fmt: skip
+    wheel = [os.path.join(bindir, n) for n in ("ptxas-blackwell", "ptxas") if os.path.exists(os.path.join(bindir, n))]
+    found = _triton_ptxas(arch) + wheel + ([shutil.which("ptxas")] if shutil.which("ptxas") else [])
+    candidates = _PTXAS or list(dict.fromkeys(found))
     errors = []
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.ptx")
@@ -283,7 +296,7 @@ def _ptxas_report(ptx: str, arch: int) -> str:
             fh.write(ptx)
         for exe in candidates:
             proc = subprocess.run(
-                [exe, "-v", "--gpu-name", gpu, path, "-o", os.devnull], capture_output=True, text=True
+                [exe, "-lineinfo", "-v", "--gpu-name", gpu, path, "-o", os.devnull], capture_output=True, text=True
             )
             if proc.returncode == 0:
                 _PTXAS[:] = [exe]

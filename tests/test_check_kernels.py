@@ -221,6 +221,24 @@ def test_picked_configs_compile_without_spills():
         assert row["registers"] > 0
 
 
+def test_ptxas_report_uses_the_assembler_triton_compiles_with(tmp_path, monkeypatch):
+    """Registers and spills are those of the GPU's real compile: Triton 3.6 assembles sm_90 with its ptxas 12.8,
+    Triton 3.9 with ptxas-blackwell 12.9, and they allocate differently (3.6's spilled where 3.9's did not). The
+    report asks Triton's own choice first, with Triton's flags, and falls back to the wheel's others."""
+    calls = tmp_path / "calls"
+    fake = tmp_path / "triton-ptxas"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\necho "ptxas info    : Used 77 registers"\n')
+    fake.chmod(0o755)
+    real = check._triton_ptxas
+    monkeypatch.setattr(check, "_triton_ptxas", lambda arch: [str(fake)])
+    monkeypatch.setattr(check, "_PTXAS", [])
+    assert check._parse(check._ptxas_report(".version 8.7\n.target sm_90a\n", 90))["registers"] == 77
+    assert calls.read_text().split()[:4] == ["-lineinfo", "-v", "--gpu-name", "sm_90a"]
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    assert real(90) == [get_ptxas(90).path]  # the real one: what this Triton runs for sm_90
+
+
 def test_cli_routes_check_kernels_and_refuses_a_bad_arch(capsys):
     from dynconv import cli
 

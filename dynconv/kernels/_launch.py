@@ -8,10 +8,11 @@ registers (the accumulator tile and the tiles loaded beside it), which is what d
 * ``local_filter``: a tile of ``BLOCK_H x BLOCK_W`` output pixels times ``BLOCK_C`` channels (all of a small
   group, at most 16, or 32 for grad filters, and at most the budget over 32), rows of 64 pixels (coalesced NCHW
   loads along W; 32 for narrow images or when 64 would not fit), as many rows as fit
-  :data:`LOCAL_FILTER_BUDGET` accumulator elements (half of it for fp64), at least one and at most 16 rows and
-  no more than the image has; 4 warps, 2 for a tile of at most 256 elements.
+  :data:`LOCAL_FILTER_BUDGET` accumulator elements (half of it for fp64), at least one and at most 16 rows (8
+  for more than one channel) and no more than the image has; 4 warps, 2 for a tile of at most 256 elements.
 * the sampling core (``deform``, ``dcnv``, ``warp``; :mod:`dynconv.kernels._sampling`): ``BLOCK_R`` rows times
-  ``BLOCK_C`` channels (all ``C/G`` channels of a group up to 32), ``BLOCK_R`` (at most 64) shrunk as ``BLOCK_C``
+  ``BLOCK_C`` channels (all ``C/G`` channels of a group up to 32), ``BLOCK_R`` (at most 64; 32 in the backward
+  of more than 2 channels) shrunk as ``BLOCK_C``
   grows so that ``BLOCK_R * BLOCK_C`` stays within :data:`SAMPLING_BUDGET` (the forward) or half of it (the
   backward), a quarter of that for fp64; 4 warps.
 
@@ -141,7 +142,9 @@ def local_filter_tile(rows: int, cols: int, block_c: int, f64: bool, interpreted
         return {"BLOCK_H": min(next_power_of_2(rows), 16), "BLOCK_W": min(next_power_of_2(cols), 32), "num_warps": 1}
     budget = _lf_budget(f64)
     block_w = 32 if cols <= 32 or block_c * 64 > budget else 64
-    block_h = max(1, min(16, next_power_of_2(rows), budget // (block_c * block_w)))
+    # 16 rows only for one channel: the fp16/bf16 grad x at 2 x 16 x 32 spilled 4 bytes at 128 registers with
+    # Triton 3.6's ptxas 12.8 (the H200 image's; Triton 3.9's ptxas took 136 registers and no spill).
+    block_h = max(1, min(16 if block_c == 1 else 8, next_power_of_2(rows), budget // (block_c * block_w)))
     num_warps = 2 if block_c * block_h * block_w <= 256 else 4
     return {"BLOCK_H": block_h, "BLOCK_W": block_w, "num_warps": num_warps}
 
@@ -173,8 +176,13 @@ def sampling_config(channels_per_group: int, f64: bool, backward: bool, interpre
         return {"BLOCK_R": 256, "BLOCK_C": block_c, "num_warps": 1}
     # The backward keeps grad_out, a corner and its contribution live: half the forward's (DCNv3's backward took
     # 231 registers at 512 elements, 127 at 256). fp64 a quarter: at half, DCNv3's fp64 atomic backward spilled.
+    # At most 32 rows in the backward, except at 2 channels, where 64 rows are one element per thread: with Triton
+    # 3.6's ptxas 12.8 (the H200 image's) the masked atomic DCNv3 backward at 64 x 4 spilled 4 bytes at 128
+    # registers in every dtype (Triton 3.9's ptxas: 150, no spill), and the deterministic bf16/fp16 deformable
+    # backward at 32 x 2, half a tile per thread, 4 bytes at 48 registers (at 64 x 2: 56, none).
     budget = SAMPLING_BUDGET // (2 if backward else 1) // (4 if f64 else 1)
-    return {"BLOCK_R": max(1, min(64, budget // block_c)), "BLOCK_C": block_c, "num_warps": 4}
+    rows = 32 if backward and block_c > 2 else 64
+    return {"BLOCK_R": max(1, min(rows, budget // block_c)), "BLOCK_C": block_c, "num_warps": 4}
 
 
 def output_buffer(shape, like: torch.Tensor, interpreted: bool) -> torch.Tensor:
