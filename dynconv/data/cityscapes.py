@@ -117,8 +117,8 @@ class CityscapesVideo(torch.utils.data.Dataset):
                     )
         if not self.train_ids:
             array = ID_TO_TRAIN[array]
-        elif ((array >= NUM_CLASSES) & (array != IGNORE_INDEX)).any():
-            bad = np.unique(array[(array >= NUM_CLASSES) & (array != IGNORE_INDEX)])
+        elif (foreign := (array >= NUM_CLASSES) & (array != IGNORE_INDEX)).any():
+            bad = np.unique(array[foreign])
             raise UserError(
                 f"Cityscapes: {path} holds label values {bad[:5].tolist()}; a _labelTrainIds.png holds 0 to "
                 f"{NUM_CLASSES - 1} and {IGNORE_INDEX} (a _labelIds.png is mapped: name it so)"

@@ -215,12 +215,12 @@ def resumed_config(
             restored[k] = v
     values = {**dataclasses.asdict(given), **restored}
     values["run_dir"] = given.run_dir
-    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in values.items() if k in saved and saved[k] != v]
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"resuming with the run's config{'; changed: ' + ', '.join(changed) if changed else ''}", file=sys.stderr)
     if "device" in restored:  # from the checkpoint, past argparse's check: a GPU run resumed on a machine without one
         try:
             device(restored["device"])
         except argparse.ArgumentTypeError as e:
             raise UserError(f"--device (the run's, from its checkpoint): {e}; pass --device for this one") from None
+    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in values.items() if k in saved and saved[k] != v]
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"resuming with the run's config{'; changed: ' + ', '.join(changed) if changed else ''}", file=sys.stderr)
     return type(given)(**values)
